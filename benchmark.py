@@ -16,10 +16,11 @@ import torch
 import dit
 
 
-def time_step(model, x, t, num_frames, dtype, repeat, device):
+def time_step(forward, dtype, repeat, device):
+    """Median ms of forward() + backward, under bf16 autocast when dtype == "bf16"."""
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            out = model(x, t, num_frames=num_frames)
+            out = forward()
         out.float().square().mean().backward()
 
     for _ in range(3):  # warm-up: kernel compilation, autotuning, allocator
@@ -40,6 +41,32 @@ def time_step(model, x, t, num_frames, dtype, repeat, device):
     return sorted(times)[len(times) // 2]
 
 
+def profile_step(forward, dtype, device):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        time_step(forward, dtype, 1, device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
+
+
+def layer_table(device, repeat, shapes=((2048, 1), (1024, 4), (512, 8), (256, 32), (32, 256), (8, 1024), (2, 4096))):
+    """One Mamba2(512) layer, forward + backward in bf16, at MedSora's (sequences, length) shapes and longer ones."""
+    import ssm
+    print(f"\nMamba2(512) layer, bf16, forward + backward (ms): sequences x length, kernel vs chunked")
+    print(f"{'shape':>12s} {'kernel':>8s} {'chunked':>8s} {'chunked/kernel':>15s}")
+    for n, L in shapes:
+        u = torch.randn(n, L, 512, device=device)
+        ms = {}
+        for path in ("kernel", "chunked"):
+            torch.manual_seed(0)
+            layer = ssm.Mamba2(512, scan=path).to(device)
+            ms[path] = time_step(lambda: layer(u), "bf16", repeat, device)
+        print(f"{n:>6d} x {L:<4d} {ms['kernel']:8.2f} {ms['chunked']:8.2f} {ms['chunked'] / ms['kernel']:15.2f}",
+              flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="B", choices=sorted(dit.MODELS))
@@ -50,6 +77,8 @@ def main():
     parser.add_argument("--paths", nargs="+", default=["kernel", "chunked"], choices=["kernel", "chunked"])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="also print the top operators of one step per path")
+    parser.add_argument("--layers", action="store_true", help="also time one Mamba2 layer at several lengths (CUDA)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,6 +86,7 @@ def main():
     F = args.frames + args.images
     print(f"MedSora-{args.model}, batch {args.batch}, z = {F} x 16 x {args.size} x {args.size} "
           f"({args.frames} video + {args.images} image frames), forward + backward on {name}")
+    print(f"{'path':8s} {'dtype':5s} {'ms/step':>9s} {'clips/s':>8s} {'peak GiB':>9s}")
     rows = []
     for path in args.paths:
         if path == "kernel" and device.type != "cuda":
@@ -66,20 +96,31 @@ def main():
         model = dit.MedSora(dit.make_config(args.model, scan=path)).to(device).train()
         x = torch.randn(args.batch, F, 16, args.size, args.size, device=device)
         t = torch.randint(0, 1000, (args.batch,), device=device)
+        forward = lambda: model(x, t, num_frames=args.frames)  # noqa: E731
         for dtype in args.dtypes:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            ms = time_step(model, x, t, args.frames, dtype, args.repeat, device)
+            try:
+                ms = time_step(forward, dtype, args.repeat, device)
+            except torch.OutOfMemoryError:
+                print(f"{path:8s} {dtype:5s} out of memory")
+                model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                continue
             mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
             rows.append((path, dtype, ms, args.batch / ms * 1000, mem))
+            print(f"{path:8s} {dtype:5s} {ms:9.1f} {args.batch / ms * 1000:8.1f} {mem:9.2f}", flush=True)
+            if args.profile:
+                profile_step(forward, dtype, device)
         del model
-    print(f"{'path':8s} {'dtype':5s} {'ms/step':>9s} {'clips/s':>8s} {'peak GiB':>9s}")
-    for path, dtype, ms, cps, mem in rows:
-        print(f"{path:8s} {dtype:5s} {ms:9.1f} {cps:8.1f} {mem:9.2f}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     base = {d: ms for p, d, ms, _, _ in rows if p == "chunked"}
     for path, dtype, ms, _, _ in rows:
         if path == "kernel" and dtype in base:
             print(f"kernel speed-up over chunked ({dtype}): {base[dtype] / ms:.2f}x")
+    if args.layers and device.type == "cuda":
+        layer_table(device, args.repeat)
 
 
 if __name__ == "__main__":

@@ -137,3 +137,10 @@ def test_spiral_variants_are_distinct_and_round_trip():
     for o in orders + [ssm.bidirectional(32)[1]]:
         inv = ssm.inverse(o)
         assert torch.equal(x[:, o][:, inv], x) and torch.equal(o[inv], torch.arange(32))
+
+
+def test_causal_conv_matches_nn_conv1d():
+    conv = torch.nn.Conv1d(12, 12, 4, groups=12, padding=3).double()
+    x = torch.randn(2, 9, 12, dtype=torch.float64)
+    expected = conv(x.transpose(1, 2))[..., :9].transpose(1, 2)  # pad both sides, keep the causal part
+    assert torch.allclose(ssm.causal_depthwise_conv(x, conv.weight, conv.bias), expected, atol=1e-12)
