@@ -17,7 +17,7 @@ Three implementations of the scan, all computing the same function:
     "chunked"    the SSD chunked algorithm in pure PyTorch: quadratic attention-like products inside chunks,
                  the recurrence only between chunk states. Any length, CPU or GPU, torch.compile-friendly.
     "kernel"     mamba-ssm's Triton kernels (CUDA only); fused with causal-conv1d's CUDA conv when present.
-"auto" picks "kernel" on CUDA when mamba-ssm imports, else "chunked".
+"auto" picks "kernel" on CUDA when mamba-ssm imports and the sequence spans several chunks, else "chunked".
 
 The layer `Mamba2` has the same parameter names and shapes as `mamba_ssm.Mamba2`, so one state dict loads
 in both. Its `forward` takes a list of scan orders (index permutations of the sequence): the input is
@@ -155,8 +155,8 @@ def _inherited(a_cum, B, C, xdt):
 
 def ssd_scan(x, dt, A, B, C, D, chunk_size=256, scan="auto"):
     """Run the scan with one implementation. dt is the step size after softplus (positive)."""
-    if scan == "auto":
-        scan = "kernel" if kernels_available(x.device) else "chunked"
+    if scan == "auto":  # the same rule as Mamba2._scan_kind
+        scan = "kernel" if kernels_available(x.device) and x.shape[1] > chunk_size else "chunked"
     if scan == "kernel":
         if not kernels_available(x.device):
             raise RuntimeError("scan='kernel' needs mamba-ssm's Triton kernels and a CUDA tensor; "
@@ -240,14 +240,17 @@ class Mamba2(nn.Module):
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
 
-    def _scan_kind(self, device):
-        if self.scan == "auto":
-            return "kernel" if kernels_available(device) else "chunked"
-        return self.scan
+    def _scan_kind(self, device, L):
+        if self.scan != "auto":
+            return self.scan
+        # Sequences that fit in one chunk need no chunk states, which the kernels still write for every
+        # sequence: on an H100 the chunked path was faster at all of MedSora's lengths (1-32 steps; see
+        # benchmark.py --layers). The kernels are for sequences that span several chunks.
+        return "kernel" if kernels_available(device) and L > self.chunk_size else "chunked"
 
     def mix(self, zxbcdt):
         """The sequence mixer on projected input (B, L, 2E + 2GN + nh) in scan order -> (B, L, E), before out_proj."""
-        scan = self._scan_kind(zxbcdt.device)
+        scan = self._scan_kind(zxbcdt.device, zxbcdt.shape[1])
         A = -torch.exp(self.A_log.float())  # (nh,), kept in fp32 as mamba does
         if scan == "kernel" and causal_conv1d_fn is not None:
             # Fused conv + scan + gated norm (mamba's "mem-eff" path), without the output projection.
