@@ -1,0 +1,364 @@
+"""
+Video data for MedSora: raw videos -> frame folders, and frame folders -> training clips (paper Sec. 4.1-4.2).
+
+A clip is 16 frames taken every third frame, plus one more frame for the optical flow of the last step (17
+frames in all), 128 x 128, values in [-1, 1], from a random position in a video. A horizontal flip applies to
+the whole clip, and to its flow, whose x component changes sign. For joint image-video training every sample
+also carries 8 independent frames from other videos of the same split.
+
+Data sets (`--data`): kvasir, colonoscopic, cholectriplet (prepared frame folders; README says where to get
+them), synthetic (procedural colonoscopy with exact flow, `synthetic.py`; no download), or any PATH of
+prepared frame folders. The root of a named data set is `--data-root`, else $MEDSORA_DATA_ROOT/NAME, else
+./data/NAME.
+
+    python data.py prepare --src RAW_DIR --dst OUT_DIR [--size 128] [--workers 4]
+    python data.py stats --data synthetic          # a few samples, their shapes, clips/s
+
+Dimension names: F frames, C = 3 channels, H, W pixels; flow (F-1, 2, H, W) in pixels, channel 0 = x.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from multiprocessing import Pool
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".mpg", ".mpeg", ".webm")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+DATASETS = ("kvasir", "colonoscopic", "cholectriplet")
+
+
+def clip_span(num_frames=16, stride=3):
+    """Source frames one clip covers: num_frames + 1 frames (the extra one for flow), stride apart."""
+    return num_frames * stride + 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prepare: raw videos or frame folders -> one folder of 000000.jpg, 000001.jpg, ... per video
+# ---------------------------------------------------------------------------------------------------------
+
+def resize_center_crop(img, size):
+    """Any PIL image -> RGB size x size: short side resized to `size`, then the centre cut out."""
+    img = img.convert("RGB")  # grayscale, palette, RGBA (alpha dropped), 16-bit: all become 8-bit RGB
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.LANCZOS)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def find_sources(src):
+    """Videos (files) and frame folders (directories holding images) under src, with unique output names."""
+    sources = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, src)
+        images = [f for f in filenames if f.lower().endswith(IMAGE_EXTS)]
+        if images:
+            sources.append(("frames", dirpath, "root" if rel == "." else rel.replace(os.sep, "__")))
+        for f in sorted(filenames):
+            if f.lower().endswith(VIDEO_EXTS):
+                name = os.path.splitext(f if rel == "." else os.path.join(rel, f))[0].replace(os.sep, "__")
+                sources.append(("video", os.path.join(dirpath, f), name))
+    return sources
+
+
+def iter_frames(kind, path):
+    """PIL images of a video file (decoded with PyAV) or of a frame folder (sorted by file name)."""
+    if kind == "frames":
+        for f in sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS)):
+            try:
+                with Image.open(os.path.join(path, f)) as img:
+                    img.load()
+                    yield img
+            except Exception as e:
+                raise ValueError(f"unreadable frame {os.path.join(path, f)}: {e}") from None
+        return
+    try:
+        import av
+    except ImportError:
+        raise ImportError("decoding videos needs PyAV: pip install av") from None
+    with av.open(path) as container:
+        for frame in container.decode(video=0):
+            yield frame.to_image()
+
+
+def prepare_one(job):
+    """Write one video's frames to dst/name/ through dst/name.partial/; returns (status, name, message)."""
+    kind, path, dst, name, size, min_frames = job
+    final, partial = os.path.join(dst, name), os.path.join(dst, name + ".partial")
+    if os.path.isdir(final):
+        return "done before", name, ""
+    shutil.rmtree(partial, ignore_errors=True)  # a half-written attempt is redone from the start
+    os.makedirs(partial)
+    modes, n = set(), 0
+    try:
+        for img in iter_frames(kind, path):
+            modes.add(f"{img.mode} {img.size[0]}x{img.size[1]}")
+            resize_center_crop(img, size).save(os.path.join(partial, f"{n:06d}.jpg"), quality=95)
+            n += 1
+    except Exception as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        return "failed", name, f"{path}: {type(e).__name__}: {e}"
+    if n < min_frames:
+        shutil.rmtree(partial, ignore_errors=True)
+        return "failed", name, (f"{path}: {n} frames, a clip needs {min_frames}; lower --min-frames or drop the "
+                                f"file")
+    os.rename(partial, final)  # atomic: a folder without ".partial" is always complete
+    return "prepared", name, f"{n} frames from {', '.join(sorted(modes))}"
+
+
+def prepare(src, dst, size=128, min_frames=clip_span(), workers=4):
+    """Convert every video / frame folder under src into dst/<name>/%06d.jpg. Resumable; never writes in src."""
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"--src {src} does not exist or is not a directory")
+    src_abs, dst_abs = os.path.realpath(src), os.path.realpath(dst)
+    if dst_abs == src_abs or dst_abs.startswith(src_abs + os.sep):
+        raise ValueError(f"--dst {dst} is inside --src {src}; choose an output folder outside the raw data")
+    sources = find_sources(src)
+    if not sources:
+        raise FileNotFoundError(f"no videos ({', '.join(VIDEO_EXTS)}) or frame folders found under {src}")
+    os.makedirs(dst, exist_ok=True)
+    jobs = [(kind, path, dst, name, size, min_frames) for kind, path, name in sources]
+    results = {"prepared": [], "done before": [], "failed": []}
+    with Pool(max(1, workers)) as pool:
+        for status, name, message in tqdm(pool.imap_unordered(prepare_one, jobs), total=len(jobs), desc="prepare"):
+            results[status].append((name, message))
+            if status == "failed":
+                tqdm.write(f"skipped {message}")
+    print(f"prepared {len(results['prepared'])}, already done {len(results['done before'])}, "
+          f"failed {len(results['failed'])} (of {len(jobs)}) -> {dst}")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# split: by video, deterministic, written down
+# ---------------------------------------------------------------------------------------------------------
+
+def split_videos(names, val_fraction=0.1, seed=0):
+    """Assign whole videos to train / val by a seeded hash of their names: stable as videos are added."""
+    key = lambda n: hashlib.sha256(f"{seed}:{n}".encode()).hexdigest()  # noqa: E731
+    ranked = sorted(names, key=key)
+    n_val = 0 if val_fraction <= 0 or len(names) < 2 else min(len(names) - 1, max(1, round(val_fraction * len(names))))
+    return {"train": sorted(ranked[n_val:]), "val": sorted(ranked[:n_val]), "seed": seed,
+            "val_fraction": val_fraction}
+
+
+def load_or_make_split(root, names, val_fraction, seed, index_dir=None):
+    """The split, from its index file if that lists the same videos, else made and written (atomically)."""
+    index_dir = index_dir or root
+    path = os.path.join(index_dir, f"split_seed{seed}_val{val_fraction:g}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            split = json.load(f)
+        if sorted(split["train"] + split["val"]) == sorted(names):
+            return split
+    split = split_videos(names, val_fraction, seed)
+    try:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(split, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only data set still loads; the split is reproducible from the seed anyway
+        print(f"note: could not write the split index {path} ({e})", file=sys.stderr)
+    return split
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data sets
+# ---------------------------------------------------------------------------------------------------------
+
+def to_model_range(frames):
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(frames).movedim(-1, -3).float() / 127.5 - 1
+
+
+def hflip(video, images=None, flow=None):
+    """Mirror a whole sample left-right; a mirrored flow also has its x component negated."""
+    out = [video.flip(-1), None if images is None else images.flip(-1), None]
+    if flow is not None:
+        out[2] = flow.flip(-1) * torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1)
+    return out
+
+
+class FrameFolderClips(Dataset):
+    """Clips from prepared frame folders (root/<video>/%06d.jpg)."""
+
+    def __init__(self, root, split="train", num_frames=16, stride=3, size=128, num_images=8, flip=True,
+                 val_fraction=0.1, seed=0):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data root {root} does not exist; prepare it with "
+                                    f"`python data.py prepare --src RAW --dst {root}` or set --data-root")
+        folders = {}
+        for name in sorted(os.listdir(root)):
+            d = os.path.join(root, name)
+            if os.path.isdir(d) and not name.endswith(".partial"):
+                frames = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS))
+                if frames:
+                    folders[name] = frames
+        if not folders:
+            raise FileNotFoundError(f"no frame folders in {root}; expected {root}/<video>/000000.jpg ... "
+                                    f"(run `python data.py prepare`)")
+        self.root, self.num_frames, self.stride, self.size = root, num_frames, stride, size
+        self.num_images, self.flip = num_images, flip
+        self.span = clip_span(num_frames, stride)
+        self.split_index = load_or_make_split(root, list(folders), val_fraction, seed)
+        names = self.split_index[split]
+        short = [n for n in names if len(folders[n]) < self.span]
+        if short:
+            print(f"note: {len(short)} {split} videos have fewer than {self.span} frames and are left out "
+                  f"(e.g. {short[0]})", file=sys.stderr)
+        self.videos = [(n, folders[n]) for n in names if len(folders[n]) >= self.span]
+        if not self.videos:
+            raise ValueError(f"no {split} video in {root} has the {self.span} frames a clip needs")
+        # one sample per non-overlapping window of `span` frames; the clip starts at random inside it
+        self.windows = [(v, k) for v, (_, frames) in enumerate(self.videos) for k in range(len(frames) // self.span)]
+        self.skipped = 0  # unreadable clips replaced by others, counted
+
+    def __len__(self):
+        return len(self.windows)
+
+    def _read(self, video, indices):
+        name, frames = self.videos[video]
+        arrays = []
+        for i in indices:
+            path = os.path.join(self.root, name, frames[i])
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                if img.size != (self.size, self.size):
+                    img = resize_center_crop(img, self.size)
+                arrays.append(np.asarray(img))
+        return to_model_range(np.stack(arrays))
+
+    def _sample(self, index, rng):
+        v, k = self.windows[index]
+        n = len(self.videos[v][1])
+        start = int(rng.integers(k * self.span, min(n - self.span, (k + 1) * self.span - 1) + 1))
+        indices = [start + self.stride * j for j in range(self.num_frames + 1)]
+        video = self._read(v, indices)
+        others = [u for u in range(len(self.videos)) if u != v] or [v]  # images from other videos if there are any
+        picks = [int(u) for u in rng.choice(others, self.num_images)]
+        images = torch.cat([self._read(u, [int(rng.integers(len(self.videos[u][1])))]) for u in picks]) \
+            if self.num_images else video[:0]
+        if self.flip and rng.random() < 0.5:
+            video, images, _ = hflip(video, images)
+        return {"video": video, "images": images, "frame_index": torch.tensor(indices), "name": self.videos[v][0]}
+
+    def __getitem__(self, index):
+        # torch's generator is seeded per DataLoader worker (and by train.py for resume), so draw the seed from it
+        rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ()).item()))
+        for attempt in range(10):  # an unreadable file costs one warning, not the run
+            try:
+                return self._sample((index + attempt) % len(self), rng)
+            except (OSError, ValueError) as e:
+                self.skipped += 1
+                print(f"warning: skipped an unreadable clip ({self.skipped} so far): {e}", file=sys.stderr)
+        raise RuntimeError(f"10 clips in a row near index {index} of {self.root} were unreadable; check the data")
+
+
+class SyntheticClips(Dataset):
+    """Procedural colonoscopy clips with exact optical flow. Train and val scenes never overlap (seed ranges)."""
+
+    VAL_SEED_OFFSET = 1_000_000
+
+    def __init__(self, split="train", num_frames=16, stride=3, size=128, num_images=8, flip=True,
+                 num_videos=None, seed=0):
+        from synthetic import VIDEO_FRAMES
+        num_videos = num_videos or (1000 if split == "train" else 50)
+        offset = 0 if split == "train" else self.VAL_SEED_OFFSET
+        self.scenes = [offset + i for i in range(num_videos)]
+        self.num_frames, self.stride, self.size = num_frames, stride, size
+        self.num_images, self.flip, self.seed, self.epoch = num_images, flip, seed, 0
+        self.span = clip_span(num_frames, stride)
+        self.max_start = VIDEO_FRAMES - self.span
+
+    def set_epoch(self, epoch):
+        """Different clip positions every epoch; the same ones for the same (seed, epoch, index)."""
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, index):
+        from synthetic import Scene
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        start = int(rng.integers(0, self.max_start + 1))
+        frames, flow = Scene(self.scenes[index]).clip(start, self.num_frames + 1, self.stride, self.size)
+        video = frames * 2 - 1
+        images = []
+        for _ in range(self.num_images):
+            other = self.scenes[int(rng.integers(len(self.scenes)))]
+            images.append(Scene(other).render(float(rng.uniform(0, self.max_start)), self.size) * 2 - 1)
+        images = torch.stack(images) if images else video[:0]
+        if self.flip and rng.random() < 0.5:
+            video, images, flow = hflip(video, images, flow)
+        return {"video": video, "images": images, "flow": flow, "name": f"scene{self.scenes[index]}",
+                "frame_index": torch.arange(start, start + self.span, self.stride)}
+
+
+def data_root(data, root=None):
+    if root:
+        return root
+    if data in DATASETS:
+        env = os.environ.get("MEDSORA_DATA_ROOT")
+        return os.path.join(env, data) if env else os.path.join("data", data)
+    return data  # a PATH of prepared frame folders
+
+
+def make_dataset(data, split="train", root=None, **kwargs):
+    """`--data` name or PATH -> a Dataset of clip dicts (video, images, frame_index, and flow for synthetic)."""
+    if data == "synthetic":
+        return SyntheticClips(split, **kwargs)
+    return FrameFolderClips(data_root(data, root), split, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="raw videos / frame folders -> frame folders")
+    p.add_argument("--src", required=True, help="folder of raw videos (mp4/avi/mkv/...) or frame folders; read only")
+    p.add_argument("--dst", required=True, help="output folder: one sub-folder of frames per video")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--min-frames", type=int, default=clip_span(), help="shorter videos are reported and skipped")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    s = sub.add_parser("stats", help="load a few samples and time the loader")
+    s.add_argument("--data", default="synthetic", help=f"{', '.join(DATASETS)}, synthetic, or a PATH")
+    s.add_argument("--data-root", default=None)
+    s.add_argument("--split", default="train", choices=["train", "val"])
+    s.add_argument("--samples", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        try:
+            results = prepare(args.src, args.dst, args.size, args.min_frames, args.workers)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        sys.exit(1 if results["failed"] else 0)
+    try:
+        ds = make_dataset(args.data, args.split, args.data_root)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    t0 = time.perf_counter()
+    for i in range(args.samples):
+        sample = ds[i % len(ds)]
+    dt = time.perf_counter() - t0
+    print(f"{args.data} {args.split}: {len(ds)} samples; " +
+          ", ".join(f"{k} {tuple(v.shape)}" for k, v in sample.items() if torch.is_tensor(v)))
+    print(f"{args.samples / dt:.1f} samples/s in one process")
+
+
+if __name__ == "__main__":
+    main()
