@@ -1,0 +1,70 @@
+"""vae.py: the same function as diffusers' AutoencoderKLCogVideoX with the same weights; shapes; strict loading."""
+import pytest
+import torch
+
+import vae
+
+
+def tiny():
+    torch.manual_seed(0)
+    return vae.VideoVAE(vae.MODELS["tiny"]).eval()
+
+
+def test_shapes_and_first_frame_alone():
+    model = tiny()
+    x = torch.rand(2, 3, 17, 32, 32) * 2 - 1
+    mean, logvar = model.encode_moments(x)
+    assert mean.shape == logvar.shape == (2, 16, 5, 4, 4)  # 1 + 16 / 4 latent frames, 8x smaller
+    assert model.decode(mean, scaled=False).shape == x.shape
+    # GroupNorm statistics span the frames of a chunk (as in the published model), so the first latent frame
+    # is not independent of later frames; the convolutions are causal (next test)
+    # a single image goes through the first-frame path: one latent frame
+    assert model.encode_moments(x[:, :, :1])[0].shape == (2, 16, 1, 4, 4)
+
+
+def test_causal_conv_is_causal_and_chunks_with_its_cache():
+    conv = vae.CausalConv3d(4, 6)
+    x = torch.randn(1, 4, 7, 5, 5)
+    y = x.clone()
+    y[:, :, 4:] += 1
+    assert torch.equal(conv(x)[0][:, :, :4], conv(y)[0][:, :, :4])  # outputs up to t see inputs up to t only
+    first, cache = conv(x[:, :, :3])
+    second, _ = conv(x[:, :, 3:], cache)
+    assert torch.allclose(torch.cat([first, second], dim=2), conv(x)[0], atol=1e-6)
+
+
+def test_chunk_ranges_match_the_published_model():
+    assert vae.chunks(17, 8) == [(0, 9), (9, 17)]  # the extra first frame rides with the first chunk
+    assert vae.chunks(5, 2) == [(0, 3), (3, 5)]
+    assert vae.chunks(1, 8) == [(0, 1)]
+
+
+def test_matches_diffusers_cogvideox():
+    diffusers = pytest.importorskip("diffusers")
+    cfg = vae.MODELS["tiny"]
+    torch.manual_seed(1)
+    theirs = diffusers.AutoencoderKLCogVideoX(block_out_channels=cfg.block_out_channels,
+                                              layers_per_block=cfg.layers_per_block,
+                                              norm_num_groups=cfg.norm_num_groups,
+                                              latent_channels=cfg.latent_channels).eval()
+    ours = vae.VideoVAE(cfg).eval()
+    vae.load_state_dict_strict(ours, theirs.state_dict(), "diffusers tiny VAE")
+    x = torch.rand(1, 3, 17, 32, 32) * 2 - 1
+    with torch.no_grad():
+        dist = theirs.encode(x).latent_dist
+        mean, logvar = ours.encode_moments(x)
+        enc_err = max((mean - dist.mean).abs().max().item(), (logvar - dist.logvar).abs().max().item())
+        dec_err = (ours.decode(mean, scaled=False) - theirs.decode(dist.mean).sample).abs().max().item()
+    print(f"vs diffusers: max |encoder diff| {enc_err:.2e}, max |decoder diff| {dec_err:.2e}")
+    assert enc_err < 1e-5 and dec_err < 1e-5
+
+
+def test_strict_loading_names_the_keys(tmp_path):
+    model = tiny()
+    state = model.state_dict()
+    state["encoder.extra.weight"] = torch.zeros(1)
+    del state["decoder.conv_out.conv.bias"]
+    with pytest.raises(KeyError, match=r"1 missing keys \['decoder.conv_out.conv.bias'\].*encoder.extra.weight"):
+        vae.load_state_dict_strict(tiny(), state, "test")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        vae.load_pretrained(str(tmp_path / "missing.safetensors"))
