@@ -17,8 +17,11 @@ strictly (`load_pretrained`) and give the same outputs (tests/test_vae.py, when 
 
 Dimension names: B batch, C channels, F pixel frames, f latent frames, H, W pixels.
 
-Status: architecture, chunked encode / decode and strict loading. The frequency-compensation modules
-(Fig. 4), the losses and train_vae.py are still to come.
+Frequency compensation (Sec. 3.3, Fig. 4): small residual modules added to the pretrained VAE and trained
+while it stays frozen: a 2D-convolution component before each of the encoder's 2D down-sampling layers, and a
+3D-convolution component in the middle of each decoder block. Their last convolution starts at zero, so a
+loaded VAE is exactly unchanged until they are trained. The encoder component works frame by frame and the
+decoder one is a causal 3D convolution with its own cache, so both work for any clip length and chunking.
 """
 
 import json
@@ -42,6 +45,7 @@ class VAEConfig:
     scaling_factor: float = 1.15258426  # CogVideoX-2B's; measured on training data for our own VAEs
     sample_frames_per_chunk: int = 8  # encoder chunk (after the first frame), as the published model runs
     latent_frames_per_chunk: int = 2  # decoder chunk
+    freq_comp: bool = True  # frequency-compensation modules (Fig. 4); False = the plain CogVideoX VAE
 
 
 MODELS = {
@@ -159,22 +163,63 @@ class Upsample(nn.Module):
         return frames_to_time_first(y.unflatten(0, (b, -1)))
 
 
-class Blocks(nn.Module):
-    """A stage of resnets, then an optional resampler (named as diffusers names them)."""
+class FreqComp2d(nn.Module):
+    """Encoder component: per-frame 2D convolutions that restore spatial detail before down-sampling."""
 
-    def __init__(self, cin, cout, n, groups, latent_channels=None, down=None, up=None):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # starts as the identity of the residual: pretrained VAE unchanged
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x):
+        b = x.shape[0]
+        h = frames_to_time_first(x).flatten(0, 1)  # frame by frame: any clip length, any chunking
+        h = self.conv2(F.silu(self.conv1(h)))
+        return x + frames_to_time_first(h.unflatten(0, (b, -1)))
+
+
+class FreqComp3d(nn.Module):
+    """Decoder component: a causal 3D convolution that restores detail across space and time."""
+
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.conv = CausalConv3d(channels, channels)
+        nn.init.zeros_(self.conv.conv.weight)
+        nn.init.zeros_(self.conv.conv.bias)
+
+    def forward(self, x, cache=None):
+        h, cache = self.conv(F.silu(self.norm(x)), cache)
+        return x + h, cache
+
+
+class Blocks(nn.Module):
+    """A stage of resnets, then an optional resampler (named as diffusers names them), with the optional
+    frequency compensation: before the down-sampler (encoder) or after the first half of the resnets (decoder)."""
+
+    def __init__(self, cin, cout, n, groups, latent_channels=None, down=None, up=None, freq_comp=False):
         super().__init__()
         self.resnets = nn.ModuleList(ResnetBlock3d(cin if i == 0 else cout, cout, groups, latent_channels)
                                      for i in range(n))
         if down is not None:
             self.downsamplers = nn.ModuleList([Downsample(cout, compress_time=down)])
+            if freq_comp:
+                self.freq_comp = FreqComp2d(cout)
         if up is not None:
             self.upsamplers = nn.ModuleList([Upsample(cout, compress_time=up)])
+        if freq_comp and latent_channels is not None:
+            self.freq_comp = FreqComp3d(cout, groups)
 
     def forward(self, x, z=None, cache=None):
         cache, new = cache or {}, {}
         for i, resnet in enumerate(self.resnets):
             x, new[f"resnet_{i}"] = resnet(x, z, cache.get(f"resnet_{i}"))
+            if i == (len(self.resnets) - 1) // 2 and isinstance(getattr(self, "freq_comp", None), FreqComp3d):
+                x, new["freq_comp"] = self.freq_comp(x, cache.get("freq_comp"))  # the middle of the block
+        if isinstance(getattr(self, "freq_comp", None), FreqComp2d):
+            x = self.freq_comp(x)  # before the 2D down-sampling
         for resampler in list(getattr(self, "downsamplers", [])) + list(getattr(self, "upsamplers", [])):
             x = resampler(x)
         return x, new
@@ -187,7 +232,8 @@ class Encoder(nn.Module):
         levels = int(math.log2(cfg.temporal_compression_ratio))  # the first `levels` stages also halve time
         self.conv_in = CausalConv3d(cfg.in_channels, ch[0])
         self.down_blocks = nn.ModuleList(
-            Blocks(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, down=(i < levels) if i < len(ch) - 1 else None)
+            Blocks(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, down=(i < levels) if i < len(ch) - 1 else None,
+                   freq_comp=cfg.freq_comp)
             for i in range(len(ch)))
         self.mid_block = Blocks(ch[-1], ch[-1], 2, g)
         self.norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
@@ -212,7 +258,7 @@ class Decoder(nn.Module):
         self.mid_block = Blocks(ch[0], ch[0], 2, g, latent_channels=zc)
         self.up_blocks = nn.ModuleList(
             Blocks(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, latent_channels=zc,
-                   up=(i < levels) if i < len(ch) - 1 else None)
+                   up=(i < levels) if i < len(ch) - 1 else None, freq_comp=cfg.freq_comp)
             for i in range(len(ch)))
         self.norm_out = SpatialNorm3d(ch[-1], zc, g)
         self.conv_out = CausalConv3d(ch[-1], cfg.in_channels)
@@ -265,6 +311,10 @@ class VideoVAE(nn.Module):
 
     def decode(self, z, scaled=True):
         """Latents (B, latent, f, h, w) -> pixels (B, 3, 1 + 4 (f - 1), 8h, 8w), chunk by chunk in time."""
+        if z.shape[2] % 2 == 0:
+            # the first latent frame must reach the decoder's first-frame path: an odd count in the first chunk
+            raise ValueError(f"the CogVideoX decoder needs an odd number of latent frames (clips of 8k + 1 frames, "
+                             f"or single images), got {z.shape[2]}")
         if scaled:
             z = z / self.cfg.scaling_factor
         cache, out = None, []
@@ -306,10 +356,17 @@ def load_pretrained(path, cfg=None):
     return model
 
 
+def is_freq_comp(name):
+    return ".freq_comp." in name
+
+
 def load_state_dict_strict(model, state, source="state dict"):
+    """Every key of the model must be in `state` and nothing else, except the frequency-compensation modules,
+    which a published CogVideoX checkpoint does not have (they keep their zero-output start then)."""
     expected, found = set(model.state_dict()), set(state)
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    missing = sorted(k for k in expected - found if not is_freq_comp(k))
+    unexpected = sorted(found - expected)
     if missing or unexpected:
         raise KeyError(f"{source} does not match the VAE: {len(missing)} missing keys {missing[:10]}, "
                        f"{len(unexpected)} unexpected keys {unexpected[:10]}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)  # the check above is the strict one

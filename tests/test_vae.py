@@ -68,3 +68,36 @@ def test_strict_loading_names_the_keys(tmp_path):
         vae.load_state_dict_strict(tiny(), state, "test")
     with pytest.raises(FileNotFoundError, match="not found"):
         vae.load_pretrained(str(tmp_path / "missing.safetensors"))
+
+
+def test_freq_comp_starts_as_identity_and_can_change_the_output():
+    torch.manual_seed(0)
+    plain = vae.VideoVAE(vae.VAEConfig(**{**vae.MODELS["tiny"].__dict__, "freq_comp": False})).eval()
+    comp = vae.VideoVAE(vae.MODELS["tiny"]).eval()
+    vae.load_state_dict_strict(comp, plain.state_dict(), "plain VAE")  # a "pretrained" VAE without the modules
+    names = [n for n, _ in comp.named_parameters() if vae.is_freq_comp(n)]
+    assert any(n.startswith("encoder.") for n in names) and any(n.startswith("decoder.") for n in names)
+    x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    with torch.no_grad():
+        m_plain, m_comp = plain.encode_moments(x)[0], comp.encode_moments(x)[0]
+        assert torch.equal(m_plain, m_comp)
+        assert torch.equal(plain.decode(m_plain, scaled=False), comp.decode(m_plain, scaled=False))
+        for n, p in comp.named_parameters():  # once trained (here: perturbed), they do act
+            if vae.is_freq_comp(n):
+                p.add_(0.05 * torch.randn_like(p))
+        assert not torch.allclose(comp.encode_moments(x)[0], m_plain)
+        assert not torch.allclose(comp.decode(m_plain, scaled=False), plain.decode(m_plain, scaled=False))
+
+
+def test_freq_comp_works_for_any_clip_length():
+    model = tiny()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if vae.is_freq_comp(n):
+                p.add_(0.05 * torch.randn_like(p))
+        for frames in (1, 9, 17, 25):  # several encoder and decoder chunks; one frame = the image path
+            mean = model.encode_moments(torch.rand(1, 3, frames, 16, 16))[0]
+            assert mean.shape[2] == 1 + (frames - 1) // 4
+            assert model.decode(mean, scaled=False).shape[2] == frames
+        with pytest.raises(ValueError, match="odd number of latent frames"):
+            model.decode(torch.zeros(1, 16, 2, 2, 2))
