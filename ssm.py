@@ -57,6 +57,15 @@ def kernels_available(device):
     return mamba_chunk_scan_combined is not None and torch.device(device).type == "cuda"
 
 
+def pick_scan(scan, device, L, chunk_size):
+    """Resolve scan="auto". Sequences that fit in one chunk need no chunk states, which the kernels still
+    write for every sequence: on an H100 the chunked path was faster at all of MedSora's lengths (1-32 steps;
+    see benchmark.py --layers). The kernels are for sequences that span several chunks."""
+    if scan != "auto":
+        return scan
+    return "kernel" if kernels_available(device) and L > chunk_size else "chunked"
+
+
 def kernel_chunk(chunk_size, L):
     """The kernels pad every sequence to whole chunks: for short sequences (MedSora's temporal scans are 1-4
     steps) a 256-step chunk is mostly padding. The chunk size does not change the result, only the work."""
@@ -155,8 +164,7 @@ def _inherited(a_cum, B, C, xdt):
 
 def ssd_scan(x, dt, A, B, C, D, chunk_size=256, scan="auto"):
     """Run the scan with one implementation. dt is the step size after softplus (positive)."""
-    if scan == "auto":  # the same rule as Mamba2._scan_kind
-        scan = "kernel" if kernels_available(x.device) and x.shape[1] > chunk_size else "chunked"
+    scan = pick_scan(scan, x.device, x.shape[1], chunk_size)
     if scan == "kernel":
         if not kernels_available(x.device):
             raise RuntimeError("scan='kernel' needs mamba-ssm's Triton kernels and a CUDA tensor; "
@@ -240,17 +248,9 @@ class Mamba2(nn.Module):
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
 
-    def _scan_kind(self, device, L):
-        if self.scan != "auto":
-            return self.scan
-        # Sequences that fit in one chunk need no chunk states, which the kernels still write for every
-        # sequence: on an H100 the chunked path was faster at all of MedSora's lengths (1-32 steps; see
-        # benchmark.py --layers). The kernels are for sequences that span several chunks.
-        return "kernel" if kernels_available(device) and L > self.chunk_size else "chunked"
-
     def mix(self, zxbcdt):
         """The sequence mixer on projected input (B, L, 2E + 2GN + nh) in scan order -> (B, L, E), before out_proj."""
-        scan = self._scan_kind(zxbcdt.device, zxbcdt.shape[1])
+        scan = pick_scan(self.scan, zxbcdt.device, zxbcdt.shape[1], self.chunk_size)
         A = -torch.exp(self.A_log.float())  # (nh,), kept in fp32 as mamba does
         if scan == "kernel" and causal_conv1d_fn is not None:
             # Fused conv + scan + gated norm (mamba's "mem-eff" path), without the output projection.

@@ -299,7 +299,9 @@ def main(argv=None):
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         pending_rng = ckpt["rng"][rank]  # restored once the loader is back at the saved position (below)
         log(f"resumed from {ckpt_path} at step {step}")
-    net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=bool(args.finetune)) if world > 1 else model
+    if world > 1:  # every rank starts from rank 0's weights; gradients are averaged by hand after backward
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
 
     def checkpoint():
         states = [None] * world
@@ -341,9 +343,9 @@ def main(argv=None):
                 pending_rng = None
             x = batch["video"].to(device).transpose(1, 2)  # (B, 3, F, H, W)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                mean, logvar = model.encode_moments(x) if world == 1 else net.module.encode_moments(x)
+                mean, logvar = model.encode_moments(x)
                 z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-                recon = (model if world == 1 else net.module).decode(z, scaled=False)
+                recon = model.decode(z, scaled=False)
             recon, logvar, mean = recon.float(), logvar.float(), mean.float()
             losses = {"l1": (recon - x).abs().mean(), "ffl": focal_frequency_loss(frames(recon), frames(x)),
                       "kl": 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()}
@@ -358,7 +360,7 @@ def main(argv=None):
                 sys.exit(f"error: loss is {loss.item()} at step {step}; lower --lr or check the data")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if world > 1:  # the encode/decode calls above bypass DDP's forward: average gradients by hand
+            if world > 1:  # encode and decode are two calls, not one forward: average gradients by hand
                 for p in params:
                     if p.grad is not None:
                         dist.all_reduce(p.grad)

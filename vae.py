@@ -367,6 +367,6 @@ def load_state_dict_strict(model, state, source="state dict"):
     missing = sorted(k for k in expected - found if not is_freq_comp(k))
     unexpected = sorted(found - expected)
     if missing or unexpected:
-        raise KeyError(f"{source} does not match the VAE: {len(missing)} missing keys {missing[:10]}, "
+        raise KeyError(f"{source} does not match the model: {len(missing)} missing keys {missing[:10]}, "
                        f"{len(unexpected)} unexpected keys {unexpected[:10]}")
     model.load_state_dict(state, strict=False)  # the check above is the strict one
