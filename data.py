@@ -192,7 +192,7 @@ def hflip(video, images=None, flow=None):
 
 
 class FrameFolderClips(Dataset):
-    """Clips from prepared frame folders (root/<video>/%06d.jpg)."""
+    """Clips from prepared frame folders (root/<video>/%06d.jpg); split "train", "val" or "all" (every video)."""
 
     def __init__(self, root, split="train", num_frames=16, stride=3, size=128, num_images=8, flip=True,
                  val_fraction=0.1, seed=0):
@@ -213,7 +213,7 @@ class FrameFolderClips(Dataset):
         self.num_images, self.flip = num_images, flip
         self.span = clip_span(num_frames, stride)
         self.split_index = load_or_make_split(root, list(folders), val_fraction, seed)
-        names = self.split_index[split]
+        names = sorted(folders) if split == "all" else self.split_index[split]
         short = [n for n in names if len(folders[n]) < self.span]
         if short:
             print(f"note: {len(short)} {split} videos have fewer than {self.span} frames and are left out "
@@ -272,13 +272,14 @@ class SyntheticClips(Dataset):
     VAL_SEED_OFFSET = 1_000_000
 
     def __init__(self, split="train", num_frames=16, stride=3, size=128, num_images=8, flip=True,
-                 num_videos=None, seed=0):
+                 num_videos=None, seed=0, with_flow=True):
         from synthetic import VIDEO_FRAMES
         num_videos = num_videos or (1000 if split == "train" else 50)
         offset = 0 if split == "train" else self.VAL_SEED_OFFSET
         self.scenes = [offset + i for i in range(num_videos)]
         self.num_frames, self.stride, self.size = num_frames, stride, size
         self.num_images, self.flip, self.seed, self.epoch = num_images, flip, seed, 0
+        self.with_flow = with_flow  # the VAE does not need flow: rendering is ~30 % faster without it
         self.span = clip_span(num_frames, stride)
         self.max_start = VIDEO_FRAMES - self.span
 
@@ -293,7 +294,8 @@ class SyntheticClips(Dataset):
         from synthetic import Scene
         rng = np.random.default_rng([self.seed, self.epoch, index])
         start = int(rng.integers(0, self.max_start + 1))
-        frames, flow = Scene(self.scenes[index]).clip(start, self.num_frames + 1, self.stride, self.size)
+        frames, flow = Scene(self.scenes[index]).clip(start, self.num_frames + 1, self.stride, self.size,
+                                                      with_flow=self.with_flow)
         video = frames * 2 - 1
         images = []
         for _ in range(self.num_images):
@@ -302,8 +304,9 @@ class SyntheticClips(Dataset):
         images = torch.stack(images) if images else video[:0]
         if self.flip and rng.random() < 0.5:
             video, images, flow = hflip(video, images, flow)
-        return {"video": video, "images": images, "flow": flow, "name": f"scene{self.scenes[index]}",
-                "frame_index": torch.arange(start, start + self.span, self.stride)}
+        sample = {"video": video, "images": images, "name": f"scene{self.scenes[index]}",
+                  "frame_index": torch.arange(start, start + self.span, self.stride)}
+        return {**sample, "flow": flow} if flow is not None else sample
 
 
 def data_root(data, root=None):
@@ -338,7 +341,7 @@ def main(argv=None):
     s = sub.add_parser("stats", help="load a few samples and time the loader")
     s.add_argument("--data", default="synthetic", help=f"{', '.join(DATASETS)}, synthetic, or a PATH")
     s.add_argument("--data-root", default=None)
-    s.add_argument("--split", default="train", choices=["train", "val"])
+    s.add_argument("--split", default="train", choices=["train", "val", "all"])
     s.add_argument("--samples", type=int, default=8)
     args = parser.parse_args(argv)
     if args.command == "prepare":

@@ -22,7 +22,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -200,18 +200,65 @@ def measure_scaling_factor(model, loader, device, max_clips=64):
 
 @torch.no_grad()
 def validate(model, loader, device, amp, max_clips, picture_path=None):
-    psnrs, ssims = [], []
+    """Mean PSNR, SSIM and focal-frequency error of reconstructions (posterior mean) over about max_clips clips."""
+    psnrs, ssims, ffls = [], [], []
     for batch in loader:
         x = batch["video"].to(device).transpose(1, 2)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             recon = model.decode(model.encode_moments(x)[0], scaled=False).float().clamp(-1, 1)
         psnrs.append(psnr(frames(recon), frames(x)))
         ssims.append(ssim(frames(recon), frames(x)))
+        ffls += [focal_frequency_loss(frames(r[None]), frames(c[None])).item() for r, c in zip(recon, x)]
         if picture_path and len(psnrs) == 1:
             save_picture(x[0], recon[0], picture_path)
-        if sum(len(p) for p in psnrs) >= max_clips * x.shape[2]:
+        if len(ffls) >= max_clips:
             break
-    return torch.cat(psnrs).mean().item(), torch.cat(ssims).mean().item()
+    return {"psnr": torch.cat(psnrs).mean().item(), "ssim": torch.cat(ssims).mean().item(),
+            "ffl": float(np.mean(ffls)), "clips": len(ffls)}
+
+
+@torch.no_grad()
+def measure_speed(model, device, amp, batch_size, num_frames, size, repeats=5):
+    """Encode + decode throughput (clips/s) and peak memory on random clips of num_frames + 1 frames."""
+    x = torch.rand(batch_size, 3, num_frames + 1, size, size, device=device) * 2 - 1
+    run = lambda: model.decode(model.encode_moments(x)[0], scaled=False)  # noqa: E731
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        run()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    return {"clips_per_s": batch_size * repeats / seconds, "peak_gib": peak, "batch": batch_size,
+            "clip": f"{num_frames + 1}x{size}x{size}"}
+
+
+def evaluate(args, device, amp):
+    """--eval: the checkpoint in OUT on --data's --eval-split; prints and writes OUT/eval_<data>.json."""
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if not os.path.exists(ckpt_path):
+        sys.exit(f"error: --eval needs a checkpoint, and {ckpt_path} does not exist")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model = vae.VideoVAE(vae.VAEConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    ds = data.make_dataset(args.data, args.eval_split, args.data_root, num_frames=args.num_frames, size=args.size,
+                           num_images=0, flip=False, **({"with_flow": False} if args.data == "synthetic" else {}))
+    tag = os.path.basename(os.path.normpath(args.data))
+    torch.manual_seed(args.seed)  # the clips' random start frames
+    loader = DataLoader(ds, args.batch_size, num_workers=args.workers)
+    result = {"data": args.data, "split": args.eval_split, "step": ckpt["step"], "freq_comp": model.cfg.freq_comp,
+              **validate(model, loader, device, amp, args.val_clips, os.path.join(args.out, f"recon_{tag}.png")),
+              **measure_speed(model, device, amp, args.batch_size, args.num_frames, args.size)}
+    with open(os.path.join(args.out, f"eval_{tag}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return result
 
 
 def save_picture(x, recon, path, num=4):
@@ -225,15 +272,23 @@ def save_picture(x, recon, path, num=4):
     os.replace(tmp, path)
 
 
+def out_of_time(deadline, world, device):
+    """Rank 0's clock decides, so that every rank stops at the same step."""
+    flag = torch.tensor([float(time.perf_counter() > deadline)], device=device)
+    if world > 1:
+        dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
 def build(args, device):
     if args.finetune:
         model = vae.load_pretrained(args.finetune)
-        if not model.cfg.freq_comp:
+        if not model.cfg.freq_comp or args.no_freq_comp:
             raise ValueError("fine-tuning trains the frequency compensation; the config has it off")
         for name, p in model.named_parameters():
             p.requires_grad = vae.is_freq_comp(name)  # the pretrained VAE stays frozen
     else:
-        model = vae.VideoVAE(vae.MODELS[args.model])
+        model = vae.VideoVAE(replace(vae.MODELS[args.model], freq_comp=not args.no_freq_comp))
     return model.to(device)
 
 
@@ -264,6 +319,10 @@ def main(argv=None):
     parser.add_argument("--val-every", type=int, default=500)
     parser.add_argument("--val-clips", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-freq-comp", action="store_true", help="from scratch without the compensation modules")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (as if done) after this much training")
+    parser.add_argument("--eval", action="store_true", help="only evaluate OUT/ckpt.pt on --data (see --eval-split)")
+    parser.add_argument("--eval-split", default="val", choices=["train", "val", "all"])
     args = parser.parse_args(argv)
 
     rank, world, device = setup_distributed()
@@ -271,8 +330,11 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
     os.makedirs(args.out, exist_ok=True)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    if args.eval:
+        return evaluate(args, device, amp) if rank == 0 else None
 
-    clip_kwargs = dict(num_frames=args.num_frames, size=args.size, num_images=0)
+    clip_kwargs = dict(num_frames=args.num_frames, size=args.size, num_images=0,
+                       **({"with_flow": False} if args.data == "synthetic" else {}))
     train_set = data.make_dataset(args.data, "train", args.data_root, **clip_kwargs)
     val_set = data.make_dataset(args.data, "val", args.data_root, **{**clip_kwargs, "flip": False})
     model = build(args, device)
@@ -324,6 +386,7 @@ def main(argv=None):
 
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train_vae")
     t_last, clips_since = time.perf_counter(), 0
+    deadline = time.perf_counter() + 60 * args.max_minutes if args.max_minutes is not None else None
     logf = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
     while step < args.steps and stop["signal"] is None:
         if hasattr(train_set, "set_epoch"):
@@ -373,6 +436,9 @@ def main(argv=None):
                 disc_opt.step()
                 losses["disc"] = d_loss
             step, batch_in_epoch = step + 1, i + 1
+            if deadline is not None and out_of_time(deadline, world, device):
+                log(f"time budget of {args.max_minutes} min reached at step {step}")
+                args.steps = step  # finish as if this were the last step: checkpoint, validate, scaling factor
             clips_since += x.shape[0] * world
             bar.update(1)
             if step % args.log_every == 0 and rank == 0:
@@ -389,11 +455,11 @@ def main(argv=None):
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     # validation must not move the training RNG: a resumed run would draw differently
                     val_loader = DataLoader(val_set, args.batch_size, num_workers=args.workers)
-                    p, s = validate(model, val_loader, device, amp, args.val_clips,
-                                    os.path.join(args.out, "recon.png"))
-                logf.write(json.dumps({"step": step, "val_psnr": p, "val_ssim": s}) + "\n")
+                    v = validate(model, val_loader, device, amp, args.val_clips, os.path.join(args.out, "recon.png"))
+                logf.write(json.dumps({"step": step, **{f"val_{k}": x for k, x in v.items()}}) + "\n")
                 logf.flush()
-                tqdm.write(f"step {step}: validation PSNR {p:.2f} dB, SSIM {s:.4f}")
+                tqdm.write(f"step {step}: validation PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}, "
+                           f"focal-frequency error {v['ffl']:.5f}")
             if step >= args.steps or stop["signal"] is not None:
                 break
         else:

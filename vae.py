@@ -50,7 +50,8 @@ class VAEConfig:
 
 MODELS = {
     "cogvideox": VAEConfig(),
-    "tiny": VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
+    "small": VAEConfig(block_out_channels=(64, 128, 128, 256), layers_per_block=2),  # from scratch on one GPU
+    "tiny": VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8),  # CPU demo
 }
 
 

@@ -58,6 +58,9 @@ def test_loader_on_real_video(prepared_real):
     first = np.array(Image.open(os.path.join(prepared_real, name, f"{int(idx[0]):06d}.jpg")))
     expected = torch.from_numpy(first).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.allclose(video[0], expected) or torch.allclose(video[0], expected.flip(-1))
+    every = data.FrameFolderClips(prepared_real, "all", num_images=0)  # evaluation on every video
+    assert {v[0] for v in every.videos} == set(os.listdir(prepared_real)) - {f for f in os.listdir(prepared_real)
+                                                                                if f.endswith(".json")}
 
 
 def test_split_is_by_video_deterministic_and_written(tmp_path):
@@ -158,5 +161,7 @@ def test_synthetic_dataset_deterministic_and_split():
     assert a["images"].shape == (2, 3, 128, 128) and a["video"].min() >= -1 and a["video"].max() <= 1
     train.set_epoch(1)
     assert not torch.equal(train[1]["video"], a["video"])
+    no_flow = data.make_dataset("synthetic", "train", num_videos=4, num_images=2, with_flow=False)[1]
+    assert "flow" not in no_flow and torch.equal(no_flow["video"], a["video"])
     val = data.make_dataset("synthetic", "val", num_videos=4)
     assert not set(train.scenes) & set(val.scenes)

@@ -80,3 +80,17 @@ def test_finetune_trains_only_the_compensation(tmp_path):
         assert torch.equal(trained[name], value), f"{name} of the frozen VAE changed"
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in trained.items()
                if vae.is_freq_comp(k) and k.endswith("conv2.weight"))  # the zero-initialised convs moved
+
+
+def test_time_budget_no_compensation_and_eval(tmp_path):
+    out = str(tmp_path / "plain")
+    train_vae.main(ARGS + ["--steps", "50", "--max-minutes", "0", "--no-freq-comp", "--out", out])
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["step"] == 1  # a zero budget stops after the first step, saved as a finished run
+    assert ckpt["config"]["freq_comp"] is False and not any(vae.is_freq_comp(k) for k in ckpt["model"])
+    result = train_vae.main(ARGS + ["--eval", "--val-clips", "3", "--out", out])
+    assert result["clips"] >= 3 and result["step"] == 1 and result["freq_comp"] is False
+    assert 0 < result["psnr"] < 60 and 0 < result["ssim"] < 1 and result["ffl"] > 0 and result["clips_per_s"] > 0
+    with open(os.path.join(out, "eval_synthetic.json")) as f:
+        assert json.load(f)["psnr"] == result["psnr"]
+    assert os.path.exists(os.path.join(out, "recon_synthetic.png"))
