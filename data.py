@@ -210,7 +210,7 @@ class FrameFolderClips(Dataset):
             raise FileNotFoundError(f"no frame folders in {root}; expected {root}/<video>/000000.jpg ... "
                                     f"(run `python data.py prepare`)")
         self.root, self.num_frames, self.stride, self.size = root, num_frames, stride, size
-        self.num_images, self.flip = num_images, flip
+        self.num_images, self.flip, self.seed, self.epoch = num_images, flip, seed, 0
         self.span = clip_span(num_frames, stride)
         self.split_index = load_or_make_split(root, list(folders), val_fraction, seed)
         names = sorted(folders) if split == "all" else self.split_index[split]
@@ -227,6 +227,10 @@ class FrameFolderClips(Dataset):
 
     def __len__(self):
         return len(self.windows)
+
+    def set_epoch(self, epoch):
+        """Different clip positions every epoch; the same ones for the same (seed, epoch, index)."""
+        self.epoch = epoch
 
     def _read(self, video, indices):
         name, frames = self.videos[video]
@@ -255,8 +259,8 @@ class FrameFolderClips(Dataset):
         return {"video": video, "images": images, "frame_index": torch.tensor(indices), "name": self.videos[v][0]}
 
     def __getitem__(self, index):
-        # torch's generator is seeded per DataLoader worker (and by train.py for resume), so draw the seed from it
-        rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ()).item()))
+        # random choices depend only on (seed, epoch, index): any worker, any GPU count, and resume see the same
+        rng = np.random.default_rng([self.seed, self.epoch, index])
         for attempt in range(10):  # an unreadable file costs one warning, not the run
             try:
                 return self._sample((index + attempt) % len(self), rng)

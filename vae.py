@@ -357,6 +357,21 @@ def load_pretrained(path, cfg=None):
     return model
 
 
+def load(path):
+    """A VAE for the diffusion model: a `train_vae.py` checkpoint (.pt) or CogVideoX weights (see load_pretrained)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no VAE at {path}: train one with `python train_vae.py` (writes runs/vae/ckpt.pt) "
+                                f"or give CogVideoX's weights (a vae/ folder or .safetensors file)")
+    if path.endswith(".pt"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if "model" not in ckpt or "config" not in ckpt:
+            raise KeyError(f"{path} is not a train_vae.py checkpoint (expected 'model' and 'config' entries)")
+        model = VideoVAE(VAEConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])  # strict: our own checkpoints match exactly
+        return model
+    return load_pretrained(path)
+
+
 def is_freq_comp(name):
     return ".freq_comp." in name
 

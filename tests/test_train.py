@@ -1,0 +1,160 @@
+"""train.py and sample.py on CPU: exact resume, NaN steps skipped on every rank, torchrun with 2 processes,
+deterministic sampling, the files a run writes."""
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+import vae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 9-frame 32 x 32 clips (3 latent frames of 4 x 4), 8 clips: epoch 0 has 4 steps of batch 2, then batch 1
+ARGS = ["--size", "32", "--num-frames", "8", "--num-images", "2", "--max-clips", "8", "--batch-size", "2", "1",
+        "--phase-epochs", "1", "--clip-from-epoch", "1", "--workers", "0", "--log-every", "1",
+        "--sample-every", "0", "--sample-steps", "2", "--ckpt-every", "100"]
+
+
+@pytest.fixture(scope="module")
+def vae_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = vae.MODELS["tiny"]
+    path = str(tmp_path_factory.mktemp("vae") / "ckpt.pt")
+    torch.save({"model": vae.VideoVAE(cfg).state_dict(), "config": asdict(cfg)}, path)
+    return path
+
+
+def run(vae_ckpt, out, *extra):
+    train.main(ARGS + ["--vae", vae_ckpt, "--out", str(out), *extra])
+
+
+def logged(out, key="loss"):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
+
+
+def test_resume_is_exact(vae_ckpt, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(vae_ckpt, straight, "--max-steps", "7")
+    run(vae_ckpt, split, "--max-steps", "3")  # stops mid-epoch 0
+    run(vae_ckpt, split, "--max-steps", "7", "--resume")  # crosses into epoch 1: batch 1, lr 1e-4, clipping
+    a, b = logged(straight), logged(split)
+    print("straight:", a, "\nresumed: ", b)
+    assert sorted(a) == list(range(1, 8)) and a == b
+    assert logged(straight, "lr")[7] == 1e-4 and logged(straight, "lr")[1] == 1e-3
+    ca, cb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False) for d in (straight, split))
+    for key in ("model", "ema"):
+        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key]), key
+    assert not all(torch.equal(ca["model"][k], ca["ema"][k]) for k in ca["model"])  # the EMA lags the model
+    for name in ("loss.png", "samples/step0000007.gif"):
+        assert os.path.exists(os.path.join(straight, name)), name
+
+
+def test_non_finite_losses_are_skipped_then_stop(vae_ckpt, tmp_path, monkeypatch):
+    real = train.Diffusion.training_loss
+    calls = {"n": 0}
+
+    def flaky(self, *a, **kw):  # calls 2 and 3 give NaN
+        calls["n"] += 1
+        mse, out = real(self, *a, **kw)
+        return (mse * float("nan"), out) if calls["n"] in (2, 3) else (mse, out)
+
+    monkeypatch.setattr(train.Diffusion, "training_loss", flaky)
+    out = tmp_path / "nan"
+    run(vae_ckpt, out, "--max-steps", "5")
+    skipped = logged(out, "skipped")
+    assert skipped[1] == 0 and skipped[3] == 2 and skipped[5] == 2
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["updates"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    calls["n"] = 0
+    with pytest.raises(SystemExit, match="2 non-finite losses in a row"):
+        run(vae_ckpt, tmp_path / "nan2", "--max-steps", "5", "--max-bad-steps", "2")
+
+
+def _rank_worker(rank, vae_ckpt, out, port):
+    """One process of a 2-process gloo group, as torchrun would start it; rank 1 alone sees a NaN loss."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    real = train.Diffusion.training_loss
+    calls = {"n": 0}
+
+    def flaky(self, *a, **kw):
+        calls["n"] += 1
+        mse, out = real(self, *a, **kw)
+        return (mse * float("nan"), out) if rank == 1 and calls["n"] == 2 else (mse, out)
+
+    train.Diffusion.training_loss = flaky
+    train.main(ARGS + ["--vae", vae_ckpt, "--out", out, "--max-steps", "3", "--batch-size", "1", "1"])
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nan_on_one_rank_skips_on_all(vae_ckpt, tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    port, out = free_port(), str(tmp_path / "ddp_nan")
+    procs = [ctx.Process(target=_rank_worker, args=(r, vae_ckpt, out, port)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.terminate()
+    assert not hung, "a rank waited forever"
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert logged(out, "skipped")[3] == 1
+    sums = logged(out, "rank_checksums")[3]
+    assert len(sums) == 2 and sums[0] == sums[1]
+
+
+def test_torchrun_two_processes_and_resume(vae_ckpt, tmp_path):
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+            "train.py", *ARGS, "--vae", vae_ckpt, "--out", out]
+    subprocess.run(base + ["--max-steps", "3"], cwd=ROOT, env=env, check=True, timeout=300)
+    assert logged(out, "rank_checksums")[3][0] == logged(out, "rank_checksums")[3][1]
+    base[5] = str(free_port())
+    subprocess.run(base + ["--max-steps", "5", "--resume"], cwd=ROOT, env=env, check=True, timeout=300)
+    sums = logged(out, "rank_checksums")
+    assert sorted(logged(out)) == [1, 2, 3, 4, 5] and sums[5][0] == sums[5][1] and sums[5] != sums[3]
+    # and on one process: another GPU count resumes at the same data position
+    train.main(ARGS + ["--vae", vae_ckpt, "--out", out, "--max-steps", "6", "--resume"])
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ckpt["step"] == 6 and ckpt["world"] == 1 and ckpt["epoch"] == 1
+
+
+def test_sample_deterministic_and_layout(vae_ckpt, tmp_path):
+    run_dir = tmp_path / "run"
+    run(vae_ckpt, run_dir, "--max-steps", "2")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    sample.main(["--run", str(run_dir), "--num-videos", "3", "--steps", "4", "--batch-size", "2", "--out", a])
+    sample.main(["--run", str(run_dir), "--num-videos", "3", "--steps", "4", "--batch-size", "1", "--out", b])
+    for i in range(3):
+        fa = sorted(os.listdir(os.path.join(a, "frames", f"{i:06d}")))
+        assert len(fa) == 9 and os.path.exists(os.path.join(a, "gif", f"{i:06d}.gif"))
+        va = np.stack([np.asarray(Image.open(os.path.join(a, "frames", f"{i:06d}", n))) for n in fa])
+        vb = np.stack([np.asarray(Image.open(os.path.join(b, "frames", f"{i:06d}", n))) for n in fa])
+        diff = np.abs(va.astype(int) - vb)
+        print(f"video {i}: batch 2 vs batch 1, max |diff| {diff.max()}, mean {diff.mean():.4f} (uint8)")
+        assert va.shape == (9, 32, 32, 3) and diff.mean() < 0.05  # the same video whatever the batch
+    v0 = np.asarray(Image.open(os.path.join(a, "frames", "000000", "000004.png")))
+    v1 = np.asarray(Image.open(os.path.join(a, "frames", "000001", "000004.png")))
+    assert not np.array_equal(v0, v1)
+    assert Image.open(os.path.join(a, "grid.png")).size == (5 * 32, 3 * 32)  # every other frame of 9, 3 rows
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        sample.main(["--run", str(tmp_path / "empty")])
