@@ -414,6 +414,8 @@ def main(argv=None):
                 record = {"step": step, "epoch": epoch, "loss": mean_loss,
                           "lr": lr, "grad_norm": grad_norm, "clips_per_s": clips_since / (now - t_last),
                           "skipped": skipped}
+                if device.type == "cuda":
+                    record["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
                 loss_sum, n_loss, clips_since, t_last = 0.0, 0, 0, now
                 if rank == 0:
                     logf.write(json.dumps(record) + "\n")
