@@ -72,12 +72,20 @@ class Diffusion:
 
     @torch.no_grad()
     def ddim_sample(self, model, shape, steps=250, eta=0.0, generator=None, device="cpu", progress=False,
-                    noise=None, **model_kwargs):
-        """DDIM (Song et al. 2020): x_T ~ N(0, I), then x_{t'} from the predicted x_0 and epsilon."""
+                    noise=None, clip_x0=None, **model_kwargs):
+        """DDIM (Song et al. 2020): x_T ~ N(0, I), then x_{t'} from the predicted x_0 and epsilon.
+
+        clip_x0: clamp the predicted x_0 to [-clip_x0, clip_x0] and re-derive epsilon from it. At t near T,
+        x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) multiplies the error of eps by up to 1 / sqrt(abar_T) ~ 160;
+        a model that is not yet well trained then walks off the data range and never returns.
+        """
         x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.to(device)
         for t, a, a_prev in self._schedule(steps, progress, "DDIM"):
             eps = _eps_of(model(x, torch.full((shape[0],), t, device=device), **model_kwargs)).to(x.dtype)
             x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+            if clip_x0 is not None:
+                x0 = x0.clamp(-clip_x0, clip_x0)
+                eps = (x - a ** 0.5 * x0) / (1 - a) ** 0.5
             sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
             x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
             if sigma > 0:

@@ -32,7 +32,7 @@ from diffusion import Diffusion
 
 @torch.no_grad()
 def generate(model, vae, indices, f, steps=250, seed=0, eta=0.0, device="cpu", amp=False, size=128,
-             progress=False):
+             progress=False, clip_x0=None):
     """The videos numbered `indices`: (B, 3, F, H, W) in [-1, 1] on the CPU. Video i starts from noise seeded
     by (seed, i) only; with eta > 0 the later noise depends on the batch's first index too."""
     C, h, w = model.cfg.in_channels, size // 8, size // 8
@@ -45,7 +45,7 @@ def generate(model, vae, indices, f, steps=250, seed=0, eta=0.0, device="cpu", a
             return model(x, t, **kw).float()
 
     z = Diffusion().ddim_sample(eps, noise.shape, steps=steps, eta=eta, generator=gen, device=device,
-                                progress=progress, noise=noise, num_frames=f)
+                                progress=progress, noise=noise, clip_x0=clip_x0, num_frames=f)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         video = vae.decode(z.transpose(1, 2), scaled=True)  # (B, 3, F, H, W)
     return video.float().clamp(-1, 1).cpu()
@@ -141,6 +141,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="per process")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
     p.add_argument("--fps", type=int, default=6)
+    p.add_argument("--clip-x0", type=float, default=None,
+                   help="clamp DDIM's predicted latents to +-VALUE (e.g. 4; latents have unit std): keeps an "
+                        "undertrained model in range. Off by default, as in the paper")
     args = p.parse_args(argv)
 
     rank, world, device = setup_distributed()
@@ -157,7 +160,8 @@ def main(argv=None):
     mp4 = True
     for i in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="sample"):
         idx = mine[i:i + args.batch_size]
-        videos = generate(model, vae, idx, f, args.steps, args.seed, args.eta, device, amp, size)
+        videos = generate(model, vae, idx, f, args.steps, args.seed, args.eta, device, amp, size,
+                          clip_x0=args.clip_x0)
         for j, video in zip(idx, videos):
             save_frames(video, os.path.join(out, "frames", f"{j:06d}"))
             save_gif(video, os.path.join(out, "gif", f"{j:06d}.gif"), args.fps)

@@ -80,3 +80,16 @@ def test_ddim_is_deterministic_and_eta_adds_noise():
     assert torch.equal(a, d.ddim_sample(oracle(d), (100, 4), steps=20, noise=noise))
     b = d.ddim_sample(oracle(d), (100, 4), steps=20, noise=noise, eta=1.0, generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(a, b)
+
+
+def test_clip_x0_keeps_a_bad_model_in_range_and_leaves_a_good_one_alone():
+    d = Diffusion()
+    noise = torch.randn(2000, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = d.ddim_sample(oracle(d), noise.shape, steps=50, noise=noise)
+    loose = d.ddim_sample(oracle(d), noise.shape, steps=50, noise=noise, clip_x0=50.0)
+    assert torch.allclose(exact, loose)  # a bound the data never reaches changes nothing
+    biased = lambda x, t: 0.95 * oracle(d)(x, t)  # noqa: E731  (5 % too small: amplified in x_0 near T)
+    drift = d.ddim_sample(biased, noise.shape, steps=50, noise=noise)
+    held = d.ddim_sample(biased, noise.shape, steps=50, noise=noise, clip_x0=4.0)
+    print(f"5 % biased epsilon: max |sample| {drift.abs().max():.2f} unclipped, {held.abs().max():.2f} clipped")
+    assert drift.abs().max() > 6 and held.abs().max() <= 4 + 1e-9

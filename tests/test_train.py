@@ -156,5 +156,12 @@ def test_sample_deterministic_and_layout(vae_ckpt, tmp_path):
     v1 = np.asarray(Image.open(os.path.join(a, "frames", "000001", "000004.png")))
     assert not np.array_equal(v0, v1)
     assert Image.open(os.path.join(a, "grid.png")).size == (5 * 32, 3 * 32)  # every other frame of 9, 3 rows
+    c = str(tmp_path / "c")
+    sample.main(["--run", str(run_dir), "--num-videos", "1", "--steps", "4", "--clip-x0", "0", "--out", c])
+    flat = np.asarray(Image.open(os.path.join(c, "frames", "000000", "000004.png"))).astype(int)
+    z0 = vae.VideoVAE(vae.MODELS["tiny"])  # latents clamped to 0 decode to what the VAE makes of all zeros
+    z0.load_state_dict(torch.load(vae_ckpt, weights_only=False)["model"])
+    ref = sample.to_uint8(z0.decode(torch.zeros(1, 16, 3, 4, 4)).clamp(-1, 1)[0].detach())[4].astype(int)
+    assert np.abs(flat - ref).max() <= 1
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         sample.main(["--run", str(tmp_path / "empty")])
