@@ -329,7 +329,8 @@ def main(argv=None):
         sample.save_gif(torch.cat(list(videos), dim=-1), os.path.join(args.out, "samples", f"step{step:07d}.gif"))
 
     stop = {"signal": None}
-    for sig in (signal.SIGTERM, signal.SIGINT):  # finish the step, save, exit cleanly
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:  # finish the step, save, exit cleanly
         signal.signal(sig, lambda s, _f: stop.update(signal=s))
     deadline = time.perf_counter() + 60 * args.max_minutes if args.max_minutes is not None else None
     max_steps = args.max_steps or math.inf
@@ -398,13 +399,12 @@ def main(argv=None):
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
             clips_since += batch * world
             bar.update(1)
-            if deadline is not None or stop["signal"] is not None:
-                flag = torch.tensor([float(stop["signal"] is not None or (deadline and time.perf_counter() > deadline))],
-                                    device=device)
-                if world > 1:
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # rank 0's clock or any rank's signal stops all
-                done = bool(flag.item())
-            done = done or step >= max_steps
+            stop_now = stop["signal"] is not None or (deadline is not None and time.perf_counter() > deadline)
+            if world > 1:  # every step: a signal that reached one rank first, or one clock, stops all together
+                flag = torch.tensor([float(stop_now)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop_now = bool(flag.item())
+            done = stop_now or step >= max_steps
             if step % args.log_every == 0 or done:
                 stats = torch.tensor([loss_sum, n_loss], device=device, dtype=torch.float64)
                 if world > 1:
@@ -445,6 +445,8 @@ def main(argv=None):
         if len(set(sums)) != 1:
             raise RuntimeError(f"ranks hold different weights after training: checksums {sums}")
         log(f"weights identical on all {world} ranks (checksum {sums[0]:.6f})")
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     if stop["signal"] is not None:
         log(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, continue with --resume")
     else:

@@ -272,12 +272,12 @@ def save_picture(x, recon, path, num=4):
     os.replace(tmp, path)
 
 
-def out_of_time(deadline, world, device):
-    """Rank 0's clock decides, so that every rank stops at the same step."""
-    flag = torch.tensor([float(time.perf_counter() > deadline)], device=device)
+def agree(flag, world, device):
+    """True on every rank if it is true on any: a signal that reached one rank first stops all at one step."""
+    t = torch.tensor([float(flag)], device=device)
     if world > 1:
-        dist.broadcast(flag, 0)
-    return bool(flag.item())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def build(args, device):
@@ -436,7 +436,9 @@ def main(argv=None):
                 disc_opt.step()
                 losses["disc"] = d_loss
             step, batch_in_epoch = step + 1, i + 1
-            if deadline is not None and out_of_time(deadline, world, device):
+            if agree(stop["signal"] is not None, world, device):
+                stop["signal"] = stop["signal"] or "from another rank"
+            if deadline is not None and agree(time.perf_counter() > deadline, world, device):
                 log(f"time budget of {args.max_minutes} min reached at step {step}")
                 args.steps = step  # finish as if this were the last step: checkpoint, validate, scaling factor
             clips_since += x.shape[0] * world

@@ -3,6 +3,7 @@ deterministic sampling, the files a run writes."""
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -77,6 +78,24 @@ def test_non_finite_losses_are_skipped_then_stop(vae_ckpt, tmp_path, monkeypatch
     calls["n"] = 0
     with pytest.raises(SystemExit, match="2 non-finite losses in a row"):
         run(vae_ckpt, tmp_path / "nan2", "--max-steps", "5", "--max-bad-steps", "2")
+
+
+def test_sigterm_saves_and_exits(vae_ckpt, tmp_path, monkeypatch, capsys):
+    real = train.Diffusion.training_loss
+    calls = {"n": 0}
+
+    def killed(self, *a, **kw):  # SIGTERM arrives during step 3
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(train.Diffusion, "training_loss", killed)
+    out, before = tmp_path / "killed", signal.getsignal(signal.SIGTERM)
+    run(vae_ckpt, out, "--max-steps", "7")
+    assert "stopped by signal" in capsys.readouterr().out
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 3  # the step finished, saved
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is given back
 
 
 def _rank_worker(rank, vae_ckpt, out, port):
