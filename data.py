@@ -322,10 +322,11 @@ def data_root(data, root=None):
     return data  # a PATH of prepared frame folders
 
 
-def make_dataset(data, split="train", root=None, **kwargs):
-    """`--data` name or PATH -> a Dataset of clip dicts (video, images, frame_index, and flow for synthetic)."""
+def make_dataset(data, split="train", root=None, with_flow=True, **kwargs):
+    """`--data` name or PATH -> a Dataset of clip dicts (video, images, frame_index, and flow for synthetic).
+    with_flow=False skips the synthetic flow (only synthetic data has flow)."""
     if data == "synthetic":
-        return SyntheticClips(split, **kwargs)
+        return SyntheticClips(split, with_flow=with_flow, **kwargs)
     return FrameFolderClips(data_root(data, root), split, **kwargs)
 
 

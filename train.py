@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict
@@ -51,7 +50,7 @@ import dit
 import sample
 import vae as vae_lib
 from diffusion import Diffusion
-from train_vae import rng_state, save_atomic, set_rng_state, setup_distributed
+from train_vae import agree, catch_stop_signals, rng_state, save_atomic, set_rng_state, setup_distributed
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,9 +258,8 @@ def main(argv=None):
     # the VAE: frozen, used to encode the data and to decode the preview samples
     vae = vae_lib.load(args.vae).to(device).eval().requires_grad_(False)
     scale = vae.cfg.scaling_factor
-    clip_kwargs = dict(num_frames=args.num_frames, size=args.size, num_images=args.num_images, flip=False)
-    if args.data == "synthetic":
-        clip_kwargs["with_flow"] = False
+    clip_kwargs = dict(num_frames=args.num_frames, size=args.size, num_images=args.num_images, flip=False,
+                       with_flow=False)
     clips = data.make_dataset(args.data, "train", args.data_root, **clip_kwargs)
     if args.max_clips:
         clips = torch.utils.data.Subset(clips, range(min(args.max_clips, len(clips))))
@@ -328,10 +326,7 @@ def main(argv=None):
                                      size=args.size)
         sample.save_gif(torch.cat(list(videos), dim=-1), os.path.join(args.out, "samples", f"step{step:07d}.gif"))
 
-    stop = {"signal": None}
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    for sig in previous:  # finish the step, save, exit cleanly
-        signal.signal(sig, lambda s, _f: stop.update(signal=s))
+    stop, restore_signals = catch_stop_signals()
     deadline = time.perf_counter() + 60 * args.max_minutes if args.max_minutes is not None else None
     max_steps = args.max_steps or math.inf
     records = []
@@ -399,12 +394,9 @@ def main(argv=None):
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
             clips_since += batch * world
             bar.update(1)
+            # every step: a signal that reached one rank first, or one clock, stops all ranks together
             stop_now = stop["signal"] is not None or (deadline is not None and time.perf_counter() > deadline)
-            if world > 1:  # every step: a signal that reached one rank first, or one clock, stops all together
-                flag = torch.tensor([float(stop_now)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop_now = bool(flag.item())
-            done = stop_now or step >= max_steps
+            done = agree(stop_now, world, device) or step >= max_steps
             if step % args.log_every == 0 or done:
                 stats = torch.tensor([loss_sum, n_loss], device=device, dtype=torch.float64)
                 if world > 1:
@@ -445,8 +437,7 @@ def main(argv=None):
         if len(set(sums)) != 1:
             raise RuntimeError(f"ranks hold different weights after training: checksums {sums}")
         log(f"weights identical on all {world} ranks (checksum {sums[0]:.6f})")
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
+    restore_signals()
     if stop["signal"] is not None:
         log(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, continue with --resume")
     else:

@@ -248,7 +248,7 @@ def evaluate(args, device, amp):
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     ds = data.make_dataset(args.data, args.eval_split, args.data_root, num_frames=args.num_frames, size=args.size,
-                           num_images=0, flip=False, **({"with_flow": False} if args.data == "synthetic" else {}))
+                           num_images=0, flip=False, with_flow=False)
     tag = os.path.basename(os.path.normpath(args.data))
     torch.manual_seed(args.seed)  # the clips' random start frames
     loader = DataLoader(ds, args.batch_size, num_workers=args.workers)
@@ -270,6 +270,20 @@ def save_picture(x, recon, path, num=4):
     tmp = path + ".tmp.png"
     Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
     os.replace(tmp, path)
+
+
+def catch_stop_signals():
+    """SIGTERM / SIGINT set stop["signal"] instead of killing the run: the loop finishes its step, saves and
+    exits. Returns (stop, restore); restore() gives the previous handlers back."""
+    stop = {"signal": None}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda s, _f: stop.update(signal=s))
+
+    def restore():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return stop, restore
 
 
 def agree(flag, world, device):
@@ -333,8 +347,7 @@ def main(argv=None):
     if args.eval:
         return evaluate(args, device, amp) if rank == 0 else None
 
-    clip_kwargs = dict(num_frames=args.num_frames, size=args.size, num_images=0,
-                       **({"with_flow": False} if args.data == "synthetic" else {}))
+    clip_kwargs = dict(num_frames=args.num_frames, size=args.size, num_images=0, with_flow=False)
     train_set = data.make_dataset(args.data, "train", args.data_root, **clip_kwargs)
     val_set = data.make_dataset(args.data, "val", args.data_root, **{**clip_kwargs, "flip": False})
     model = build(args, device)
@@ -380,9 +393,7 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
 
-    stop = {"signal": None}
-    for sig in (signal.SIGTERM, signal.SIGINT):  # finish the step, save, exit cleanly
-        signal.signal(sig, lambda s, _f: stop.update(signal=s))
+    stop, restore_signals = catch_stop_signals()
 
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train_vae")
     t_last, clips_since = time.perf_counter(), 0
@@ -467,6 +478,7 @@ def main(argv=None):
         else:
             epoch, batch_in_epoch, pending_rng = epoch + 1, 0, None  # a new epoch starts from its own seed
     bar.close()
+    restore_signals()
     if stop["signal"] is not None:
         log(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, continue with --resume")
     elif rank == 0:
