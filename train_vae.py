@@ -16,7 +16,6 @@ reconstruction | error), and the latent scaling factor measured on training clip
 
 import argparse
 import json
-import math
 import os
 import random
 import signal
