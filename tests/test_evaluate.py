@@ -280,7 +280,7 @@ def test_source_takes_real_clips_at_the_stride_and_reads_sample_py_layout(tmp_pa
 
 class MeanPixel:
     """A stand-in feature network: per-clip mean of each frame (cheap, and a pure function of the clip)."""
-    ids = {"mean": "test"}
+    ids, device = {"mean": "test"}, torch.device("cpu")
 
     def __init__(self, fail_after=None):
         self.calls, self.fail_after = 0, fail_after
@@ -337,3 +337,30 @@ def test_cli_single_process_and_torchrun_give_the_same_features(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert rerun.stdout.count("from the cache") == 2
     assert json.load(open(tmp_path / "3.json"))["metrics"] == r1["metrics"]
+
+
+def test_an_unreadable_frame_is_named_replaced_and_counted(tmp_path, capsys):
+    for v in range(2):
+        write_counting_video(tmp_path / "real" / f"video{v}", 30)
+    for f in (tmp_path / "real" / "video1").iterdir():
+        f.write_bytes(b"not a png")                                     # video 1 is corrupt
+    src = evaluate.Source(str(tmp_path / "real"), frames=8, stride=1, size=16)
+    with pytest.raises(ValueError, match="unreadable frame .*video1"):
+        src.clip(1)                                                     # odd clips come from video 1
+    feats, _ = evaluate.extract(src, MeanPixel(), 10, 2, str(tmp_path / "cache"), 0, 1, 0)
+    assert "unreadable frame" in capsys.readouterr().err
+    assert int(feats["skipped"]) == 5 and len(feats["i3d"]) == 10     # every clip is there, the 5 bad ones replaced
+
+
+@need_i3d
+def test_data_root_applies_to_the_named_data_set_only(tmp_path):
+    write_counting_video(tmp_path / "kvasir" / "video0", 40, size=32)
+    write_counting_video(tmp_path / "gen" / "frames" / "000000", 16, size=32)
+    cmd = [sys.executable, "evaluate.py", "--real", "kvasir", "--data-root", str(tmp_path / "kvasir"),
+           "--fake", str(tmp_path / "gen"), "--num-clips", "2", "--size", "32", "--metrics", "fvd",
+           "--workers", "0", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "r.json")]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    names = sorted(os.listdir(tmp_path / "cache"))
+    assert len(names) == 2 and names[0].startswith("gen_") and names[1].startswith("kvasir"), names
