@@ -456,7 +456,10 @@ def main(argv=None):
     for side, spec, split, stride in [("real", args.real, args.real_split, args.real_stride),
                                       ("fake", args.fake, args.fake_split, args.fake_stride)]:
         root = args.data_root if spec in data.DATASETS else None           # --data-root names a data set's folder
-        source = Source(spec, split, args.frames, stride, args.size, args.seed, root)
+        try:
+            source = Source(spec, split, args.frames, stride, args.size, args.seed, root)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
         if rank == 0 and args.num_clips > source.distinct():
             print(f"note: {spec} has {source.distinct()} distinct clips; {args.num_clips} repeat some", file=sys.stderr)
         results[side], speeds[side] = extract(source, extractor, args.num_clips, args.batch_size, args.cache,
