@@ -191,6 +191,18 @@ def hflip(video, images=None, flow=None):
     return out
 
 
+def frame_folders(root):
+    """{video name: its sorted frame files} for the frame folders under root (unfinished .partial ones left out)."""
+    folders = {}
+    for name in sorted(os.listdir(root)):
+        d = os.path.join(root, name)
+        if os.path.isdir(d) and not name.endswith(".partial"):
+            frames = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS))
+            if frames:
+                folders[name] = frames
+    return folders
+
+
 class FrameFolderClips(Dataset):
     """Clips from prepared frame folders (root/<video>/%06d.jpg); split "train", "val" or "all" (every video)."""
 
@@ -199,13 +211,7 @@ class FrameFolderClips(Dataset):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data root {root} does not exist; prepare it with "
                                     f"`python data.py prepare --src RAW --dst {root}` or set --data-root")
-        folders = {}
-        for name in sorted(os.listdir(root)):
-            d = os.path.join(root, name)
-            if os.path.isdir(d) and not name.endswith(".partial"):
-                frames = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS))
-                if frames:
-                    folders[name] = frames
+        folders = frame_folders(root)
         if not folders:
             raise FileNotFoundError(f"no frame folders in {root}; expected {root}/<video>/000000.jpg ... "
                                     f"(run `python data.py prepare`)")

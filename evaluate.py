@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 import data
 import metric_nets
+from train_vae import setup_distributed
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,18 +119,17 @@ class Source:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{spec}: no such folder {root}; expected frame folders, video files, "
                                     f"sample.py's output, `synthetic` or a data set name ({', '.join(data.DATASETS)})")
-        videos, unreadable = [], []                                       # (name, kind, path, number of frames)
+        # (name, path, frame files or None for a video file, number of frames)
+        videos = [(name, os.path.join(root, name), files, len(files)) for name, files in data.frame_folders(root).items()]
+        unreadable = []
         for name in sorted(os.listdir(root)):
             path = os.path.join(root, name)
-            if os.path.isdir(path) and not name.endswith(".partial"):
-                n = sum(f.lower().endswith(data.IMAGE_EXTS) for f in os.listdir(path))
-                if n:
-                    videos.append((name, "frames", path, n))
-            elif name.lower().endswith(data.VIDEO_EXTS):
+            if name.lower().endswith(data.VIDEO_EXTS) and os.path.isfile(path):
                 try:
-                    videos.append((os.path.splitext(name)[0], "video", path, count_video_frames(path)))
+                    videos.append((os.path.splitext(name)[0], path, None, count_video_frames(path)))
                 except ValueError as e:
                     unreadable.append(str(e))
+        videos.sort(key=lambda v: v[1])                                   # folders and files in directory order
         if unreadable:
             print(f"warning: {len(unreadable)} unreadable videos skipped, e.g. {unreadable[0]}", file=sys.stderr)
         if not videos:
@@ -147,7 +147,7 @@ class Source:
                              f"{stride}); lower --frames or the stride")
         self.root, self.synthetic = root, None
         total = sum(v[3] for v in self.videos)
-        newest = max(os.path.getmtime(v[2]) for v in self.videos)
+        newest = max(os.path.getmtime(v[1]) for v in self.videos)
         self.signature = f"{os.path.abspath(root)}:{split}:{len(self.videos)}:{total}:{newest:.0f}"
 
     def distinct(self):
@@ -162,10 +162,10 @@ class Source:
             ds.set_epoch(i // len(ds))                                    # another start in the scene per pass
             video = ds[i % len(ds)]["video"][:self.frames]                # (F, 3, H, W) in [-1, 1]
             return ((video.movedim(1, -1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        name, kind, path, n = self.videos[i % len(self.videos)]
+        name, path, files, n = self.videos[i % len(self.videos)]
         start = int(np.random.default_rng([self.seed, i]).integers(0, n - self.span + 1))
         indices = list(range(start, start + self.span, self.stride))
-        frames = read_frames(kind, path, indices)
+        frames = read_frames(path, files, indices)
         return np.stack([np.asarray(f if f.size == (self.size, self.size) else
                                     data.resize_center_crop(f, self.size)) for f in frames])
 
@@ -184,10 +184,9 @@ def count_video_frames(path):
         raise ValueError(f"unreadable video {path}: {e}") from None
 
 
-def read_frames(kind, path, indices):
-    """PIL RGB frames at `indices` (sorted) of a frame folder or a video file."""
-    if kind == "frames":
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(data.IMAGE_EXTS))
+def read_frames(path, files, indices):
+    """PIL RGB frames at `indices` (sorted) of a frame folder (its sorted `files`) or a video file (files None)."""
+    if files is not None:
         out = []
         for i in indices:
             try:
@@ -441,15 +440,9 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        # full fp32: TF32 would move the features by ~1e-3 and the metrics with them
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    rank, world = 0, 1
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world, device = setup_distributed()
+    # full fp32: TF32 would move the features by ~1e-3 and the metrics with them
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
     extractor = Extractor(metrics, device, args.i3d, args.inception, args.videomae, args.clip, args.frames)
     results, speeds = {}, {}

@@ -23,11 +23,13 @@ import math
 import os
 import pickle
 import zipfile
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import vae
 
 # ---------------------------------------------------------------------------------------------------------
 # I3D
@@ -352,7 +354,7 @@ def load_inception(path):
         return inception_from_fid_helper(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model = InceptionV3(classifier="fc.weight" in state)
-    load_strict(model, state, path, optional=("num_batches_tracked",))
+    load_strict(model, state, path, may_miss=lambda key: key.endswith("num_batches_tracked"))
     return model
 
 
@@ -456,21 +458,14 @@ def resize_short_center(x, size, mode):
     return x[..., top:top + size, left:left + size]
 
 
+def load_strict(model, state, source, may_miss=lambda key: False):
+    """vae.py's strict loader; here no key may be missing unless `may_miss` says so."""
+    vae.load_state_dict_strict(model, state, source, may_miss)
+
+
 def is_torchscript(path):
     """TorchScript archives are zip files with a constants.pkl (torch.save files have none)."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
         return any(n.endswith("constants.pkl") for n in z.namelist())
-
-
-def load_strict(model, state, source, optional=()):
-    """Load a state dict whose keys must be exactly the model's (a key ending in one of `optional` may be
-    absent); otherwise an error listing the differences."""
-    expected, found = set(model.state_dict()), set(state)
-    missing = sorted(k for k in expected - found if not k.endswith(optional))
-    unexpected = sorted(found - expected)
-    if missing or unexpected:
-        raise KeyError(f"{source} does not match {type(model).__name__}: {len(missing)} missing keys "
-                       f"{missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}")
-    model.load_state_dict(state, strict=False)  # the check above is the strict one

@@ -154,11 +154,11 @@ class LPIPS(nn.Module):
 def setup_distributed():
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    if torch.cuda.is_available():  # the GPU first, so NCCL binds each process to its own device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         return rank, world, torch.device("cuda", torch.cuda.current_device())
     return rank, world, torch.device("cpu")
 

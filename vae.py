@@ -376,11 +376,12 @@ def is_freq_comp(name):
     return ".freq_comp." in name
 
 
-def load_state_dict_strict(model, state, source="state dict"):
-    """Every key of the model must be in `state` and nothing else, except the frequency-compensation modules,
-    which a published CogVideoX checkpoint does not have (they keep their zero-output start then)."""
+def load_state_dict_strict(model, state, source="state dict", may_miss=is_freq_comp):
+    """Every key of the model must be in `state` and nothing else, except keys for which may_miss(key) is
+    true: by default the frequency-compensation modules, which a published CogVideoX checkpoint does not
+    have (they keep their zero-output start then)."""
     expected, found = set(model.state_dict()), set(state)
-    missing = sorted(k for k in expected - found if not is_freq_comp(k))
+    missing = sorted(k for k in expected - found if not may_miss(k))
     unexpected = sorted(found - expected)
     if missing or unexpected:
         raise KeyError(f"{source} does not match the model: {len(missing)} missing keys {missing[:10]}, "
