@@ -67,8 +67,8 @@ MODELS = {
     "S": dict(depth=6),
     "B": dict(depth=12),
     "L": dict(depth=24),
-    # small enough to train on a CPU in minutes; same structure
-    "tiny": dict(depth=2, width=64, num_heads=4, window_size=4, d_state=16, headdim=16, chunk_size=64),
+    # small enough to train on a CPU in minutes; same structure. Width 128, not 64: see check_width.
+    "tiny": dict(depth=2, width=128, num_heads=4, window_size=4, d_state=16, headdim=32, chunk_size=64),
 }
 PAPER_PARAMS = {"S": 43.76e6, "B": 86.47e6, "L": 171.89e6}  # Table 1
 
@@ -77,6 +77,23 @@ def make_config(name, **overrides):
     if name not in MODELS:
         raise ValueError(f"unknown model size {name!r}; expected one of {sorted(MODELS)}")
     return DiTConfig(**{**MODELS[name], **overrides})
+
+
+def check_width(cfg):
+    """Refuse a width that cannot represent one output patch.
+
+    The final layer normalises each token without a learned affine (DiT's FinalLayer), which removes the
+    token's own mean and scale: 2 of its D degrees of freedom. The linear read-out then maps the remaining
+    D - 2 to the p * p * C values of a patch. Near t = T the right answer is almost the input itself, so with
+    D - 2 < p * p * C the epsilon error has a floor, and DDIM's x_0 = (z_t - sqrt(1 - abar) eps) / sqrt(abar)
+    multiplies it by up to ~160: the samples leave the latent range (a width-64 model with 2 x 2 x 16 patches
+    sampled latents of std ~25 against the data's 1).
+    """
+    patch = cfg.patch_size ** 2 * cfg.in_channels
+    if cfg.width < patch + 2:
+        raise ValueError(f"width {cfg.width} cannot represent a {cfg.patch_size}x{cfg.patch_size}x{cfg.in_channels} "
+                         f"patch ({patch} values) after the final per-token norm: use width >= {patch + 2} "
+                         f"(e.g. {2 * patch})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,6 +243,7 @@ class MedSora(nn.Module):
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
+        check_width(cfg)
         self.cfg = cfg
         D, p = cfg.width, cfg.patch_size
         self.patch_embed = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)

@@ -32,9 +32,10 @@ from diffusion import Diffusion
 
 @torch.no_grad()
 def generate(model, vae, indices, f, steps=250, seed=0, eta=0.0, device="cpu", amp=False, size=128,
-             progress=False, clip_x0=None):
-    """The videos numbered `indices`: (B, 3, F, H, W) in [-1, 1] on the CPU. Video i starts from noise seeded
-    by (seed, i) only; with eta > 0 the later noise depends on the batch's first index too."""
+             progress=False, clip_x0=None, return_latents=False):
+    """The videos numbered `indices`: (B, 3, F, H, W) in [-1, 1] on the CPU (and the sampled latents
+    (B, f, C, h, w) with return_latents). Video i starts from noise seeded by (seed, i) only; with eta > 0
+    the later noise depends on the batch's first index too."""
     C, h, w = model.cfg.in_channels, size // 8, size // 8
     noise = torch.stack([torch.randn(f, C, h, w, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
                          for i in indices])  # (B, f, C, h, w)
@@ -47,8 +48,57 @@ def generate(model, vae, indices, f, steps=250, seed=0, eta=0.0, device="cpu", a
     z = Diffusion().ddim_sample(eps, noise.shape, steps=steps, eta=eta, generator=gen, device=device,
                                 progress=progress, noise=noise, clip_x0=clip_x0, num_frames=f)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-        video = vae.decode(z.transpose(1, 2), scaled=True)  # (B, 3, F, H, W)
-    return video.float().clamp(-1, 1).cpu()
+        # the decoder's activations are large: 16 videos at a time
+        video = torch.cat([vae.decode(part.transpose(1, 2), scaled=True).float().clamp(-1, 1).cpu()
+                           for part in z.split(16)])  # (B, 3, F, H, W)
+    return (video, z.float().cpu()) if return_latents else video
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Is it in range? Latent and pixel statistics of samples beside the data's
+# ---------------------------------------------------------------------------------------------------------
+
+def latent_stats(z):
+    """Per-channel mean and std, the largest |value| and the 99.99th percentile of |z|, of latents
+    (N, f, C, h, w) at unit scale (the diffusion model's space)."""
+    z = z.float()
+    per_channel = z.transpose(0, 2).flatten(1)  # (C, everything else)
+    a = z.abs().flatten()
+    a = a[torch.randperm(len(a), generator=torch.Generator().manual_seed(0))[:1_000_000]]  # quantile's size limit
+    return {"mean": per_channel.mean(1).tolist(), "std": per_channel.std(1).tolist(),
+            "absmax": float(z.abs().max()), "q9999": float(a.quantile(0.9999))}
+
+
+def saturated_fraction(videos):
+    """Fraction of pixels with a channel at 0 or 255 once written as 8-bit: (N, 3, F, H, W) in [-1, 1]."""
+    u = ((videos + 1) * 127.5).round().clamp(0, 255)
+    return float(((u == 0) | (u == 255)).any(dim=1).float().mean())
+
+
+def report(gen_z, gen_saturated, data_stats, data_saturated=None):
+    """Lines comparing samples with the data: per-channel latent mean and std, outliers, saturated pixels."""
+    g = latent_stats(gen_z)
+    lines = []
+    if data_stats is not None:
+        dm, ds = torch.tensor(data_stats["mean"]), torch.tensor(data_stats["std"])
+        gm, gs = torch.tensor(g["mean"]), torch.tensor(g["std"])
+        ratio = gs / ds
+        outliers = float((gen_z.abs() > data_stats["absmax"]).float().mean())
+        lines += [f"latents, per channel: |mean - data mean| max {float((gm - dm).abs().max()):.3f} "
+                  f"(data means {float(dm.min()):+.2f}..{float(dm.max()):+.2f}); std / data std "
+                  f"{float(ratio.min()):.2f}..{float(ratio.max()):.2f} (data std {float(ds.min()):.2f}.."
+                  f"{float(ds.max()):.2f})",
+                  f"latents: max |z| {g['absmax']:.2f} (data {data_stats['absmax']:.2f}), 99.99th percentile "
+                  f"{g['q9999']:.2f} (data {data_stats['q9999']:.2f}); {100 * outliers:.3f} % of values beyond "
+                  f"the data's max"]
+    else:
+        lines.append(f"latents: std {float(gen_z.std()):.3f}, max |z| {g['absmax']:.2f} (no data statistics "
+                     f"in the checkpoint)")
+    sat = f"saturated pixels (a channel at 0 or 255): {100 * gen_saturated:.2f} %"
+    if data_saturated is not None:
+        sat += f" (training clips: {100 * data_saturated:.2f} %)"
+    lines.append(sat)
+    return lines
 
 
 def to_uint8(video):
@@ -158,10 +208,13 @@ def main(argv=None):
               f"{'raw' if args.no_ema else 'EMA'} weights), DDIM {args.steps} steps, {world} process(es) -> {out}")
     mine = list(range(rank, args.num_videos, world))
     mp4 = True
+    latents, saturated = [], []
     for i in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="sample"):
         idx = mine[i:i + args.batch_size]
-        videos = generate(model, vae, idx, f, args.steps, args.seed, args.eta, device, amp, size,
-                          clip_x0=args.clip_x0)
+        videos, z = generate(model, vae, idx, f, args.steps, args.seed, args.eta, device, amp, size,
+                             clip_x0=args.clip_x0, return_latents=True)
+        latents.append(z)
+        saturated.append(saturated_fraction(videos) * len(idx))
         for j, video in zip(idx, videos):
             save_frames(video, os.path.join(out, "frames", f"{j:06d}"))
             save_gif(video, os.path.join(out, "gif", f"{j:06d}.gif"), args.fps)
@@ -173,6 +226,10 @@ def main(argv=None):
         save_grid(shown, os.path.join(out, "grid.png"))
         print(f"wrote {args.num_videos} videos to {out}: frames/, gif/, " + ("mp4/, " if mp4 else "") + "grid.png"
               + ("" if mp4 else " (no MP4: PyAV is not installed)"))
+        # the numbers that tell samples in range from noise; under torchrun, of rank 0's share
+        for line in report(torch.cat(latents), sum(saturated) / len(mine), ckpt.get("latent_stats"),
+                           ckpt.get("data_saturated")):
+            print(line)
     if world > 1:
         dist.destroy_process_group()
 

@@ -134,6 +134,17 @@ def load_cache(folder, meta):
     return {k: torch.cat([s[k] for s in shards])[order] for k in CachedLatents.KEYS}
 
 
+def data_statistics(vae, clips, device, amp, scale, n=16):
+    """What samples are compared with (sample.py's report): per-channel statistics of the video latents of
+    the first n training clips (posterior samples at unit scale), and their fraction of saturated pixels."""
+    batch = next(iter(DataLoader(torch.utils.data.Subset(clips, range(min(n, len(clips)))), batch_size=n)))
+    moments = encode_batch(vae, batch, device, amp)
+    gen = torch.Generator(device).manual_seed(0)  # does not move the global RNG
+    noise = torch.randn(moments["video_mean"].shape, generator=gen, device=device)
+    z = (moments["video_mean"] + torch.exp(0.5 * moments["video_logvar"]) * noise) * scale
+    return sample.latent_stats(z.cpu()), sample.saturated_fraction(batch["video"].transpose(1, 2))
+
+
 def cache_key(args, vae_path):
     """What the cached latents depend on: the VAE file and the data options."""
     stat = os.stat(vae_path if os.path.isfile(vae_path) else os.path.join(vae_path, "config.json"))
@@ -274,6 +285,11 @@ def main(argv=None):
         if args.max_clips:
             train_set = torch.utils.data.Subset(train_set, range(min(args.max_clips, len(train_set))))
     f = (args.num_frames) // vae.cfg.temporal_compression_ratio + 1  # latent frames of a 8k + 1 frame clip
+    data_stats, data_saturated = None, None  # what sample.py compares its samples with; rank 0 saves them
+    if ckpt is not None and "latent_stats" in ckpt:
+        data_stats, data_saturated = ckpt["latent_stats"], ckpt["data_saturated"]
+    elif rank == 0:
+        data_stats, data_saturated = data_statistics(vae, clips, device, amp, scale)
 
     # the model, its EMA copy, the optimiser
     cfg = dit.make_config(args.model, in_channels=vae.cfg.latent_channels)
@@ -316,7 +332,8 @@ def main(argv=None):
                          "step": step, "epoch": epoch, "samples_in_epoch": batch_in_epoch * batch * world,
                          "skipped": skipped, "updates": updates, "rng": states, "world": world,
                          "config": asdict(cfg), "vae_path": os.path.abspath(args.vae),
-                         "vae_config": asdict(vae.cfg), "latent_frames": f, "args": vars(args)}, ckpt_path)
+                         "vae_config": asdict(vae.cfg), "latent_frames": f, "args": vars(args),
+                         "latent_stats": data_stats, "data_saturated": data_saturated}, ckpt_path)
         if world > 1:
             dist.barrier()
 

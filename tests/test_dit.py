@@ -67,7 +67,7 @@ def test_temporal_direction_flag():
     for bidirectional, expect_change in [(True, True), (False, False)]:
         torch.manual_seed(0)
         block = dit.TemporalMamba(dit.make_config("tiny", temporal_bidirectional=bidirectional))
-        x = torch.randn(1, 5, 6, 64)
+        x = torch.randn(1, 5, 6, block.mamba.in_proj.in_features)
         y = x.clone()
         y[:, -1] += 1
         changed = (block(x) - block(y))[:, 0].abs().max() > 0
