@@ -1,0 +1,232 @@
+"""
+A learning curve on one GPU: FVD and FID of MedSora checkpoints against the validation split, as training goes.
+
+    python curve.py --out runs/curve --model S --points 2 5 9 13 16        # minutes of MedSora training
+
+Stages, each skipped when its result is already there, so that a curve split over several calls
+(`--budget-minutes`) continues where the last one stopped:
+    1. the VAE: `train_vae.py` for --vae-minutes (a tiny VAE from scratch on the synthetic data);
+    2. two floors, measured the same way as the checkpoints:
+       - train vs val: real training clips against the validation clips (what a perfect model would score);
+       - reconstruction vs val: training clips through the VAE (what the VAE alone allows the model);
+    3. MedSora: `train.py --resume` in segments that end at each point; every checkpoint is copied to
+       OUT/ckpts/minNN.pt and, while the next segment trains, sampled (`sample.py`, DDIM --steps) and
+       evaluated (`evaluate.py`) in the background;
+    4. OUT/curve.json and OUT/curve.png: FVD and FID against training minutes, with the floors.
+
+The recipe is the short-budget one (README, "Training on a budget"): lr 1e-3 and batch 16 throughout.
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+import data
+import sample
+import vae as vae_lib
+
+
+def run(cmd, log):
+    """Run a script of this project, its output appended to `log`; an error names the command and the log."""
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        code = subprocess.call([sys.executable, *cmd], stdout=f, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd[:1])} failed with exit status {code}; see {log}")
+
+
+def evaluated(path, metrics):
+    """The metrics of an evaluate.py JSON, or None when it is missing or lacks one of `metrics`."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        got = json.load(f)["metrics"]
+    got = {k.lower(): v for k, v in got.items()}  # evaluate.py names them FVD, FID, ...
+    return got if all(isinstance(got.get(m), float) for m in metrics) else None
+
+
+@torch.no_grad()
+def write_reconstructions(vae_path, out, n, size, num_frames, device, batch_size=16):
+    """Training clips 0..n-1 through the VAE (encode, posterior mean, decode) as frame folders under out."""
+    vae = vae_lib.load(vae_path).to(device).eval()
+    clips = data.make_dataset("synthetic", "train", num_frames=num_frames, size=size, num_images=0, flip=False,
+                              with_flow=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(clips, range(n)), batch_size, num_workers=8)
+    amp = device.type == "cuda"
+    i = 0
+    for batch in tqdm(loader, desc="reconstructions"):
+        x = batch["video"].to(device).transpose(1, 2)  # (B, 3, F, H, W)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            mean, _ = vae.encode_moments(x)
+            video = vae.decode(mean)
+        for v in video.float().clamp(-1, 1).cpu():
+            sample.save_frames(v, os.path.join(out, "frames", f"{i:06d}"))
+            i += 1
+
+
+def evaluate(fake, out, args, fake_stride=1, fake_split="all"):
+    cmd = ["evaluate.py", "--real", "synthetic", "--real-split", "val", "--fake", fake, "--fake-split", fake_split,
+           "--fake-stride", str(fake_stride), "--num-clips", str(args.clips), "--metrics", args.metrics,
+           "--cache", os.path.join(args.out, "eval_cache"), "--out", out, "--batch-size", "32",
+           "--workers", str(args.workers)]
+    for flag in ("i3d", "inception"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", getattr(args, flag)]
+    run(cmd, os.path.join(args.out, "eval.log"))
+
+
+def plot(points, floors, path, width=720, height=400):
+    """FVD (left) and FID (right) against minutes of training, floors dashed; drawn with PIL."""
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    for k, metric in enumerate(("fvd", "fid")):
+        left, right, top, bottom = 60 + k * width // 2, (k + 1) * width // 2 - 15, 30, height - 40
+        xs = [p["minutes"] for p in points if metric in p]
+        ys = [p[metric] for p in points if metric in p]
+        fl = {name: v[metric] for name, v in floors.items() if metric in v}
+        if not ys:
+            continue
+        hi, lo = max(ys + list(fl.values())) * 1.1, 0.0
+        x_hi = max(xs) * 1.05
+        xy = lambda x, y: (left + x / x_hi * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top))  # noqa
+        d.rectangle([left, top, right, bottom], outline="black")
+        for (name, v), colour in zip(fl.items(), [(0, 150, 0), (200, 120, 0)]):
+            y = xy(0, v)[1]
+            for x0 in range(left, right, 12):
+                d.line([(x0, y), (min(x0 + 6, right), y)], fill=colour, width=2)
+            d.text((left + 4, y - 13), f"{name} {v:.0f}", fill=colour)
+        d.line([xy(x, y) for x, y in zip(xs, ys)], fill=(30, 80, 200), width=2)
+        for x, y in zip(xs, ys):
+            cx, cy = xy(x, y)
+            d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(30, 80, 200))
+            d.text((cx + 4, cy - 14), f"{y:.0f}", fill=(30, 80, 200))
+        d.text((left, 8), f"{metric.upper()} vs minutes of MedSora training", fill="black")
+        d.text((left, bottom + 8), "0", fill="black")
+        d.text((right - 30, bottom + 8), f"{max(xs):g} min", fill="black")
+        d.text((left - 50, top), f"{hi:.0f}", fill="black")
+    img.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/curve")
+    p.add_argument("--model", default="S")
+    p.add_argument("--points", type=float, nargs="+", default=[2, 5, 9, 13, 16],
+                   help="minutes of MedSora training at which a checkpoint is evaluated")
+    p.add_argument("--vae-minutes", type=float, default=2.5)
+    p.add_argument("--clips", type=int, default=512, help="clips per side of every FVD / FID")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the evaluated samples")
+    p.add_argument("--metrics", default="fvd,fid")
+    p.add_argument("--i3d", default=None)
+    p.add_argument("--inception", default=None)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="start no training segment that would end later than this; finish the evaluations")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    os.makedirs(os.path.join(args.out, "ckpts"), exist_ok=True)
+    log = os.path.join(args.out, "train.log")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = args.metrics.split(",")
+    vae_ckpt = os.path.join(args.out, "vae", "ckpt.pt")
+    if not os.path.exists(vae_ckpt):
+        print(f"training the VAE for {args.vae_minutes} min", flush=True)
+        run(["train_vae.py", "--model", "tiny", "--out", os.path.join(args.out, "vae"), "--batch-size", "8",
+             "--steps", "100000", "--max-minutes", str(args.vae_minutes), "--workers", str(args.workers)], log)
+
+    # evaluations run one after another in a background thread, beside the training
+    jobs, failures = [], []
+
+    def worker():
+        while jobs:
+            try:
+                jobs[0]()
+            except Exception as e:  # reported at the end; the curve goes on
+                failures.append(str(e))
+            jobs.pop(0)
+    thread = None
+
+    def submit(job):
+        nonlocal thread
+        jobs.append(job)
+        if thread is None or not thread.is_alive():
+            thread = threading.Thread(target=worker)
+            thread.start()
+
+    floor_files = {"train vs val": os.path.join(args.out, "floor_train.json"),
+                   "reconstruction vs val": os.path.join(args.out, "floor_recon.json")}
+    if evaluated(floor_files["train vs val"], metrics) is None:
+        submit(lambda: evaluate("synthetic", floor_files["train vs val"], args, fake_stride=3, fake_split="train"))
+    if evaluated(floor_files["reconstruction vs val"], metrics) is None:
+        recon = os.path.join(args.out, "recon")
+
+        def recon_floor():
+            if len(glob.glob(os.path.join(recon, "frames", "*", ""))) < args.clips:
+                write_reconstructions(vae_ckpt, recon, args.clips, 128, 16, device)
+            evaluate(recon, floor_files["reconstruction vs val"], args)
+        submit(recon_floor)
+
+    trained = 0.0
+    for point in args.points:
+        name = f"min{point:g}"
+        ckpt = os.path.join(args.out, "ckpts", f"{name}.pt")
+        if not os.path.exists(ckpt):
+            elapsed = (time.perf_counter() - start) / 60
+            if args.budget_minutes is not None and elapsed + (point - trained) + 0.5 > args.budget_minutes:
+                print(f"budget: stopping before the segment to {point:g} min", flush=True)
+                break
+            resume = ["--resume"] if os.path.exists(os.path.join(args.out, "medsora", "ckpt.pt")) else []
+            print(f"training MedSora-{args.model} from {trained:g} to {point:g} min", flush=True)
+            run(["train.py", "--model", args.model, "--vae", vae_ckpt, "--out", os.path.join(args.out, "medsora"),
+                 "--lr", "1e-3", "1e-3", "--batch-size", "16", "16", "--max-minutes", str(point - trained),
+                 "--sample-every", "0", "--workers", str(args.workers), *resume], log)
+            shutil.copy(os.path.join(args.out, "medsora", "ckpt.pt"), ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+        trained = point
+        result = os.path.join(args.out, f"eval_{name}.json")
+        if evaluated(result, metrics) is None:
+            gen = os.path.join(args.out, "generated", name)
+
+            def job(ckpt=ckpt, gen=gen, result=result):
+                if len(glob.glob(os.path.join(gen, "frames", "*", ""))) < args.clips:
+                    run(["sample.py", "--ckpt", ckpt, "--num-videos", str(args.clips), "--steps", str(args.steps),
+                         "--batch-size", "128", "--out", gen], os.path.join(args.out, "sample.log"))
+                evaluate(gen, result, args)
+            submit(job)
+    if thread is not None:
+        thread.join()
+
+    points = []
+    for point in args.points:
+        got = evaluated(os.path.join(args.out, f"eval_min{point:g}.json"), [])
+        if got:
+            points.append({"minutes": point, **{m: got[m] for m in metrics if isinstance(got.get(m), float)}})
+    floors = {k: evaluated(v, []) or {} for k, v in floor_files.items()}
+    floors = {k: {m: v[m] for m in metrics if isinstance(v.get(m), float)} for k, v in floors.items()}
+    with open(os.path.join(args.out, "curve.json"), "w") as f:
+        json.dump({"points": points, "floors": floors, "steps": args.steps, "clips": args.clips,
+                   "model": args.model}, f, indent=1)
+    plot(points, floors, os.path.join(args.out, "curve.png"))
+    for row in points:
+        print("  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    for k, v in floors.items():
+        print(f"floor {k}: " + "  ".join(f"{m} {x:.1f}" for m, x in v.items()))
+    if failures:
+        sys.exit("failed: " + "; ".join(failures))
+
+
+if __name__ == "__main__":
+    main()
