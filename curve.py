@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
@@ -70,7 +69,7 @@ def write_reconstructions(vae_path, out, n, size, num_frames, device, batch_size
         x = batch["video"].to(device).transpose(1, 2)  # (B, 3, F, H, W)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             mean, _ = vae.encode_moments(x)
-            video = vae.decode(mean)
+            video = vae.decode(mean, scaled=False)  # the posterior mean is not scaled to unit std
         for v in video.float().clamp(-1, 1).cpu():
             sample.save_frames(v, os.path.join(out, "frames", f"{i:06d}"))
             i += 1
