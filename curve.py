@@ -1,7 +1,8 @@
 """
-A learning curve on one GPU: FVD and FID of MedSora checkpoints against the validation split, as training goes.
+Learning curves on one GPU: FVD and FID of MedSora checkpoints against the validation split, as training goes,
+for one or more training recipes trained side by side on the same GPU.
 
-    python curve.py --out runs/curve --model S --points 2 5 9 13 16        # minutes of MedSora training
+    python curve.py --out runs/curve --model S --points 3 6 10 15 --recipes short paper   # minutes of training
 
 Stages, each skipped when its result is already there, so that a curve split over several calls
 (`--budget-minutes`) continues where the last one stopped:
@@ -9,12 +10,13 @@ Stages, each skipped when its result is already there, so that a curve split ove
     2. two floors, measured the same way as the checkpoints:
        - train vs val: real training clips against the validation clips (what a perfect model would score);
        - reconstruction vs val: training clips through the VAE (what the VAE alone allows the model);
-    3. MedSora: `train.py --resume` in segments that end at each point; every checkpoint is copied to
-       OUT/ckpts/minNN.pt and, while the next segment trains, sampled (`sample.py`, DDIM --steps) and
-       evaluated (`evaluate.py`) in the background;
-    4. OUT/curve.json and OUT/curve.png: FVD and FID against training minutes, with the floors.
+    3. MedSora: one `train.py --resume` process per recipe, all at once, in segments that end at each point;
+       every checkpoint is copied to OUT/RECIPE/ckpts/minNN.pt and, while the next segment trains, sampled
+       (`sample.py`, DDIM --steps) and evaluated (`evaluate.py`) in the background;
+    4. OUT/curve.json and OUT/curve.png: FVD and FID against training minutes, one line per recipe, with the floors.
 
-The recipe is the short-budget one (README, "Training on a budget"): lr 1e-3 and batch 16 throughout.
+The recipes (README, "Training on a budget"): `paper` is train.py's defaults (Sec. 4.1), the others keep lr 1e-3.
+Recipes that share the GPU slow each other a little: curve.json keeps each one's steps and clips/s.
 """
 
 import argparse
@@ -36,14 +38,33 @@ import sample
 import vae as vae_lib
 
 
-def run(cmd, log):
-    """Run a script of this project, its output appended to `log`; an error names the command and the log."""
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        code = subprocess.call([sys.executable, *cmd], stdout=f, stderr=subprocess.STDOUT)
+RECIPES = {  # train.py flags of each recipe
+    "paper": [],  # the defaults: lr 1e-3 and batch 16 for 2 epochs, then lr 1e-4 and batch 2
+    "short": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16"],
+    "short-b64": ["--lr", "1e-3", "1e-3", "--batch-size", "64", "64"],
+}
+
+
+def start(cmd, log):
+    """Start a script of this project, its output appended to `log`."""
+    f = open(log, "a")
+    f.write(f"\n$ {' '.join(cmd)}\n")
+    f.flush()
+    proc = subprocess.Popen([sys.executable, *cmd], stdout=f, stderr=subprocess.STDOUT)
+    proc.log, proc.cmd = f, cmd
+    return proc
+
+
+def finish(proc):
+    """Wait for a started script; an error names the command and its log."""
+    code = proc.wait()
+    proc.log.close()
     if code != 0:
-        raise RuntimeError(f"{' '.join(cmd[:1])} failed with exit status {code}; see {log}")
+        raise RuntimeError(f"{proc.cmd[0]} failed with exit status {code}; see {proc.log.name}")
+
+
+def run(cmd, log):
+    finish(start(cmd, log))
 
 
 def evaluated(path, metrics):
@@ -56,13 +77,25 @@ def evaluated(path, metrics):
     return got if all(isinstance(got.get(m), float) for m in metrics) else None
 
 
+def last_record(run_dir):
+    """The last step record of a train.py run's log.jsonl (step, clips/s, peak memory), or {}."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    records = [r for r in records if "loss" in r]
+    return records[-1] if records else {}
+
+
 @torch.no_grad()
-def write_reconstructions(vae_path, out, n, size, num_frames, device, batch_size=16):
+def write_reconstructions(vae_path, out, n, size, num_frames, device, batch_size=16, workers=8):
     """Training clips 0..n-1 through the VAE (encode, posterior mean, decode) as frame folders under out."""
     vae = vae_lib.load(vae_path).to(device).eval()
     clips = data.make_dataset("synthetic", "train", num_frames=num_frames, size=size, num_images=0, flip=False,
                               with_flow=False)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(clips, range(n)), batch_size, num_workers=8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(clips, range(n)), batch_size,
+                                         num_workers=workers)
     amp = device.type == "cuda"
     i = 0
     for batch in tqdm(loader, desc="reconstructions"):
@@ -86,34 +119,43 @@ def evaluate(fake, out, args, fake_stride=1, fake_split="all"):
     run(cmd, os.path.join(args.out, "eval.log"))
 
 
-def plot(points, floors, path, width=720, height=400):
-    """FVD (left) and FID (right) against minutes of training, floors dashed; drawn with PIL."""
+COLOURS = [(30, 80, 200), (200, 40, 40), (120, 40, 160), (0, 130, 130)]
+
+
+def plot(curves, floors, path, width=720, height=400):
+    """FVD (left) and FID (right) against minutes of training, one line per recipe, floors dashed; drawn with PIL.
+    curves: {recipe: [{"minutes": m, "fvd": x, ...}, ...]}."""
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     for k, metric in enumerate(("fvd", "fid")):
         left, right, top, bottom = 60 + k * width // 2, (k + 1) * width // 2 - 15, 30, height - 40
-        xs = [p["minutes"] for p in points if metric in p]
-        ys = [p[metric] for p in points if metric in p]
+        lines = {name: [(p["minutes"], p[metric]) for p in points if metric in p] for name, points in curves.items()}
+        lines = {name: xy for name, xy in lines.items() if xy}
         fl = {name: v[metric] for name, v in floors.items() if metric in v}
-        if not ys:
+        if not lines:
             continue
+        ys = [y for xy in lines.values() for _, y in xy]
         hi, lo = max(ys + list(fl.values())) * 1.1, 0.0
-        x_hi = max(xs) * 1.05
-        xy = lambda x, y: (left + x / x_hi * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top))  # noqa
+        x_hi = max(x for xy in lines.values() for x, _ in xy) * 1.05
+        to_px = lambda x, y: (left + x / x_hi * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top))  # noqa
         d.rectangle([left, top, right, bottom], outline="black")
         for (name, v), colour in zip(fl.items(), [(0, 150, 0), (200, 120, 0)]):
-            y = xy(0, v)[1]
+            y = to_px(0, v)[1]
             for x0 in range(left, right, 12):
                 d.line([(x0, y), (min(x0 + 6, right), y)], fill=colour, width=2)
             d.text((left + 4, y - 13), f"{name} {v:.0f}", fill=colour)
-        d.line([xy(x, y) for x, y in zip(xs, ys)], fill=(30, 80, 200), width=2)
-        for x, y in zip(xs, ys):
-            cx, cy = xy(x, y)
-            d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=(30, 80, 200))
-            d.text((cx + 4, cy - 14), f"{y:.0f}", fill=(30, 80, 200))
+        for j, ((name, xy), colour) in enumerate(zip(lines.items(), COLOURS)):
+            d.line([to_px(x, y) for x, y in xy], fill=colour, width=2)
+            for x, y in xy:
+                cx, cy = to_px(x, y)
+                d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+            cx, cy = to_px(*xy[-1])
+            d.text((cx - 40, cy - 14), f"{xy[-1][1]:.0f}", fill=colour)
+            if len(lines) > 1:
+                d.text((right - 90, top + 6 + 14 * j), name, fill=colour)
         d.text((left, 8), f"{metric.upper()} vs minutes of MedSora training", fill="black")
         d.text((left, bottom + 8), "0", fill="black")
-        d.text((right - 30, bottom + 8), f"{max(xs):g} min", fill="black")
+        d.text((right - 40, bottom + 8), f"{x_hi / 1.05:g} min", fill="black")
         d.text((left - 50, top), f"{hi:.0f}", fill="black")
     img.save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
@@ -123,7 +165,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/curve")
     p.add_argument("--model", default="S")
-    p.add_argument("--points", type=float, nargs="+", default=[2, 5, 9, 13, 16],
+    p.add_argument("--recipes", nargs="+", default=["short"], choices=sorted(RECIPES),
+                   help="recipes trained side by side, each its own train.py process on the same GPU")
+    p.add_argument("--points", type=float, nargs="+", default=[3, 6, 10, 15],
                    help="minutes of MedSora training at which a checkpoint is evaluated")
     p.add_argument("--vae-minutes", type=float, default=2.5)
     p.add_argument("--clips", type=int, default=512, help="clips per side of every FVD / FID")
@@ -135,16 +179,16 @@ def main(argv=None):
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="start no training segment that would end later than this; finish the evaluations")
     args = p.parse_args(argv)
-    start = time.perf_counter()
-    os.makedirs(os.path.join(args.out, "ckpts"), exist_ok=True)
-    log = os.path.join(args.out, "train.log")
+    t0 = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = args.metrics.split(",")
     vae_ckpt = os.path.join(args.out, "vae", "ckpt.pt")
     if not os.path.exists(vae_ckpt):
         print(f"training the VAE for {args.vae_minutes} min", flush=True)
         run(["train_vae.py", "--model", "tiny", "--out", os.path.join(args.out, "vae"), "--batch-size", "8",
-             "--steps", "100000", "--max-minutes", str(args.vae_minutes), "--workers", str(args.workers)], log)
+             "--steps", "100000", "--max-minutes", str(args.vae_minutes), "--workers", str(args.workers)],
+            os.path.join(args.out, "vae.log"))
 
     # evaluations run one after another in a background thread, beside the training
     jobs, failures = [], []
@@ -174,53 +218,77 @@ def main(argv=None):
 
         def recon_floor():
             if len(glob.glob(os.path.join(recon, "frames", "*", ""))) < args.clips:
-                write_reconstructions(vae_ckpt, recon, args.clips, 128, 16, device)
+                write_reconstructions(vae_ckpt, recon, args.clips, 128, 16, device, workers=args.workers)
             evaluate(recon, floor_files["reconstruction vs val"], args)
         submit(recon_floor)
 
+    def paths(recipe, point):
+        name = f"min{point:g}"
+        root = os.path.join(args.out, recipe)
+        return dict(run=os.path.join(root, "medsora"), ckpt=os.path.join(root, "ckpts", f"{name}.pt"),
+                    gen=os.path.join(root, "generated", name), result=os.path.join(root, f"eval_{name}.json"),
+                    record=os.path.join(root, "ckpts", f"{name}.json"))
+
     trained = 0.0
     for point in args.points:
-        name = f"min{point:g}"
-        ckpt = os.path.join(args.out, "ckpts", f"{name}.pt")
-        if not os.path.exists(ckpt):
-            elapsed = (time.perf_counter() - start) / 60
+        todo = [r for r in args.recipes if not os.path.exists(paths(r, point)["ckpt"])]
+        if todo:
+            elapsed = (time.perf_counter() - t0) / 60
             if args.budget_minutes is not None and elapsed + (point - trained) + 0.5 > args.budget_minutes:
                 print(f"budget: stopping before the segment to {point:g} min", flush=True)
                 break
-            resume = ["--resume"] if os.path.exists(os.path.join(args.out, "medsora", "ckpt.pt")) else []
-            print(f"training MedSora-{args.model} from {trained:g} to {point:g} min", flush=True)
-            run(["train.py", "--model", args.model, "--vae", vae_ckpt, "--out", os.path.join(args.out, "medsora"),
-                 "--lr", "1e-3", "1e-3", "--batch-size", "16", "16", "--max-minutes", str(point - trained),
-                 "--sample-every", "0", "--workers", str(args.workers), *resume], log)
-            shutil.copy(os.path.join(args.out, "medsora", "ckpt.pt"), ckpt + ".tmp")
-            os.replace(ckpt + ".tmp", ckpt)
+            print(f"training MedSora-{args.model} ({', '.join(todo)}) from {trained:g} to {point:g} min", flush=True)
+            procs = []
+            for recipe in todo:
+                at = paths(recipe, point)
+                os.makedirs(os.path.dirname(at["ckpt"]), exist_ok=True)
+                resume = ["--resume"] if os.path.exists(os.path.join(at["run"], "ckpt.pt")) else []
+                procs.append(start(["train.py", "--model", args.model, "--vae", vae_ckpt, "--out", at["run"],
+                                    *RECIPES[recipe], "--max-minutes", str(point - trained), "--sample-every", "0",
+                                    "--workers", str(args.workers), *resume],
+                                   os.path.join(args.out, recipe, "train.log")))
+            for proc in procs:
+                finish(proc)
+            for recipe in todo:
+                at = paths(recipe, point)
+                shutil.copy(os.path.join(at["run"], "ckpt.pt"), at["ckpt"] + ".tmp")
+                os.replace(at["ckpt"] + ".tmp", at["ckpt"])
+                with open(at["record"], "w") as f:
+                    json.dump(last_record(at["run"]), f)
         trained = point
-        result = os.path.join(args.out, f"eval_{name}.json")
-        if evaluated(result, metrics) is None:
-            gen = os.path.join(args.out, "generated", name)
-
-            def job(ckpt=ckpt, gen=gen, result=result):
-                if len(glob.glob(os.path.join(gen, "frames", "*", ""))) < args.clips:
-                    run(["sample.py", "--ckpt", ckpt, "--num-videos", str(args.clips), "--steps", str(args.steps),
-                         "--batch-size", "128", "--out", gen], os.path.join(args.out, "sample.log"))
-                evaluate(gen, result, args)
-            submit(job)
+        for recipe in args.recipes:
+            at = paths(recipe, point)
+            if evaluated(at["result"], metrics) is None:
+                def job(at=at):
+                    if len(glob.glob(os.path.join(at["gen"], "frames", "*", ""))) < args.clips:
+                        run(["sample.py", "--ckpt", at["ckpt"], "--num-videos", str(args.clips), "--steps",
+                             str(args.steps), "--batch-size", "128", "--out", at["gen"]],
+                            os.path.join(args.out, "sample.log"))
+                    evaluate(at["gen"], at["result"], args)
+                submit(job)
     if thread is not None:
         thread.join()
 
-    points = []
-    for point in args.points:
-        got = evaluated(os.path.join(args.out, f"eval_min{point:g}.json"), [])
-        if got:
-            points.append({"minutes": point, **{m: got[m] for m in metrics if isinstance(got.get(m), float)}})
+    curves = {}
+    for recipe in args.recipes:
+        curves[recipe] = []
+        for point in args.points:
+            at = paths(recipe, point)
+            got = evaluated(at["result"], [])
+            if got:
+                record = json.load(open(at["record"])) if os.path.exists(at["record"]) else {}
+                curves[recipe].append({"minutes": point, "steps": record.get("step"),
+                                       "clips_per_s": record.get("clips_per_s"), "peak_gib": record.get("peak_gib"),
+                                       **{m: got[m] for m in metrics if isinstance(got.get(m), float)}})
     floors = {k: evaluated(v, []) or {} for k, v in floor_files.items()}
     floors = {k: {m: v[m] for m in metrics if isinstance(v.get(m), float)} for k, v in floors.items()}
     with open(os.path.join(args.out, "curve.json"), "w") as f:
-        json.dump({"points": points, "floors": floors, "steps": args.steps, "clips": args.clips,
-                   "model": args.model}, f, indent=1)
-    plot(points, floors, os.path.join(args.out, "curve.png"))
-    for row in points:
-        print("  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        json.dump({"recipes": {r: {"flags": RECIPES[r], "points": curves[r]} for r in args.recipes},
+                   "floors": floors, "steps": args.steps, "clips": args.clips, "model": args.model}, f, indent=1)
+    plot(curves, floors, os.path.join(args.out, "curve.png"))
+    for recipe, points in curves.items():
+        for row in points:
+            print(recipe, "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     for k, v in floors.items():
         print(f"floor {k}: " + "  ".join(f"{m} {x:.1f}" for m, x in v.items()))
     if failures:

@@ -1,0 +1,123 @@
+"""curve.py: the reconstruction floor decodes the right latents; segments, resume, budget and the recipe curves."""
+
+import dataclasses
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+import curve
+import data
+import vae as vae_lib
+
+
+def test_reconstructions_are_the_vae_round_trip(tmp_path):
+    # a scaling factor far from 1: decoding the posterior mean as if it were scaled would shrink it by 0.25
+    cfg = dataclasses.replace(vae_lib.MODELS["tiny"], scaling_factor=0.25)
+    torch.manual_seed(0)
+    model = vae_lib.VideoVAE(cfg).eval()
+    path = str(tmp_path / "vae.pt")
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)}, path)
+    curve.write_reconstructions(path, str(tmp_path / "recon"), 3, 32, 8, torch.device("cpu"), batch_size=2,
+                                workers=0)
+
+    folders = sorted(glob.glob(str(tmp_path / "recon" / "frames" / "*")))
+    assert [os.path.basename(f) for f in folders] == ["000000", "000001", "000002"]
+    clips = data.make_dataset("synthetic", "train", num_frames=8, size=32, num_images=0, flip=False,
+                              with_flow=False)
+    for i, folder in enumerate(folders):
+        x = clips[i]["video"].transpose(0, 1)[None]  # (1, 3, F, H, W)
+        with torch.no_grad():
+            want = model.decode(model.encode_moments(x)[0], scaled=False)[0].clamp(-1, 1)
+        want = ((want.permute(1, 2, 3, 0).numpy() + 1) * 127.5).round()
+        got = np.stack([np.asarray(Image.open(f)) for f in sorted(glob.glob(os.path.join(folder, "*.png")))])
+        assert got.shape == want.shape == (9, 32, 32, 3)
+        assert np.abs(got - want).max() <= 1
+
+
+def fake_scripts(monkeypatch, started):
+    """curve.start and curve.evaluate without running anything: train.py writes a checkpoint and a log line,
+    sample.py a frame folder, evaluate.py a result that falls with the checkpoint's minutes."""
+    class Done:
+        def wait(self):
+            return 0
+
+    def start(cmd, log):
+        started.append(cmd)
+        out = cmd[cmd.index("--out") + 1]
+        os.makedirs(out, exist_ok=True)
+        if cmd[0] == "train_vae.py":
+            open(os.path.join(out, "ckpt.pt"), "w").close()
+        elif cmd[0] == "train.py":
+            minutes = float(cmd[cmd.index("--max-minutes") + 1])
+            total = minutes + (json.load(open(os.path.join(out, "ckpt.pt")))["minutes"] if "--resume" in cmd else 0)
+            json.dump({"minutes": total}, open(os.path.join(out, "ckpt.pt"), "w"))
+            with open(os.path.join(out, "log.jsonl"), "a") as f:
+                f.write(json.dumps({"step": int(100 * total), "loss": 0.1, "clips_per_s": 50.0}) + "\n")
+        elif cmd[0] == "sample.py":
+            os.makedirs(os.path.join(out, "frames", "000000"), exist_ok=True)
+            with open(os.path.join(out, "ckpt_used"), "w") as f:
+                f.write(open(cmd[cmd.index("--ckpt") + 1]).read())
+        proc = Done()
+        proc.log, proc.cmd = open(os.devnull, "w"), cmd
+        return proc
+
+    def evaluate(fake, out, args, fake_stride=1, fake_split="all"):
+        floor = {"synthetic": 100.0}.get(fake, 1000.0)
+        if os.path.exists(os.path.join(fake, "ckpt_used")):
+            floor = 5000.0 / json.load(open(os.path.join(fake, "ckpt_used")))["minutes"]
+        json.dump({"metrics": {"FVD": floor, "FID": floor / 10}}, open(out, "w"))
+
+    monkeypatch.setattr(curve, "start", start)
+    monkeypatch.setattr(curve, "evaluate", evaluate)
+    monkeypatch.setattr(curve, "write_reconstructions", lambda *a, **k: None)
+
+
+def test_segments_resume_and_recipes(tmp_path, monkeypatch):
+    started = []
+    fake_scripts(monkeypatch, started)
+    out = str(tmp_path / "curve")
+    curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "1"])
+
+    trains = [c for c in started if c[0] == "train.py"]
+    assert len(trains) == 4  # two segments, two recipes each
+    assert ["--resume" in c for c in trains] == [False, False, True, True]
+    assert [c[c.index("--max-minutes") + 1] for c in trains] == ["1.0", "1.0", "2.0", "2.0"]
+    short = next(c for c in trains if "--lr" in c)
+    assert short[short.index("--lr") + 1:short.index("--lr") + 3] == ["1e-3", "1e-3"]
+    assert not any("--lr" in c for c in trains if os.path.join("paper", "") in c[c.index("--out") + 1])
+
+    got = json.load(open(os.path.join(out, "curve.json")))
+    assert set(got["recipes"]) == {"short", "paper"}
+    for recipe in ("short", "paper"):
+        points = got["recipes"][recipe]["points"]
+        assert [p["minutes"] for p in points] == [1, 3]
+        assert [p["steps"] for p in points] == [100, 300]
+        assert [round(p["fvd"]) for p in points] == [5000, 1667]  # each point sampled its own checkpoint
+    assert got["floors"]["train vs val"]["fvd"] == 100.0
+    assert got["floors"]["reconstruction vs val"]["fvd"] == 1000.0
+    assert Image.open(os.path.join(out, "curve.png")).size == (720, 400)
+
+    # everything is there: a second call runs nothing
+    started.clear()
+    curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "1"])
+    assert started == []
+
+
+def test_budget_stops_before_a_segment_that_would_overrun(tmp_path, monkeypatch):
+    started = []
+    fake_scripts(monkeypatch, started)
+    out = str(tmp_path / "curve")
+    curve.main(["--out", out, "--points", "1", "5", "--clips", "1", "--budget-minutes", "3"])
+    trains = [c for c in started if c[0] == "train.py"]
+    assert len(trains) == 1
+    got = json.load(open(os.path.join(out, "curve.json")))
+    assert [p["minutes"] for p in got["recipes"]["short"]["points"]] == [1]
+    # a later call with more budget continues from the first checkpoint
+    started.clear()
+    curve.main(["--out", out, "--points", "1", "5", "--clips", "1"])
+    trains = [c for c in started if c[0] == "train.py"]
+    assert len(trains) == 1 and "--resume" in trains[0] and trains[0][trains[0].index("--max-minutes") + 1] == "4.0"
