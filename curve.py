@@ -34,7 +34,6 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 import data
-import sample
 import vae as vae_lib
 
 
@@ -104,7 +103,7 @@ def write_reconstructions(vae_path, out, n, size, num_frames, device, batch_size
             mean, _ = vae.encode_moments(x)
             video = vae.decode(mean, scaled=False)  # the posterior mean is not scaled to unit std
         for v in video.float().clamp(-1, 1).cpu():
-            sample.save_frames(v, os.path.join(out, "frames", f"{i:06d}"))
+            data.save_frames(v, os.path.join(out, "frames", f"{i:06d}"))
             i += 1
 
 

@@ -18,6 +18,7 @@ Dimension names: F frames, C = 3 channels, H, W pixels; flow (F-1, 2, H, W) in p
 """
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -31,6 +32,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+
+from distributed import mix_seed
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".mpg", ".mpeg", ".webm")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -203,6 +206,27 @@ def frame_folders(root):
     return folders
 
 
+def long_enough(videos, span, where):
+    """The videos, (name, number of frames, ...) tuples, that hold a clip of `span` frames; a note on stderr
+    says how many are left out."""
+    short = [v[0] for v in videos if v[1] < span]
+    if short:
+        print(f"note: {len(short)} videos in {where} have fewer than the {span} frames a clip needs and are left "
+              f"out (e.g. {short[0]})", file=sys.stderr)
+    return [v for v in videos if v[1] >= span]
+
+
+def retry(read, where, tries=10):
+    """read(attempt) for attempt 0, 1, ... until one works: an unreadable file costs a warning, not the run.
+    Returns (result, attempt); after `tries` failures in a row the error says to check the data."""
+    for attempt in range(tries):
+        try:
+            return read(attempt), attempt
+        except (OSError, ValueError) as e:
+            print(f"warning: skipped an unreadable clip: {e}", file=sys.stderr)
+    raise RuntimeError(f"{tries} clips in a row near {where} were unreadable; check the data")
+
+
 class FrameFolderClips(Dataset):
     """Clips from prepared frame folders (root/<video>/%06d.jpg); split "train", "val" or "all" (every video)."""
 
@@ -220,11 +244,8 @@ class FrameFolderClips(Dataset):
         self.span = clip_span(num_frames, stride)
         self.split_index = load_or_make_split(root, list(folders), val_fraction, seed)
         names = sorted(folders) if split == "all" else self.split_index[split]
-        short = [n for n in names if len(folders[n]) < self.span]
-        if short:
-            print(f"note: {len(short)} {split} videos have fewer than {self.span} frames and are left out "
-                  f"(e.g. {short[0]})", file=sys.stderr)
-        self.videos = [(n, folders[n]) for n in names if len(folders[n]) >= self.span]
+        kept = long_enough([(n, len(folders[n])) for n in names], self.span, f"{root} ({split})")
+        self.videos = [(n, folders[n]) for n, _ in kept]
         if not self.videos:
             raise ValueError(f"no {split} video in {root} has the {self.span} frames a clip needs")
         # one sample per non-overlapping window of `span` frames; the clip starts at random inside it
@@ -267,13 +288,9 @@ class FrameFolderClips(Dataset):
     def __getitem__(self, index):
         # random choices depend only on (seed, epoch, index): any worker, any GPU count, and resume see the same
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        for attempt in range(10):  # an unreadable file costs one warning, not the run
-            try:
-                return self._sample((index + attempt) % len(self), rng)
-            except (OSError, ValueError) as e:
-                self.skipped += 1
-                print(f"warning: skipped an unreadable clip ({self.skipped} so far): {e}", file=sys.stderr)
-        raise RuntimeError(f"10 clips in a row near index {index} of {self.root} were unreadable; check the data")
+        sample, attempts = retry(lambda k: self._sample((index + k) % len(self), rng), f"index {index} of {self.root}")
+        self.skipped += attempts
+        return sample
 
 
 class SyntheticClips(Dataset):
@@ -334,6 +351,87 @@ def make_dataset(data, split="train", root=None, with_flow=True, **kwargs):
     if data == "synthetic":
         return SyntheticClips(split, with_flow=with_flow, **kwargs)
     return FrameFolderClips(data_root(data, root), split, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches of an epoch, and writing videos (frame folders, GIF, MP4, picture grids)
+# ---------------------------------------------------------------------------------------------------------
+
+def epoch_batches(n, batch, rank, world, seed, epoch, start=0):
+    """This rank's index lists for one epoch of n samples, from global batch `start` on: a seeded shuffle, so
+    that the order depends only on (seed, epoch), and a resumed run skips to its position without reading
+    the batches before it."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch))).tolist()
+    per_step = batch * world
+    return [perm[b * per_step + rank * batch: b * per_step + (rank + 1) * batch] for b in range(start, n // per_step)]
+
+
+def to_uint8(video):
+    """(3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8."""
+    return ((video + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 3, 0).numpy()
+
+
+def save_gif(video, path, fps=6):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    frames = [Image.fromarray(a) for a in to_uint8(video)]
+    tmp = path + ".tmp.gif"
+    frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    os.replace(tmp, path)
+
+
+def save_frames(video, folder):
+    """A frame folder, written under a temporary name and renamed when complete (as `prepare` does)."""
+    tmp = folder + ".partial"
+    os.makedirs(tmp, exist_ok=True)
+    for k, a in enumerate(to_uint8(video)):
+        Image.fromarray(a).save(os.path.join(tmp, f"{k:06d}.png"))
+    if os.path.isdir(folder):
+        for old in glob.glob(os.path.join(folder, "*")):
+            os.remove(old)
+        os.rmdir(folder)
+    os.replace(tmp, folder)
+
+
+def save_mp4(video, path, fps=6):
+    """H.264 through PyAV; returns False when PyAV is not installed."""
+    try:
+        import av
+    except ImportError:
+        return False
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    frames = to_uint8(video)
+    tmp = path + ".tmp.mp4"
+    with av.open(tmp, "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+        stream.pix_fmt = "yuv420p"
+        for a in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(a[:stream.height, :stream.width], format="rgb24")))
+        out.mux(stream.encode())
+    os.replace(tmp, path)
+    return True
+
+
+def save_grid(folders, path, every=2):
+    """One row per video (its frame folder), every `every`-th frame, as one PNG."""
+    rows = []
+    for d in folders:
+        names = sorted(os.listdir(d))[::every]
+        rows.append(np.concatenate([np.asarray(Image.open(os.path.join(d, n)).convert("RGB")) for n in names], 1))
+    tmp = path + ".tmp.png"
+    Image.fromarray(np.concatenate(rows, 0)).save(tmp)
+    os.replace(tmp, path)
+
+
+def save_comparison(x, recon, path, num=4):
+    """Rows of frames: original | reconstruction | |error| (x3 brightened), from (3, F, H, W) tensors."""
+    idx = np.linspace(0, x.shape[1] - 1, num).round().astype(int)
+    to_img = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).cpu().numpy()  # noqa: E731
+    rows = [np.concatenate([to_img(x[:, i]), to_img(recon[:, i]),
+                            to_img(((recon[:, i] - x[:, i]).abs() * 3 - 1).clamp(-1, 1))], axis=1) for i in idx]
+    tmp = path + ".tmp.png"
+    Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------

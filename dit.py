@@ -217,12 +217,13 @@ class MedSoraBlock(nn.Module):
     def forward(self, x, c, num_frames, h, w):
         """x (B, F, L, D), c (B, D) -> x (B, F, L, D), and the spatial component's output (B, F, L, D)."""
         B, F, L, D = x.shape
-        mod = self.adaLN(c)[:, None, None].chunk(9, dim=-1)  # each (B, 1, 1, D)
-        a = modulate(self.norm1(x), mod[0], mod[1])
-        x = x + mod[2] * self.attn(a.reshape(B * F, L, D)).view(B, F, L, D)  # per frame
-        s = per_clip(lambda v: self.spatial(v, h, w), modulate(self.norm2(x), mod[3], mod[4]), num_frames)
-        x = x + mod[5] * s
-        x = x + mod[8] * per_clip(self.temporal, modulate(self.norm3(x), mod[6], mod[7]), num_frames)
+        (shift_a, scale_a, gate_a, shift_s, scale_s, gate_s,  # attention, spatial Mamba,
+         shift_t, scale_t, gate_t) = self.adaLN(c)[:, None, None].chunk(9, dim=-1)  # temporal Mamba: (B, 1, 1, D)
+        a = modulate(self.norm1(x), shift_a, scale_a)
+        x = x + gate_a * self.attn(a.reshape(B * F, L, D)).view(B, F, L, D)  # per frame
+        s = per_clip(lambda v: self.spatial(v, h, w), modulate(self.norm2(x), shift_s, scale_s), num_frames)
+        x = x + gate_s * s
+        x = x + gate_t * per_clip(self.temporal, modulate(self.norm3(x), shift_t, scale_t), num_frames)
         return x, s  # s is what the optical-flow alignment loss aligns (Sec. 3.2)
 
 

@@ -22,6 +22,10 @@ clip and rank 0 merges the results.
     python evaluate.py --real kvasir --fake runs/medsora/generated
     torchrun --nproc_per_node=4 evaluate.py --real kvasir --fake runs/medsora/generated
     python evaluate.py --real synthetic --real-split train --fake synthetic --fake-split val --fake-stride 3
+    python evaluate.py --vae runs/vae/ckpt.pt --real kvasir --real-split val --num-clips 50   # a VAE's PSNR, SSIM
+
+With --vae, the VAE's reconstructions of --real are measured instead: PSNR, SSIM, focal-frequency error,
+encode + decode speed, and a picture (original | reconstruction | error) beside the JSON.
 
 Dimension names: N clips, F frames, H, W pixels, D feature width.
 """
@@ -43,8 +47,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import data
+import distributed
 import metric_nets
-from train_vae import setup_distributed
+import vae as vae_lib
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,11 +142,8 @@ class Source:
         if split != "all":
             index = data.load_or_make_split(root, [v[0] for v in videos], 0.1, 0)
             videos = [v for v in videos if v[0] in set(index[split])]
-        short = [v[0] for v in videos if v[3] < self.span]
-        if short:
-            print(f"note: {len(short)} videos in {root} have fewer than the {self.span} frames a clip needs "
-                  f"and are left out (e.g. {short[0]})", file=sys.stderr)
-        self.videos = [v for v in videos if v[3] >= self.span]
+        kept = data.long_enough([(name, n, path, files) for name, path, files, n in videos], self.span, root)
+        self.videos = [(name, path, files, n) for name, n, path, files in kept]
         if not self.videos:
             raise ValueError(f"no video in {root} ({split}) has {self.span} frames ({frames} frames, stride "
                              f"{stride}); lower --frames or the stride")
@@ -220,12 +222,8 @@ class ClipSet(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         i = self.indices[k]
-        for attempt in range(10):                                         # a bad file costs a warning, not the run
-            try:
-                return torch.from_numpy(self.source.clip(i + attempt * 7919)), attempt
-            except (OSError, ValueError) as e:
-                print(f"warning: skipped an unreadable clip ({e})", file=sys.stderr)
-        raise RuntimeError(f"10 unreadable clips in a row near clip {i} of {self.source.spec}; check the data")
+        clip, attempts = data.retry(lambda a: self.source.clip(i + a * 7919), f"clip {i} of {self.source.spec}")
+        return torch.from_numpy(clip), attempts
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -408,13 +406,64 @@ def print_table(rows):
         print(f"{name:<{width}}  {'-' if value is None else f'{value:10.3f}':>10}  {note}")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# --vae: reconstruction quality and speed of a trained VAE
+# ---------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def measure_speed(model, device, amp, batch_size, num_frames, size, repeats=5):
+    """Encode + decode throughput (clips/s) and peak memory on random clips of num_frames + 1 frames."""
+    x = torch.rand(batch_size, 3, num_frames + 1, size, size, device=device) * 2 - 1
+    run = lambda: model.decode(model.encode_moments(x)[0], scaled=False)  # noqa: E731
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        run()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    return {"clips_per_s": batch_size * repeats / seconds, "peak_gib": peak, "batch": batch_size,
+            "clip": f"{num_frames + 1}x{size}x{size}"}
+
+
+def evaluate_vae(args, device):
+    """PSNR, SSIM and focal-frequency error of a VAE's reconstructions of --num-clips clips of --real
+    (--frames + 1 frames: the causal first frame), its speed, and a picture of the first clip."""
+    model = vae_lib.load(args.vae).to(device).eval()
+    amp = device.type == "cuda"
+    root = args.data_root if args.real in data.DATASETS else None
+    ds = data.make_dataset(args.real, args.real_split, root,
+                           num_frames=args.frames, size=args.size, num_images=0, flip=False, with_flow=False)
+    torch.manual_seed(args.seed)  # the clips' random start frames
+    out = args.out or os.path.join("runs", "eval", f"vae_{label(args.real)}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    picture = lambda x, recon: data.save_comparison(x, recon, os.path.splitext(out)[0] + ".png")  # noqa: E731
+    loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.workers)
+    result = {"vae": args.vae, "data": args.real, "split": args.real_split, "freq_comp": model.cfg.freq_comp,
+              **vae_lib.reconstruction_quality(model, loader, device, amp, args.num_clips, first=picture),
+              **measure_speed(model, device, amp, args.batch_size, args.frames, args.size)}
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(json.dumps(result))
+    print(f"wrote {out}")
+    return result
+
+
 METRICS = ("fvd", "cdfvd", "fid", "is", "fc", "fc_inception")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real", required=True, help="synthetic, a data set name, or a folder (see above)")
-    p.add_argument("--fake", required=True, help="sample.py's output folder, or any source as --real")
+    p.add_argument("--fake", default=None, help="sample.py's output folder, or any source as --real")
+    p.add_argument("--vae", default=None, help="instead of --fake: a VAE (train_vae.py checkpoint or CogVideoX "
+                                               "weights) whose reconstructions of --real are measured")
     p.add_argument("--real-split", default="all", choices=["train", "val", "all"],
                    help="videos of the data split (synthetic: all = train)")
     p.add_argument("--fake-split", default="all", choices=["train", "val", "all"])
@@ -435,12 +484,16 @@ def main(argv=None):
     p.add_argument("--cache", default="runs/eval_cache", help="feature cache folder")
     p.add_argument("--out", default=None, help="JSON file (default: runs/eval/<fake>_vs_<real>.json)")
     args = p.parse_args(argv)
+    if (args.fake is None) == (args.vae is None):
+        p.error("give --fake (generated videos) or --vae (a VAE to measure), not both")
+    if args.vae:
+        return evaluate_vae(args, distributed.setup()[2])
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         p.error(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
 
-    rank, world, device = setup_distributed()
+    rank, world, device = distributed.setup()
     # full fp32: TF32 would move the features by ~1e-3 and the metrics with them
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
@@ -478,9 +531,8 @@ def main(argv=None):
             json.dump(report, f, indent=1)
         os.replace(out + ".tmp", out)
         print(f"wrote {out}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.barrier(world)
+    distributed.teardown(world)
 
 
 if __name__ == "__main__":

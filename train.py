@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
 
@@ -45,12 +44,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+import checkpoint
 import data
 import dit
-import sample
+import distributed
+import pipeline
 import vae as vae_lib
 from diffusion import Diffusion
-from train_vae import agree, catch_stop_signals, rng_state, save_atomic, set_rng_state, setup_distributed
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,9 +99,12 @@ def build_cache(vae, dataset, folder, key, rank, world, device, amp, batch_size,
     folder/shard<rank>of<world>.pt atomically; then every rank loads all shards. Reused while `key` matches."""
     meta_path = os.path.join(folder, "meta.json")
     if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta["key"] == key:
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{meta_path} is damaged ({e}); delete the folder {folder} to encode the clips again")
+        if meta.get("key") == key:
             return load_cache(folder, meta)
     os.makedirs(folder, exist_ok=True)
     mine = list(range(rank, len(dataset), world))
@@ -113,9 +116,8 @@ def build_cache(vae, dataset, folder, key, rank, world, device, amp, batch_size,
         for k in parts:
             parts[k].append(torch.stack([both[0][k], both[1][k]], dim=1).half().cpu())  # (B, 2, ...)
     shard = {"indices": torch.tensor(mine), **{k: torch.cat(v) for k, v in parts.items()}}
-    save_atomic(shard, os.path.join(folder, f"shard{rank}of{world}.pt"))
-    if world > 1:
-        dist.barrier()
+    checkpoint.save(shard, os.path.join(folder, f"shard{rank}of{world}.pt"))
+    distributed.barrier(world)
     meta = {"key": key, "shards": [f"shard{r}of{world}.pt" for r in range(world)], "clips": len(dataset)}
     if rank == 0:
         tmp = meta_path + ".tmp"
@@ -123,14 +125,19 @@ def build_cache(vae, dataset, folder, key, rank, world, device, amp, batch_size,
             json.dump(meta, f)
         os.replace(tmp, meta_path)
         log(f"cached the latents of {len(dataset)} clips (both flips) in {folder}")
-    if world > 1:
-        dist.barrier()
+    distributed.barrier(world)
     return load_cache(folder, meta)
 
 
 def load_cache(folder, meta):
-    shards = [torch.load(os.path.join(folder, s), map_location="cpu", weights_only=True) for s in meta["shards"]]
-    order = torch.cat([s["indices"] for s in shards]).argsort()  # back to dataset order, whatever the GPU count
+    """The shards of a cache, checked (checkpoint.load) and put back in dataset order, whatever the GPU count."""
+    shards = [checkpoint.load(os.path.join(folder, s), f"latent cache shard (delete {folder} to encode again)")
+              for s in meta["shards"]]
+    indices = torch.cat([s["indices"] for s in shards])
+    if not torch.equal(indices.sort().values, torch.arange(meta["clips"])):
+        raise ValueError(f"the latent cache in {folder} holds {len(indices)} clips, not each of the "
+                         f"{meta['clips']} its meta.json names once: delete the folder to encode the clips again")
+    order = indices.argsort()
     return {k: torch.cat([s[k] for s in shards])[order] for k in CachedLatents.KEYS}
 
 
@@ -140,9 +147,8 @@ def data_statistics(vae, clips, device, amp, scale, n=16):
     batch = next(iter(DataLoader(torch.utils.data.Subset(clips, range(min(n, len(clips)))), batch_size=n)))
     moments = encode_batch(vae, batch, device, amp)
     gen = torch.Generator(device).manual_seed(0)  # does not move the global RNG
-    noise = torch.randn(moments["video_mean"].shape, generator=gen, device=device)
-    z = (moments["video_mean"] + torch.exp(0.5 * moments["video_logvar"]) * noise) * scale
-    return sample.latent_stats(z.cpu()), sample.saturated_fraction(batch["video"].transpose(1, 2))
+    z = vae_lib.sample_posterior(moments["video_mean"], moments["video_logvar"], gen) * scale
+    return pipeline.latent_stats(z.cpu()), pipeline.saturated_fraction(batch["video"].transpose(1, 2))
 
 
 def cache_key(args, vae_path):
@@ -154,16 +160,37 @@ def cache_key(args, vae_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The training loop's pieces
+# One training step
 # ---------------------------------------------------------------------------------------------------------
 
-def epoch_batches(n, batch, rank, world, seed, epoch, start=0):
-    """This rank's index lists for one epoch, from global batch `start` on: a seeded shuffle, so that the
-    order depends only on (seed, epoch) and a resumed run sees the same batches."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    per_step = batch * world
-    return [perm[b * per_step + rank * batch: b * per_step + (rank + 1) * batch] for b in range(start, n // per_step)]
+def train_step(net, opt, batch, diffusion, *, scale, num_frames, max_norm, world, device, amp):
+    """One optimisation step on a batch of latent moments (B, F, C, h, w): a posterior sample at unit scale,
+    the noise-prediction loss at random t (Eq. 1), backward, gradient clipping, AdamW.
 
+    A non-finite loss on any rank skips the step on every rank (none waits in DDP's all-reduce); a
+    non-finite gradient norm, the same on every rank since gradients are all-reduced, skips it too.
+    Returns (loss, gradient norm, whether the weights were updated)."""
+    mean = torch.cat([batch["video_mean"], batch["image_mean"]], dim=1).to(device)  # (B, F, C, h, w)
+    logvar = torch.cat([batch["video_logvar"], batch["image_logvar"]], dim=1).to(device)
+    x0 = vae_lib.sample_posterior(mean, logvar) * scale
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        mse, _ = diffusion.training_loss(net, x0, num_frames=num_frames)
+    loss = mse.mean()
+    opt.zero_grad(set_to_none=True)
+    if distributed.agree(not torch.isfinite(loss), world, device):
+        return loss, float("nan"), False
+    loss.backward()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if not math.isfinite(grad_norm):
+        return loss, grad_norm, False
+    opt.step()
+    return loss, grad_norm, True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training loop's pieces
+# ---------------------------------------------------------------------------------------------------------
 
 def phase(args, epoch):
     """(lr, batch size) of the epoch: the paper's two phases (Sec. 4.1)."""
@@ -252,21 +279,32 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def run_state(model, ema, opt, cfg, vae, args, position, data_stats):
+    """What a checkpoint holds (checkpoint.save_run adds every rank's RNG state and the process count)."""
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), **position,
+            "config": asdict(cfg), "vae_path": os.path.abspath(args.vae), "vae_config": asdict(vae.cfg),
+            "args": vars(args), **data_stats}
+
+
+def preview(ema, vae, f, args, step, device, amp):
+    """A GIF of two samples from the EMA weights, without moving the training RNG."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        videos = pipeline.generate(ema, vae, [0, 1], f, args.sample_steps, device=device, amp=amp, size=args.size)
+    data.save_gif(torch.cat(list(videos), dim=-1), os.path.join(args.out, "samples", f"step{step:07d}.gif"))
+
+
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = distributed.setup()
     amp = device.type == "cuda"  # bf16 autocast on GPU, fp32 on CPU
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    ckpt = None
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"error: --resume given but {ckpt_path} does not exist")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        args.vae = ckpt["vae_path"] if args.vae == parse_args([]).vae else args.vae
+    ckpt = checkpoint.resume(args.out) if args.resume else None
+    if ckpt is not None and args.vae == parse_args([]).vae:
+        args.vae = ckpt["vae_path"]
+    log = distributed.RunLog(args.out, rank, resume_step=ckpt["step"] if ckpt else None)
 
-    # the VAE: frozen, used to encode the data and to decode the preview samples
+    # the data: the frozen VAE, the training clips and their latents (cached, or encoded every step)
     vae = vae_lib.load(args.vae).to(device).eval().requires_grad_(False)
     scale = vae.cfg.scaling_factor
     clip_kwargs = dict(num_frames=args.num_frames, size=args.size, num_images=args.num_images, flip=False,
@@ -284,185 +322,135 @@ def main(argv=None):
         train_set = data.make_dataset(args.data, "train", args.data_root, **{**clip_kwargs, "flip": True})
         if args.max_clips:
             train_set = torch.utils.data.Subset(train_set, range(min(args.max_clips, len(train_set))))
-    f = (args.num_frames) // vae.cfg.temporal_compression_ratio + 1  # latent frames of a 8k + 1 frame clip
-    data_stats, data_saturated = None, None  # what sample.py compares its samples with; rank 0 saves them
+    f = args.num_frames // vae.cfg.temporal_compression_ratio + 1  # latent frames of a 8k + 1 frame clip
+    stats = {"latent_stats": None, "data_saturated": None}  # what sample.py compares its samples with
     if ckpt is not None and "latent_stats" in ckpt:
-        data_stats, data_saturated = ckpt["latent_stats"], ckpt["data_saturated"]
+        stats = {k: ckpt[k] for k in stats}
     elif rank == 0:
-        data_stats, data_saturated = data_statistics(vae, clips, device, amp, scale)
+        stats = dict(zip(stats, data_statistics(vae, clips, device, amp, scale)))
 
-    # the model, its EMA copy, the optimiser
+    # the model, its EMA copy, the optimiser, and where training stands
     cfg = dit.make_config(args.model, in_channels=vae.cfg.latent_channels)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = dit.MedSora(cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # never trained: eval mode, no attention dropout
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr[0], weight_decay=args.weight_decay)
-    diffusion = Diffusion()
-    step, epoch, batch_in_epoch, skipped, updates = 0, 0, 0, 0, 0
+    at = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "skipped": 0, "updates": 0, "latent_frames": f}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
-        step, epoch, skipped, updates = ckpt["step"], ckpt["epoch"], ckpt["skipped"], ckpt["updates"]
-        # the data position in samples, so that a different GPU count resumes at the same place
-        batch_in_epoch = ckpt["samples_in_epoch"] // (phase(args, epoch)[1] * world)
+        at.update({k: ckpt[k] for k in ("step", "epoch", "samples_in_epoch", "skipped", "updates")})
         if ckpt["world"] == world:
-            set_rng_state(ckpt["rng"][rank])
+            checkpoint.set_rng_state(ckpt["rng"][rank])
         else:
             log(f"note: resuming {ckpt['world']}-process training on {world}: the data order is kept, "
                 f"the noise draws are not")
-            torch.manual_seed(args.seed + 7919 * step + rank)
-        log(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
+            torch.manual_seed(distributed.mix_seed(args.seed, at["step"], rank))
+        log(f"resumed from {ckpt_path} at step {at['step']} (epoch {at['epoch']})")
     else:
-        torch.manual_seed(args.seed + rank)  # each rank draws its own t and noise
+        torch.manual_seed(distributed.mix_seed(args.seed, rank))  # each rank draws its own t and noise
     net = torch.compile(model) if args.compile else model  # compile before DDP
     if world > 1:
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    h = args.size // vae.spatial_compression
     log(f"MedSora-{args.model}: {dit.count_params(model):,} parameters; latents ({f} + {args.num_images}, "
-        f"{cfg.in_channels}, {args.size // 8}, {args.size // 8}) from {args.vae}; {mode} latents; {world} process(es)")
+        f"{cfg.in_channels}, {h}, {h}) from {args.vae}; {mode} latents; {world} process(es)")
 
-    def checkpoint():
-        states = [None] * world
-        if world > 1:
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        if rank == 0:
-            save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                         "step": step, "epoch": epoch, "samples_in_epoch": batch_in_epoch * batch * world,
-                         "skipped": skipped, "updates": updates, "rng": states, "world": world,
-                         "config": asdict(cfg), "vae_path": os.path.abspath(args.vae),
-                         "vae_config": asdict(vae.cfg), "latent_frames": f, "args": vars(args),
-                         "latent_stats": data_stats, "data_saturated": data_saturated}, ckpt_path)
-        if world > 1:
-            dist.barrier()
-
-    def preview():
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            videos = sample.generate(ema, vae, [0, 1], f, args.sample_steps, device=device, amp=amp,
-                                     size=args.size)
-        sample.save_gif(torch.cat(list(videos), dim=-1), os.path.join(args.out, "samples", f"step{step:07d}.gif"))
-
-    stop, restore_signals = catch_stop_signals()
+    # the loop: epochs of the two phases, one train_step per batch, then logging, checkpoints and previews
+    diffusion = Diffusion()
+    stop = distributed.StopSignals()
     deadline = time.perf_counter() + 60 * args.max_minutes if args.max_minutes is not None else None
     max_steps = args.max_steps or math.inf
-    records = []
-    if rank == 0 and args.resume:  # drop what was logged after the checkpoint: those steps run again
-        log_path = os.path.join(args.out, "log.jsonl")
-        with open(log_path) as fh:
-            kept = [r for r in map(json.loads, fh) if r["step"] <= step]
-        with open(log_path + ".tmp", "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(log_path + ".tmp", log_path)
-        records = [r for r in kept if "loss" in r]
-    logf = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+    step = at["step"]
     bar = tqdm(initial=step, total=None if max_steps == math.inf else max_steps, disable=rank != 0, desc="train")
     loss_sum, n_loss, clips_since, t_last, bad_in_row = 0.0, 0, 0, time.perf_counter(), 0
     done = False
-    while epoch < args.epochs and not done:
+    while at["epoch"] < args.epochs and not done:
+        epoch = at["epoch"]
         lr, batch = phase(args, epoch)
         for group in opt.param_groups:
             group["lr"] = lr
         for ds in (train_set, getattr(train_set, "dataset", None)):  # a Subset passes it on
             if hasattr(ds, "set_epoch"):
                 ds.set_epoch(epoch)
-        batches = epoch_batches(len(train_set), batch, rank, world, args.seed, epoch, batch_in_epoch)
-        if not batches and batch_in_epoch == 0:
-            sys.exit(f"error: {len(train_set)} clips are fewer than one batch of {batch} x {world} processes")
+        start = at["samples_in_epoch"] // (batch * world)  # in samples: another GPU count resumes at the same place
+        batches = data.epoch_batches(len(train_set), batch, rank, world, args.seed, epoch, start)
+        if not batches and start == 0:
+            raise SystemExit(f"error: {len(train_set)} clips are fewer than one batch of {batch} x {world} processes")
         # a private generator: creating the loader draws a seed from it, which must not move the global RNG
         loader = DataLoader(train_set, batch_sampler=batches, num_workers=0 if mode == "cache" else args.workers,
-                            generator=torch.Generator().manual_seed(args.seed + epoch))
+                            generator=torch.Generator().manual_seed(distributed.mix_seed(args.seed, epoch)))
         for b in loader:
             if mode == "online":
                 b = encode_batch(vae, b, device, amp)
-            m = torch.cat([b["video_mean"], b["image_mean"]], dim=1).to(device)  # (B, F, C, h, w)
-            logvar = torch.cat([b["video_logvar"], b["image_logvar"]], dim=1).to(device)
-            x0 = (m + torch.exp(0.5 * logvar) * torch.randn_like(m)) * scale  # a posterior sample, unit scale
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                mse, _ = diffusion.training_loss(net, x0, num_frames=f)
-            loss = mse.mean()
-            # a non-finite loss on any rank: every rank skips the step together (nobody waits in all-reduce)
-            bad = torch.tensor([float(not torch.isfinite(loss))], device=device)
-            if world > 1:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            opt.zero_grad(set_to_none=True)
-            grad_norm = float("nan")
-            if bad.item() == 0:
-                loss.backward()
-                max_norm = args.clip_norm if epoch >= args.clip_from_epoch else math.inf
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-                if math.isfinite(grad_norm):  # gradients are all-reduced: every rank decides the same
-                    opt.step()
-                    updates += 1
-                    update_ema(ema, model, ema_decay(args, updates))
-            if bad.item() or not math.isfinite(grad_norm):
-                skipped, bad_in_row = skipped + 1, bad_in_row + 1
-                log(f"warning: non-finite loss or gradient at step {step}: step skipped on every rank "
-                    f"({skipped} so far)")
-                if bad_in_row >= args.max_bad_steps:
-                    if logf:
-                        logf.write(json.dumps({"step": step, "error": "non-finite", "skipped": skipped}) + "\n")
-                        logf.close()
-                    sys.exit(f"error: {bad_in_row} non-finite losses in a row at step {step}; the weights are "
-                             f"those of the last checkpoint. Lower --lr or check the data and the VAE")
+            max_norm = args.clip_norm if epoch >= args.clip_from_epoch else math.inf
+            loss, grad_norm, updated = train_step(net, opt, b, diffusion, scale=scale, num_frames=f,
+                                                  max_norm=max_norm, world=world, device=device, amp=amp)
+            if updated:
+                at["updates"] += 1
+                update_ema(ema, model, ema_decay(args, at["updates"]))
+                loss_sum, n_loss, bad_in_row = loss_sum + loss.item(), n_loss + 1, 0
             else:
-                bad_in_row = 0
-                loss_sum, n_loss = loss_sum + loss.item(), n_loss + 1
-            step, batch_in_epoch = step + 1, batch_in_epoch + 1
+                at["skipped"], bad_in_row = at["skipped"] + 1, bad_in_row + 1
+                log(f"warning: non-finite loss or gradient at step {step}: step skipped on every rank "
+                    f"({at['skipped']} so far)")
+                if bad_in_row >= args.max_bad_steps:
+                    log.write({"step": step, "error": "non-finite", "skipped": at["skipped"]})
+                    log.close()
+                    raise SystemExit(f"error: {bad_in_row} non-finite losses in a row at step {step}; the weights "
+                                     f"are those of the last checkpoint. Lower --lr or check the data and the VAE")
+            step += 1
+            at.update(step=step, samples_in_epoch=at["samples_in_epoch"] + batch * world)
             clips_since += batch * world
             bar.update(1)
             # every step: a signal that reached one rank first, or one clock, stops all ranks together
-            stop_now = stop["signal"] is not None or (deadline is not None and time.perf_counter() > deadline)
-            done = agree(stop_now, world, device) or step >= max_steps
+            timed_out = deadline is not None and time.perf_counter() > deadline
+            done = distributed.agree(stop.signal is not None or timed_out, world, device) or step >= max_steps
             if step % args.log_every == 0 or done:
-                stats = torch.tensor([loss_sum, n_loss], device=device, dtype=torch.float64)
+                totals = torch.tensor([loss_sum, n_loss], device=device, dtype=torch.float64)
                 if world > 1:
-                    dist.all_reduce(stats)  # the loss of all ranks
+                    dist.all_reduce(totals)  # the loss of all ranks
                 now = time.perf_counter()
-                mean_loss = stats[0].item() / stats[1].item() if stats[1].item() else None  # None: all skipped
-                record = {"step": step, "epoch": epoch, "loss": mean_loss,
+                record = {"step": step, "epoch": epoch, "loss": totals[0].item() / totals[1].item()
+                          if totals[1].item() else None,  # None: every step of the interval was skipped
                           "lr": lr, "grad_norm": grad_norm, "clips_per_s": clips_since / (now - t_last),
-                          "skipped": skipped}
+                          "skipped": at["skipped"]}
                 if device.type == "cuda":
                     record["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
                 loss_sum, n_loss, clips_since, t_last = 0.0, 0, 0, now
-                if rank == 0:
-                    logf.write(json.dumps(record) + "\n")
-                    logf.flush()
-                    records.append(record)
-                    bar.set_postfix(loss=mean_loss, clips_s=f"{record['clips_per_s']:.1f}")
+                log.write(record)
+                bar.set_postfix(loss=record["loss"], clips_s=f"{record['clips_per_s']:.1f}")
             if step % args.ckpt_every == 0 or done:
-                checkpoint()
+                checkpoint.save_run(run_state(model, ema, opt, cfg, vae, args, at, stats), ckpt_path, rank, world)
                 if rank == 0:
-                    plot_loss(records, os.path.join(args.out, "loss.png"))
+                    plot_loss(log.records, os.path.join(args.out, "loss.png"))
             if rank == 0 and ((args.sample_every and step % args.sample_every == 0) or done):
-                preview()
+                preview(ema, vae, f, args, step, device, amp)
             if done:
                 break
         else:
-            epoch, batch_in_epoch = epoch + 1, 0
+            at.update(epoch=epoch + 1, samples_in_epoch=0)
     if not done:  # all epochs finished
-        checkpoint()
+        checkpoint.save_run(run_state(model, ema, opt, cfg, vae, args, at, stats), ckpt_path, rank, world)
         if rank == 0:
-            preview()
+            preview(ema, vae, f, args, step, device, amp)
     bar.close()
-    if world > 1:  # every rank must hold the same weights: compare checksums
-        sums = [None] * world
-        dist.all_gather_object(sums, weights_checksum(model))
-        if rank == 0:
-            logf.write(json.dumps({"step": step, "rank_checksums": sums}) + "\n")
+
+    # the end: every rank must hold the same weights (compare checksums), then hand the signals back
+    if world > 1:
+        sums = distributed.gather(weights_checksum(model), world)
+        log.write({"step": step, "rank_checksums": sums})
         if len(set(sums)) != 1:
             raise RuntimeError(f"ranks hold different weights after training: checksums {sums}")
         log(f"weights identical on all {world} ranks (checksum {sums[0]:.6f})")
-    restore_signals()
-    if stop["signal"] is not None:
-        log(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved, continue with --resume")
+    stop.restore()
+    if stop.signal is not None:
+        log(f"stopped by signal {stop.signal} at step {step}; checkpoint saved, continue with --resume")
     else:
         log(f"done at step {step}: {ckpt_path}, samples in {os.path.join(args.out, 'samples')}")
-    if logf:
-        logf.close()
-    if world > 1:
-        dist.destroy_process_group()
+    log.close()
+    distributed.teardown(world)
 
 
 if __name__ == "__main__":

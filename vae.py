@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
+
 
 @dataclass
 class VAEConfig:
@@ -292,6 +294,11 @@ class VideoVAE(nn.Module):
         self.cfg = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
 
+    @property
+    def spatial_compression(self):
+        """Pixels per latent cell along H and W: 8 (one 2x down-sampling per block but the last)."""
+        return 2 ** (len(self.cfg.block_out_channels) - 1)
+
     def encode_moments(self, x):
         """x (B, 3, F, H, W) in [-1, 1] -> mean, logvar (B, latent, f, H / 8, W / 8), chunk by chunk in time."""
         cache, out = None, []
@@ -304,11 +311,14 @@ class VideoVAE(nn.Module):
     def encode(self, x, sample=True, generator=None):
         """Scaled latents for the diffusion model: z * scaling_factor, z drawn from the posterior (or its mean)."""
         mean, logvar = self.encode_moments(x)
-        z = mean
-        if sample:
-            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=mean.device,
-                                                              dtype=mean.dtype)
+        z = sample_posterior(mean, logvar, generator) if sample else mean
         return z * self.cfg.scaling_factor
+
+    def forward(self, x, generator=None):
+        """The training pass (one call, so that DDP can wrap it): x -> (reconstruction of a posterior sample,
+        mean, logvar), at unit scale."""
+        mean, logvar = self.encode_moments(x)
+        return self.decode(sample_posterior(mean, logvar, generator), scaled=False), mean, logvar
 
     def decode(self, z, scaled=True):
         """Latents (B, latent, f, h, w) -> pixels (B, 3, 1 + 4 (f - 1), 8h, 8w), chunk by chunk in time."""
@@ -324,6 +334,76 @@ class VideoVAE(nn.Module):
             out.append(h)
         return torch.cat(out, dim=2)
 
+
+def sample_posterior(mean, logvar, generator=None):
+    """z ~ N(mean, exp(logvar)): the reparameterised sample of the diagonal Gaussian posterior."""
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * noise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reconstruction quality: the focal frequency loss of Eq. 16, PSNR and SSIM
+# ---------------------------------------------------------------------------------------------------------
+
+def frames(x):
+    """(B, 3, F, H, W) -> (B * F, 3, H, W)."""
+    return frames_to_time_first(x).flatten(0, 1)
+
+
+def focal_frequency_loss(fake, real, alpha=1.0):
+    """Focal frequency loss (Jiang et al. 2021) per frame: squared spectrum error, weighted by its own
+    (normalised, detached) magnitude so that hard frequencies count more. (..., H, W) inputs."""
+    f_fake = torch.fft.fft2(fake.float(), norm="ortho")
+    f_real = torch.fft.fft2(real.float(), norm="ortho")
+    dist2 = (f_fake - f_real).abs() ** 2
+    weight = dist2.sqrt() ** alpha
+    weight = (weight / weight.flatten(-2).amax(-1).clamp(min=1e-12)[..., None, None]).detach()
+    return (weight * dist2).mean()
+
+
+def psnr(fake, real):
+    """Peak signal-to-noise ratio in dB for images in [-1, 1], per sample."""
+    mse = ((fake.float() - real.float()) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp(min=1e-10))
+
+
+def ssim(fake, real, window=11, sigma=1.5):
+    """Structural similarity (Gaussian window, on [0, 1] images), per sample. (N, C, H, W) inputs."""
+    x, y = (fake.float() + 1) / 2, (real.float() + 1) / 2
+    g = torch.exp(-((torch.arange(window, device=x.device) - window // 2) ** 2) / (2 * sigma ** 2))
+    g = (g / g.sum()).float()
+    kernel = (g[:, None] * g[None, :]).expand(x.shape[1], 1, window, window)
+    blur = lambda t: F.conv2d(t, kernel, groups=x.shape[1])  # noqa: E731  (valid region only)
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+@torch.no_grad()
+def reconstruction_quality(model, loader, device, amp, max_clips, first=None):
+    """Mean PSNR, SSIM and focal-frequency error of reconstructions (posterior mean) over about max_clips
+    clips of `loader`; first(x, recon) receives the first clip and its reconstruction (for a picture)."""
+    psnrs, ssims, ffls = [], [], []
+    for batch in loader:
+        x = batch["video"].to(device).transpose(1, 2)  # (B, 3, F, H, W)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            recon = model.decode(model.encode_moments(x)[0], scaled=False).float().clamp(-1, 1)
+        psnrs.append(psnr(frames(recon), frames(x)))
+        ssims.append(ssim(frames(recon), frames(x)))
+        ffls += [focal_frequency_loss(frames(r[None]), frames(c[None])).item() for r, c in zip(recon, x)]
+        if first is not None and len(psnrs) == 1:
+            first(x[0], recon[0])
+        if len(ffls) >= max_clips:
+            break
+    return {"psnr": torch.cat(psnrs).mean().item(), "ssim": torch.cat(ssims).mean().item(),
+            "ffl": sum(ffls) / len(ffls), "clips": len(ffls)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
 
 def load_pretrained(path, cfg=None):
     """CogVideoX VAE weights in diffusers' format: a .safetensors file, or a folder holding one (e.g. `vae/`).
@@ -363,7 +443,7 @@ def load(path):
         raise FileNotFoundError(f"no VAE at {path}: train one with `python train_vae.py` (writes runs/vae/ckpt.pt) "
                                 f"or give CogVideoX's weights (a vae/ folder or .safetensors file)")
     if path.endswith(".pt"):
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = checkpoint.load(path, "VAE checkpoint")
         if "model" not in ckpt or "config" not in ckpt:
             raise KeyError(f"{path} is not a train_vae.py checkpoint (expected 'model' and 'config' entries)")
         model = VideoVAE(VAEConfig(**ckpt["config"]))

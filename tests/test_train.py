@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import sample
 import train
 import vae
@@ -180,7 +181,7 @@ def test_sample_deterministic_and_layout(vae_ckpt, tmp_path):
     flat = np.asarray(Image.open(os.path.join(c, "frames", "000000", "000004.png"))).astype(int)
     z0 = vae.VideoVAE(vae.MODELS["tiny"])  # latents clamped to 0 decode to what the VAE makes of all zeros
     z0.load_state_dict(torch.load(vae_ckpt, weights_only=False)["model"])
-    ref = sample.to_uint8(z0.decode(torch.zeros(1, 16, 3, 4, 4)).clamp(-1, 1)[0].detach())[4].astype(int)
+    ref = data.to_uint8(z0.decode(torch.zeros(1, 16, 3, 4, 4)).clamp(-1, 1)[0].detach())[4].astype(int)
     assert np.abs(flat - ref).max() <= 1
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         sample.main(["--run", str(tmp_path / "empty")])

@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+import evaluate
+import metric_nets
 import train_vae
 import vae
 
@@ -17,28 +19,28 @@ def test_losses_and_metrics():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     noisy = (x + 0.1 * torch.randn_like(x)).clamp(-1, 1)
     noisier = (x + 0.5 * torch.randn_like(x)).clamp(-1, 1)
-    assert train_vae.focal_frequency_loss(x, x) == 0
-    assert 0 < train_vae.focal_frequency_loss(noisy, x) < train_vae.focal_frequency_loss(noisier, x)
-    assert torch.allclose(train_vae.ssim(x, x), torch.ones(2))
-    assert (train_vae.ssim(noisier, x) < train_vae.ssim(noisy, x)).all() and (train_vae.ssim(noisy, x) < 1).all()
+    assert vae.focal_frequency_loss(x, x) == 0
+    assert 0 < vae.focal_frequency_loss(noisy, x) < vae.focal_frequency_loss(noisier, x)
+    assert torch.allclose(vae.ssim(x, x), torch.ones(2))
+    assert (vae.ssim(noisier, x) < vae.ssim(noisy, x)).all() and (vae.ssim(noisy, x) < 1).all()
     # PSNR of a known error: a constant offset of 0.2 in [-1, 1] is 0.1 of the [0, 1] range -> 20 dB
-    assert torch.allclose(train_vae.psnr((x * 0.5) + 0.2, x * 0.5), torch.full((2,), 20.0), atol=1e-3)
+    assert torch.allclose(vae.psnr((x * 0.5) + 0.2, x * 0.5), torch.full((2,), 20.0), atol=1e-3)
 
 
 def test_lpips_loads_strictly_from_files(tmp_path):
     torch.manual_seed(0)
-    ref = train_vae.LPIPS()
+    ref = metric_nets.LPIPS()
     torch.save({f"features.{k}": v for k, v in ref.features.state_dict().items()}, tmp_path / "vgg16.pth")
     torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(ref.CHANNELS)},
                tmp_path / "vgg.pth")
-    lpips = train_vae.LPIPS.from_files(str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg.pth"))
+    lpips = metric_nets.LPIPS.from_files(str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg.pth"))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.allclose(lpips(x, x), torch.zeros(2)) and (lpips(x, x.flip(-1)) > 0).all()
     with pytest.raises(FileNotFoundError, match="LPIPS weights not found"):
-        train_vae.LPIPS.from_files(str(tmp_path / "missing.pth"), str(tmp_path / "vgg.pth"))
+        metric_nets.LPIPS.from_files(str(tmp_path / "missing.pth"), str(tmp_path / "vgg.pth"))
     torch.save({"lin0.model.1.weight": torch.rand(1, 64, 1, 1)}, tmp_path / "partial.pth")
     with pytest.raises(KeyError, match="missing keys"):
-        train_vae.LPIPS.from_files(str(tmp_path / "vgg16.pth"), str(tmp_path / "partial.pth"))
+        metric_nets.LPIPS.from_files(str(tmp_path / "vgg16.pth"), str(tmp_path / "partial.pth"))
 
 
 def losses(out):
@@ -88,9 +90,12 @@ def test_time_budget_no_compensation_and_eval(tmp_path):
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert ckpt["step"] == 1  # a zero budget stops after the first step, saved as a finished run
     assert ckpt["config"]["freq_comp"] is False and not any(vae.is_freq_comp(k) for k in ckpt["model"])
-    result = train_vae.main(ARGS + ["--eval", "--val-clips", "3", "--out", out])
-    assert result["clips"] >= 3 and result["step"] == 1 and result["freq_comp"] is False
+    report = os.path.join(out, "eval_synthetic.json")
+    result = evaluate.main(["--vae", os.path.join(out, "ckpt.pt"), "--real", "synthetic", "--real-split", "val",
+                            "--num-clips", "3", "--frames", "8", "--size", "32", "--batch-size", "2",
+                            "--workers", "0", "--out", report])
+    assert result["clips"] >= 3 and result["freq_comp"] is False
     assert 0 < result["psnr"] < 60 and 0 < result["ssim"] < 1 and result["ffl"] > 0 and result["clips_per_s"] > 0
-    with open(os.path.join(out, "eval_synthetic.json")) as f:
+    with open(report) as f:
         assert json.load(f)["psnr"] == result["psnr"]
-    assert os.path.exists(os.path.join(out, "recon_synthetic.png"))
+    assert os.path.exists(os.path.join(out, "eval_synthetic.png"))

@@ -1,0 +1,117 @@
+"""
+Checkpoints: written atomically, read without running code, damage detected and named.
+
+    checkpoint.save(obj, path)      a temporary file, then a rename: a crash leaves the old file or the new one
+    checkpoint.load(path)           every part's CRC-32 checked, then torch.load(weights_only=True)
+    checkpoint.rng_state()          every random generator (Python, NumPy, torch, CUDA) as tensors and numbers
+    checkpoint.save_run(...)        a trainer's checkpoint with each rank's RNG state, from rank 0, then a barrier
+
+    python checkpoint.py upgrade runs/medsora/ckpt.pt    # a checkpoint of an earlier version, in the safe form
+
+`torch.load(weights_only=True)` rebuilds only tensors, numbers, strings, lists, tuples and dicts: a file that
+asks for any other object (which is how a pickle runs code) is refused. So nothing here is stored as such an
+object: the NumPy RNG state, for one, is kept as a tensor and numbers rather than as a pickled array.
+A torch checkpoint is a zip archive whose parts carry CRC-32 checksums that torch.load does not check; `load`
+checks them, so a truncated or bit-flipped file is named instead of silently giving wrong weights.
+"""
+
+import argparse
+import os
+import pickle
+import random
+import zipfile
+
+import numpy as np
+import torch
+
+import distributed
+
+
+def save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave a renamed empty file
+    os.replace(tmp, path)
+
+
+def load(path, what="checkpoint"):
+    """A file written by `save` (or any torch.save zip file), checked, on the CPU. Errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # reads every part and compares it with its CRC-32
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"{path} is damaged: not a complete torch checkpoint ({e}); it was probably cut off "
+                         f"while being copied or written. Delete it or use another copy") from None
+    if bad is not None:
+        raise ValueError(f"{path} is damaged: its part {bad} fails its checksum. Delete it or use another copy")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused to load: it holds objects other than tensors and plain values, and "
+                         f"rebuilding them could run code ({first}). If you wrote it yourself with an earlier "
+                         f"version of this project, `python checkpoint.py upgrade {path}` rewrites it safely") from None
+
+
+def resume(out, what="checkpoint"):
+    """OUT/ckpt.pt for --resume, loaded, or an error that says what to do."""
+    path = os.path.join(out, "ckpt.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --resume given but {path} does not exist; start without --resume")
+    return load(path, what)
+
+
+def rng_state():
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_run(state, path, rank, world):
+    """A trainer's checkpoint: `state` plus every rank's RNG state ("rng", in rank order), written by rank 0;
+    all ranks wait until it is on disk."""
+    rngs = distributed.gather(rng_state(), world)
+    if rank == 0:
+        save({**state, "rng": rngs, "world": world}, path)
+    distributed.barrier(world)
+
+
+def upgrade(path):
+    """Rewrite a checkpoint of an earlier version, whose NumPy RNG states were pickled arrays, in the safe
+    form. This runs the file's pickle: use it only on files you wrote yourself."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    states = ckpt.get("rng")
+    for state in states if isinstance(states, list) else [states] if states else []:
+        if isinstance(state.get("numpy"), tuple):
+            _, keys, pos, has_gauss, cached = state["numpy"]
+            state["numpy"] = {"keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
+                              "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    save(ckpt, path)
+    load(path)  # now loads without running code, or says what is still in the way
+    print(f"rewrote {path}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["upgrade"])
+    p.add_argument("paths", nargs="+")
+    for path in p.parse_args().paths:
+        upgrade(path)

@@ -1,0 +1,111 @@
+"""
+MedSora from noise to video, for sampling and for training previews: a train.py checkpoint -> model and VAE,
+DDIM in latent space -> decoded video, and the statistics that tell samples in range from noise.
+
+    model, vae, ckpt = pipeline.load("runs/medsora/ckpt.pt")
+    videos = pipeline.generate(model, vae, indices=[0, 1, 2], f=ckpt["latent_frames"], steps=250)
+
+Dimension names: B batch, f latent frames, C latent channels, h, w latent size, F pixel frames, H, W pixels.
+"""
+
+import glob
+import os
+
+import torch
+
+import checkpoint
+import dit
+import vae as vae_lib
+from diffusion import Diffusion
+from distributed import mix_seed
+
+
+@torch.no_grad()
+def generate(model, vae, indices, f, steps=250, seed=0, eta=0.0, device="cpu", amp=False, size=128,
+             progress=False, clip_x0=None, return_latents=False):
+    """The videos numbered `indices`: (B, 3, F, H, W) in [-1, 1] on the CPU (and the sampled latents
+    (B, f, C, h, w) with return_latents). Video i starts from noise seeded by (seed, i) only; with eta > 0
+    the later noise depends on the batch's first index too."""
+    C = model.cfg.in_channels
+    h = w = size // vae.spatial_compression  # the VAE's 8x
+    noise = torch.stack([torch.randn(f, C, h, w, generator=torch.Generator().manual_seed(mix_seed(seed, i)))
+                         for i in indices])  # (B, f, C, h, w)
+    gen = torch.Generator(device).manual_seed(mix_seed(seed, indices[0], 1))
+
+    def eps(x, t, **kw):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            return model(x, t, **kw).float()
+
+    z = Diffusion().ddim_sample(eps, noise.shape, steps=steps, eta=eta, generator=gen, device=device,
+                                progress=progress, noise=noise, clip_x0=clip_x0, num_frames=f)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+        # the decoder's activations are large: 16 videos at a time
+        video = torch.cat([vae.decode(part.transpose(1, 2), scaled=True).float().clamp(-1, 1).cpu()
+                           for part in z.split(16)])  # (B, 3, F, H, W)
+    return (video, z.float().cpu()) if return_latents else video
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Is it in range? Latent and pixel statistics of samples beside the data's
+# ---------------------------------------------------------------------------------------------------------
+
+def latent_stats(z):
+    """Per-channel mean and std, the largest |value| and the 99.99th percentile of |z|, of latents
+    (N, f, C, h, w) at unit scale (the diffusion model's space)."""
+    z = z.float()
+    per_channel = z.transpose(0, 2).flatten(1)  # (C, everything else)
+    a = z.abs().flatten()
+    a = a[torch.randperm(len(a), generator=torch.Generator().manual_seed(0))[:1_000_000]]  # quantile's size limit
+    return {"mean": per_channel.mean(1).tolist(), "std": per_channel.std(1).tolist(),
+            "absmax": float(z.abs().max()), "q9999": float(a.quantile(0.9999))}
+
+
+def saturated_fraction(videos):
+    """Fraction of pixels with a channel at 0 or 255 once written as 8-bit: (N, 3, F, H, W) in [-1, 1]."""
+    u = ((videos + 1) * 127.5).round().clamp(0, 255)
+    return float(((u == 0) | (u == 255)).any(dim=1).float().mean())
+
+
+def report(gen_z, gen_saturated, data_stats, data_saturated=None):
+    """Lines comparing samples with the data: per-channel latent mean and std, outliers, saturated pixels."""
+    g = latent_stats(gen_z)
+    lines = []
+    if data_stats is not None:
+        dm, ds = torch.tensor(data_stats["mean"]), torch.tensor(data_stats["std"])
+        gm, gs = torch.tensor(g["mean"]), torch.tensor(g["std"])
+        ratio = gs / ds
+        outliers = float((gen_z.abs() > data_stats["absmax"]).float().mean())
+        lines += [f"latents, per channel: |mean - data mean| max {float((gm - dm).abs().max()):.3f} "
+                  f"(data means {float(dm.min()):+.2f}..{float(dm.max()):+.2f}); std / data std "
+                  f"{float(ratio.min()):.2f}..{float(ratio.max()):.2f} (data std {float(ds.min()):.2f}.."
+                  f"{float(ds.max()):.2f})",
+                  f"latents: max |z| {g['absmax']:.2f} (data {data_stats['absmax']:.2f}), 99.99th percentile "
+                  f"{g['q9999']:.2f} (data {data_stats['q9999']:.2f}); {100 * outliers:.3f} % of values beyond "
+                  f"the data's max"]
+    else:
+        lines.append(f"latents: std {float(gen_z.std()):.3f}, max |z| {g['absmax']:.2f} (no data statistics "
+                     f"in the checkpoint)")
+    sat = f"saturated pixels (a channel at 0 or 255): {100 * gen_saturated:.2f} %"
+    if data_saturated is not None:
+        sat += f" (training clips: {100 * data_saturated:.2f} %)"
+    lines.append(sat)
+    return lines
+
+
+def newest_checkpoint(run):
+    found = sorted(glob.glob(os.path.join(run, "*.pt")), key=os.path.getmtime)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint (*.pt) in {run}: train one with `python train.py` or give --ckpt")
+    return found[-1]
+
+
+def load(ckpt_path, use_ema=True, vae_path=None):
+    """(model, vae, checkpoint) from a train.py checkpoint, with the EMA weights by default."""
+    ckpt = checkpoint.load(ckpt_path)
+    model = dit.MedSora(dit.DiTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    vae = vae_lib.load(vae_path or ckpt["vae_path"])
+    if vae.cfg.scaling_factor != ckpt["vae_config"]["scaling_factor"]:
+        raise ValueError(f"the VAE at {vae_path or ckpt['vae_path']} has scaling factor {vae.cfg.scaling_factor}, "
+                         f"the model was trained with {ckpt['vae_config']['scaling_factor']}: not the same VAE")
+    return model.eval(), vae.eval(), ckpt
