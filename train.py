@@ -276,7 +276,33 @@ def parse_args(argv):
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of those previews")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # checked before any work; each failure is one line, exit status 2
+    if args.num_frames < 8 or args.num_frames % 8:
+        p.error(f"--num-frames {args.num_frames}: clips are 8k + 1 frames (the VAE's causal first frame, then "
+                f"groups of 4, an odd number of latent frames), so it must be a multiple of 8, e.g. 8 or 16")
+    if args.size <= 0 or args.size % 16:
+        p.error(f"--size {args.size}: it must be a multiple of 16 (the VAE's 8x times the 2x2 patch), e.g. 64 or 128")
+    for name in ("batch_size", "lr"):
+        if min(getattr(args, name)) <= 0:
+            p.error(f"--{name.replace('_', '-')} {' '.join(map(str, getattr(args, name)))}: both must be positive")
+    for name in ("epochs", "max_steps", "log_every", "ckpt_every", "max_bad_steps", "sample_steps", "max_clips"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} {value}: it must be positive")
+    for name in ("num_images", "workers", "sample_every", "weight_decay", "clip_from_epoch"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: it must not be negative")
+    return args
+
+
+RESUME_KEYS = ("data", "model", "num_frames", "size", "num_images", "max_clips")  # what a resumed run must keep
+
+
+def resume_differences(args, saved):
+    """The options that a resumed run changes but must keep, as 'name: saved -> given' strings."""
+    return [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS
+            if saved.get(k) != getattr(args, k)]
 
 
 def run_state(model, ema, opt, cfg, vae, args, position, data_stats):
@@ -300,6 +326,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     ckpt = checkpoint.resume(args.out) if args.resume else None
+    if ckpt is not None and resume_differences(args, ckpt["args"]):
+        raise SystemExit(f"error: --resume with other options than {ckpt_path} was trained with: "
+                         f"{'; '.join(resume_differences(args, ckpt['args']))}. Give the same options, or a new --out")
     if ckpt is not None and args.vae == parse_args([]).vae:
         args.vae = ckpt["vae_path"]
     log = distributed.RunLog(args.out, rank, resume_step=ckpt["step"] if ckpt else None)

@@ -185,3 +185,28 @@ def test_sample_deterministic_and_layout(vae_ckpt, tmp_path):
     assert np.abs(flat - ref).max() <= 1
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         sample.main(["--run", str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-frames", "10"], "--num-frames 10: clips are 8k + 1 frames"),
+    (["--num-frames", "6"], "--num-frames 6: clips are 8k + 1 frames"),
+    (["--size", "60"], "--size 60: it must be a multiple of 16"),
+    (["--batch-size", "-2", "2"], "--batch-size -2 2: both must be positive"),
+    (["--lr", "0", "1e-4"], "--lr 0.0 0.0001: both must be positive"),
+    (["--max-steps", "0"], "--max-steps 0: it must be positive"),
+    (["--num-images", "-1"], "--num-images -1: it must not be negative"),
+])
+def test_bad_arguments_exit_2_with_one_line(extra, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(extra)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err, err
+
+
+def test_resume_with_other_data_options_is_refused(vae_ckpt, tmp_path):
+    out = tmp_path / "run"
+    run(vae_ckpt, out, "--max-steps", "1")
+    with pytest.raises(SystemExit, match=r"--size: 32 -> 64; --num-images: 2 -> 1"):
+        train.main(ARGS + ["--vae", vae_ckpt, "--out", str(out), "--max-steps", "2", "--resume",
+                           "--size", "64", "--num-images", "1"])
