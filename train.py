@@ -326,9 +326,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     ckpt = checkpoint.resume(args.out) if args.resume else None
-    if ckpt is not None and resume_differences(args, ckpt["args"]):
+    changed = resume_differences(args, ckpt["args"]) if ckpt is not None else []
+    if changed:
         raise SystemExit(f"error: --resume with other options than {ckpt_path} was trained with: "
-                         f"{'; '.join(resume_differences(args, ckpt['args']))}. Give the same options, or a new --out")
+                         f"{'; '.join(changed)}. Give the same options, or a new --out")
     if ckpt is not None and args.vae == parse_args([]).vae:
         args.vae = ckpt["vae_path"]
     log = distributed.RunLog(args.out, rank, resume_step=ckpt["step"] if ckpt else None)
