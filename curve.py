@@ -10,10 +10,13 @@ Stages, each skipped when its result is already there, so that a curve split ove
     2. two floors, measured the same way as the checkpoints:
        - train vs val: real training clips against the validation clips (what a perfect model would score);
        - reconstruction vs val: training clips through the VAE (what the VAE alone allows the model);
-    3. MedSora: one `train.py --resume` process per recipe, all at once, in segments that end at each point;
+    3. MedSora: one `train.py --resume` process per recipe, all at once, in segments that end at each point
+       (the first recipe encodes the latent cache, OUT/latents, and the others start once it is there);
        every checkpoint is copied to OUT/RECIPE/ckpts/minNN.pt and, while the next segment trains, sampled
        (`sample.py`, DDIM --steps) and evaluated (`evaluate.py`) in the background;
-    4. OUT/curve.json and OUT/curve.png: FVD and FID against training minutes, one line per recipe, with the floors.
+    4. with --clip-x0 V, the first recipe's last checkpoint sampled again with DDIM's x0 clamped to +-V;
+    5. OUT/curve.json and OUT/curve.png: FVD and FID against training minutes, one line per recipe, with the floors,
+       and each point's sample statistics (largest |latent|, values beyond the data's range, saturated pixels).
 
 The recipes (README, "Training on a budget"): `paper` is train.py's defaults (Sec. 4.1), the others keep lr 1e-3.
 Recipes that share the GPU slow each other a little: curve.json keeps each one's steps and clips/s.
@@ -23,6 +26,7 @@ import argparse
 import glob
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -76,6 +80,23 @@ def evaluated(path, metrics):
     return got if all(isinstance(got.get(m), float) for m in metrics) else None
 
 
+def sample_record(folder):
+    """The numbers of a sample.py folder's stats.json that show outliers, or {}."""
+    path = os.path.join(folder, "stats.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        s = json.load(f)
+    return {"max_abs_z": s["latents"]["absmax"], "outliers_pct": 100 * s["outliers"] if s["outliers"] is not None
+            else None, "saturated_pct": 100 * s["saturated"]}
+
+
+def wait_for(path, proc, poll=2.0):
+    """Until `path` exists or `proc` has ended."""
+    while not os.path.exists(path) and proc.poll() is None:
+        time.sleep(poll)
+
+
 def last_record(run_dir):
     """The last step record of a train.py run's log.jsonl (step, clips/s, peak memory), or {}."""
     path = os.path.join(run_dir, "log.jsonl")
@@ -107,6 +128,14 @@ def write_reconstructions(vae_path, out, n, size, num_frames, device, batch_size
             i += 1
 
 
+def sample_and_evaluate(ckpt, gen, result, args, extra=()):
+    """--clips videos from a checkpoint (sample.py, DDIM --steps), unless they are there, then their FVD / FID."""
+    if len(glob.glob(os.path.join(gen, "frames", "*", ""))) < args.clips:
+        run(["sample.py", "--ckpt", ckpt, "--num-videos", str(args.clips), "--steps", str(args.steps),
+             "--batch-size", "128", "--out", gen, *extra], gen + ".log")
+    evaluate(gen, result, args)
+
+
 def evaluate(fake, out, args, fake_stride=1, fake_split="all"):
     cmd = ["evaluate.py", "--real", "synthetic", "--real-split", "val", "--fake", fake, "--fake-split", fake_split,
            "--fake-stride", str(fake_stride), "--num-clips", str(args.clips), "--metrics", args.metrics,
@@ -115,7 +144,7 @@ def evaluate(fake, out, args, fake_stride=1, fake_split="all"):
     for flag in ("i3d", "inception"):
         if getattr(args, flag):
             cmd += [f"--{flag}", getattr(args, flag)]
-    run(cmd, os.path.join(args.out, "eval.log"))
+    run(cmd, out.replace(".json", ".log"))
 
 
 COLOURS = [(30, 80, 200), (200, 40, 40), (120, 40, 160), (0, 130, 130)]
@@ -172,9 +201,12 @@ def main(argv=None):
     p.add_argument("--clips", type=int, default=512, help="clips per side of every FVD / FID")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the evaluated samples")
     p.add_argument("--metrics", default="fvd,fid")
+    p.add_argument("--clip-x0", type=float, default=None,
+                   help="also sample the first recipe's last checkpoint with sample.py --clip-x0 VALUE")
     p.add_argument("--i3d", default=None)
     p.add_argument("--inception", default=None)
     p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--eval-jobs", type=int, default=2, help="checkpoints sampled and evaluated at once")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="start no training segment that would end later than this; finish the evaluations")
     args = p.parse_args(argv)
@@ -188,25 +220,22 @@ def main(argv=None):
         run(["train_vae.py", "--model", "tiny", "--out", os.path.join(args.out, "vae"), "--batch-size", "8",
              "--steps", "100000", "--max-minutes", str(args.vae_minutes), "--workers", str(args.workers)],
             os.path.join(args.out, "vae.log"))
+        print(f"{(time.perf_counter() - t0) / 60:.1f} min: the VAE is trained", flush=True)
 
-    # evaluations run one after another in a background thread, beside the training
-    jobs, failures = [], []
+    # evaluations run in --eval-jobs background threads, beside the training
+    queued, failures = queue.Queue(), []
 
     def worker():
-        while jobs:
+        while True:
+            job = queued.get()
             try:
-                jobs[0]()
+                job()
             except Exception as e:  # reported at the end; the curve goes on
                 failures.append(str(e))
-            jobs.pop(0)
-    thread = None
-
-    def submit(job):
-        nonlocal thread
-        jobs.append(job)
-        if thread is None or not thread.is_alive():
-            thread = threading.Thread(target=worker)
-            thread.start()
+            queued.task_done()
+    for _ in range(args.eval_jobs):
+        threading.Thread(target=worker, daemon=True).start()
+    submit = queued.put
 
     floor_files = {"train vs val": os.path.join(args.out, "floor_train.json"),
                    "reconstruction vs val": os.path.join(args.out, "floor_recon.json")}
@@ -237,15 +266,16 @@ def main(argv=None):
                 print(f"budget: stopping before the segment to {point:g} min", flush=True)
                 break
             print(f"training MedSora-{args.model} ({', '.join(todo)}) from {trained:g} to {point:g} min", flush=True)
-            procs = []
+            procs, cache = [], os.path.join(args.out, "latents")
             for recipe in todo:
                 at = paths(recipe, point)
                 os.makedirs(os.path.dirname(at["ckpt"]), exist_ok=True)
                 resume = ["--resume"] if os.path.exists(os.path.join(at["run"], "ckpt.pt")) else []
                 procs.append(start(["train.py", "--model", args.model, "--vae", vae_ckpt, "--out", at["run"],
                                     *RECIPES[recipe], "--max-minutes", str(point - trained), "--sample-every", "0",
-                                    "--workers", str(args.workers), *resume],
+                                    "--workers", str(args.workers), "--cache-dir", cache, *resume],
                                    os.path.join(args.out, recipe, "train.log")))
+                wait_for(os.path.join(cache, "meta.json"), procs[-1])  # one process encodes the shared latents
             for proc in procs:
                 finish(proc)
             for recipe in todo:
@@ -258,15 +288,17 @@ def main(argv=None):
         for recipe in args.recipes:
             at = paths(recipe, point)
             if evaluated(at["result"], metrics) is None:
-                def job(at=at):
-                    if len(glob.glob(os.path.join(at["gen"], "frames", "*", ""))) < args.clips:
-                        run(["sample.py", "--ckpt", at["ckpt"], "--num-videos", str(args.clips), "--steps",
-                             str(args.steps), "--batch-size", "128", "--out", at["gen"]],
-                            os.path.join(args.out, "sample.log"))
-                    evaluate(at["gen"], at["result"], args)
-                submit(job)
-    if thread is not None:
-        thread.join()
+                submit(lambda at=at: sample_and_evaluate(at["ckpt"], at["gen"], at["result"], args))
+        print(f"{(time.perf_counter() - t0) / 60:.1f} min: checkpoints at {point:g} min of training", flush=True)
+    clip = None
+    if args.clip_x0 is not None and trained > 0:
+        at = paths(args.recipes[0], trained)
+        clip = dict(recipe=args.recipes[0], minutes=trained, gen=f"{at['gen']}_clip{args.clip_x0:g}",
+                    result=at["result"].replace(".json", f"_clip{args.clip_x0:g}.json"))
+        if evaluated(clip["result"], metrics) is None:
+            submit(lambda: sample_and_evaluate(at["ckpt"], clip["gen"], clip["result"], args,
+                                               ["--clip-x0", str(args.clip_x0)]))
+    queued.join()
 
     curves = {}
     for recipe in args.recipes:
@@ -278,18 +310,29 @@ def main(argv=None):
                 record = json.load(open(at["record"])) if os.path.exists(at["record"]) else {}
                 curves[recipe].append({"minutes": point, "steps": record.get("step"),
                                        "clips_per_s": record.get("clips_per_s"), "peak_gib": record.get("peak_gib"),
-                                       **{m: got[m] for m in metrics if isinstance(got.get(m), float)}})
+                                       **{m: got[m] for m in metrics if isinstance(got.get(m), float)},
+                                       **sample_record(at["gen"])})
     floors = {k: evaluated(v, []) or {} for k, v in floor_files.items()}
     floors = {k: {m: v[m] for m in metrics if isinstance(v.get(m), float)} for k, v in floors.items()}
+    clipped = None
+    if clip is not None and evaluated(clip["result"], []):
+        got = evaluated(clip["result"], [])
+        clipped = {"recipe": clip["recipe"], "minutes": clip["minutes"], "clip_x0": args.clip_x0,
+                   **{m: got[m] for m in metrics if isinstance(got.get(m), float)}, **sample_record(clip["gen"])}
+    wall = (time.perf_counter() - t0) / 60
     with open(os.path.join(args.out, "curve.json"), "w") as f:
         json.dump({"recipes": {r: {"flags": RECIPES[r], "points": curves[r]} for r in args.recipes},
-                   "floors": floors, "steps": args.steps, "clips": args.clips, "model": args.model}, f, indent=1)
+                   "floors": floors, "clipped": clipped, "steps": args.steps, "clips": args.clips,
+                   "model": args.model, "wall_minutes_this_call": wall}, f, indent=1)
     plot(curves, floors, os.path.join(args.out, "curve.png"))
     for recipe, points in curves.items():
         for row in points:
             print(recipe, "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     for k, v in floors.items():
         print(f"floor {k}: " + "  ".join(f"{m} {x:.1f}" for m, x in v.items()))
+    if clipped:
+        print("clip-x0", "  ".join(f"{k} {v}" for k, v in clipped.items()))
+    print(f"{wall:.1f} min in this call")
     if failures:
         sys.exit("failed: " + "; ".join(failures))
 

@@ -66,28 +66,34 @@ def saturated_fraction(videos):
     return float(((u == 0) | (u == 255)).any(dim=1).float().mean())
 
 
-def report(gen_z, gen_saturated, data_stats, data_saturated=None):
-    """Lines comparing samples with the data: per-channel latent mean and std, outliers, saturated pixels."""
-    g = latent_stats(gen_z)
+def sample_stats(gen_z, gen_saturated, data_stats=None, data_saturated=None):
+    """Samples beside the data, as numbers: latent statistics, the fraction of latent values beyond the data's
+    largest |value| (None without data statistics), saturated pixels."""
+    outliers = None if data_stats is None else float((gen_z.abs() > data_stats["absmax"]).float().mean())
+    return {"latents": latent_stats(gen_z), "outliers": outliers, "saturated": gen_saturated,
+            "data_latents": data_stats, "data_saturated": data_saturated}
+
+
+def report(stats):
+    """Lines of sample_stats: per-channel latent mean and std, outliers, saturated pixels."""
+    g, d = stats["latents"], stats["data_latents"]
     lines = []
-    if data_stats is not None:
-        dm, ds = torch.tensor(data_stats["mean"]), torch.tensor(data_stats["std"])
+    if d is not None:
+        dm, ds = torch.tensor(d["mean"]), torch.tensor(d["std"])
         gm, gs = torch.tensor(g["mean"]), torch.tensor(g["std"])
         ratio = gs / ds
-        outliers = float((gen_z.abs() > data_stats["absmax"]).float().mean())
         lines += [f"latents, per channel: |mean - data mean| max {float((gm - dm).abs().max()):.3f} "
                   f"(data means {float(dm.min()):+.2f}..{float(dm.max()):+.2f}); std / data std "
                   f"{float(ratio.min()):.2f}..{float(ratio.max()):.2f} (data std {float(ds.min()):.2f}.."
                   f"{float(ds.max()):.2f})",
-                  f"latents: max |z| {g['absmax']:.2f} (data {data_stats['absmax']:.2f}), 99.99th percentile "
-                  f"{g['q9999']:.2f} (data {data_stats['q9999']:.2f}); {100 * outliers:.3f} % of values beyond "
+                  f"latents: max |z| {g['absmax']:.2f} (data {d['absmax']:.2f}), 99.99th percentile "
+                  f"{g['q9999']:.2f} (data {d['q9999']:.2f}); {100 * stats['outliers']:.3f} % of values beyond "
                   f"the data's max"]
     else:
-        lines.append(f"latents: std {float(gen_z.std()):.3f}, max |z| {g['absmax']:.2f} (no data statistics "
-                     f"in the checkpoint)")
-    sat = f"saturated pixels (a channel at 0 or 255): {100 * gen_saturated:.2f} %"
-    if data_saturated is not None:
-        sat += f" (training clips: {100 * data_saturated:.2f} %)"
+        lines.append(f"latents: max |z| {g['absmax']:.2f} (no data statistics in the checkpoint)")
+    sat = f"saturated pixels (a channel at 0 or 255): {100 * stats['saturated']:.2f} %"
+    if stats["data_saturated"] is not None:
+        sat += f" (training clips: {100 * stats['data_saturated']:.2f} %)"
     lines.append(sat)
     return lines
 

@@ -11,11 +11,13 @@ the number of GPUs, up to float rounding (with eta = 0, DDIM is deterministic af
     gif/<i:06d>.gif              one GIF per video
     mp4/<i:06d>.mp4              when PyAV is installed
     grid.png                     the first 16 videos, one per row, every other frame
+    stats.json                   the samples' latent statistics and saturated pixels beside the data's
 
 Dimension names: B batch, f latent frames, C latent channels, h, w latent size, F pixel frames, H, W pixels.
 """
 
 import argparse
+import json
 import os
 
 import torch
@@ -74,9 +76,13 @@ def main(argv=None):
         print(f"wrote {args.num_videos} videos to {out}: frames/, gif/, " + ("mp4/, " if mp4 else "") + "grid.png"
               + ("" if mp4 else " (no MP4: PyAV is not installed)"))
         # the numbers that tell samples in range from noise; under torchrun, of rank 0's share
-        for line in pipeline.report(torch.cat(latents), sum(saturated) / len(mine), ckpt.get("latent_stats"),
-                                    ckpt.get("data_saturated")):
+        stats = pipeline.sample_stats(torch.cat(latents), sum(saturated) / len(mine), ckpt.get("latent_stats"),
+                                      ckpt.get("data_saturated"))
+        for line in pipeline.report(stats):
             print(line)
+        with open(os.path.join(out, "stats.json"), "w") as f:
+            json.dump({"ckpt": ckpt_path, "step": ckpt["step"], "steps": args.steps, "clip_x0": args.clip_x0,
+                       **stats}, f, indent=1)
     distributed.teardown(world)
 
 

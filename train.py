@@ -17,7 +17,8 @@ bf16 autocast on GPU; `--compile` for torch.compile.
 Latents: a clip is encoded by the VAE as 17 frames -> f = 5 latent frames, each image as a single frame.
 With --latents cache (the default when training for more than 2 epochs, where it is faster: each clip is
 encoded once per flip instead of once per use) the training set is encoded once, both horizontal flips,
-and kept in OUT/latents; each epoch then picks one flip per clip. --latents online encodes every batch,
+and kept in OUT/latents (or --cache-dir, which runs on the same data and VAE may share); each epoch then
+picks one flip per clip. --latents online encodes every batch,
 with a fresh random crop each epoch.
 
 The run folder OUT gets log.jsonl (loss, lr, gradient norm, clips/s, skipped steps), loss.png, samples/
@@ -107,6 +108,7 @@ def build_cache(vae, dataset, folder, key, rank, world, device, amp, batch_size,
         if meta.get("key") == key:
             return load_cache(folder, meta)
     os.makedirs(folder, exist_ok=True)
+    t0 = time.perf_counter()
     mine = list(range(rank, len(dataset), world))
     loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers=workers)
     parts = {k: [] for k in CachedLatents.KEYS}
@@ -124,7 +126,7 @@ def build_cache(vae, dataset, folder, key, rank, world, device, amp, batch_size,
         with open(tmp, "w") as f:
             json.dump(meta, f)
         os.replace(tmp, meta_path)
-        log(f"cached the latents of {len(dataset)} clips (both flips) in {folder}")
+        log(f"cached the latents of {len(dataset)} clips (both flips) in {folder} in {time.perf_counter() - t0:.0f} s")
     distributed.barrier(world)
     return load_cache(folder, meta)
 
@@ -268,6 +270,8 @@ def parse_args(argv):
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--max-clips", type=int, default=None, help="use only the first N training clips")
     p.add_argument("--latents", default="auto", choices=["auto", "cache", "online"])
+    p.add_argument("--cache-dir", default=None, help="the latent cache (default OUT/latents); checked against "
+                   "the VAE and data options, so runs may share one")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)
@@ -345,8 +349,9 @@ def main(argv=None):
     mode = args.latents if args.latents != "auto" else ("cache" if args.epochs > 2 else "online")
     if mode == "cache":
         torch.manual_seed(args.seed)
-        tensors = build_cache(vae, clips, os.path.join(args.out, "latents"), cache_key(args, args.vae), rank, world,
-                              device, amp, args.batch_size[0], args.workers, log)
+        folder = args.cache_dir or os.path.join(args.out, "latents")
+        tensors = build_cache(vae, clips, folder, cache_key(args, args.vae), rank, world, device, amp,
+                              args.batch_size[0], args.workers, log)
         train_set = CachedLatents(tensors, args.seed)
     else:
         train_set = data.make_dataset(args.data, "train", args.data_root, **{**clip_kwargs, "flip": True})

@@ -45,6 +45,9 @@ def fake_scripts(monkeypatch, started):
         def wait(self):
             return 0
 
+        def poll(self):
+            return 0
+
     def start(cmd, log):
         started.append(cmd)
         out = cmd[cmd.index("--out") + 1]
@@ -57,10 +60,16 @@ def fake_scripts(monkeypatch, started):
             json.dump({"minutes": total}, open(os.path.join(out, "ckpt.pt"), "w"))
             with open(os.path.join(out, "log.jsonl"), "a") as f:
                 f.write(json.dumps({"step": int(100 * total), "loss": 0.1, "clips_per_s": 50.0}) + "\n")
+            cache = cmd[cmd.index("--cache-dir") + 1]
+            os.makedirs(cache, exist_ok=True)
+            open(os.path.join(cache, "meta.json"), "w").close()
         elif cmd[0] == "sample.py":
             os.makedirs(os.path.join(out, "frames", "000000"), exist_ok=True)
             with open(os.path.join(out, "ckpt_used"), "w") as f:
                 f.write(open(cmd[cmd.index("--ckpt") + 1]).read())
+            clip = float(cmd[cmd.index("--clip-x0") + 1]) if "--clip-x0" in cmd else None
+            json.dump({"latents": {"absmax": clip or 9.0}, "outliers": 0.001, "saturated": 0.002},
+                      open(os.path.join(out, "stats.json"), "w"))
         proc = Done()
         proc.log, proc.cmd = open(os.devnull, "w"), cmd
         return proc
@@ -80,7 +89,7 @@ def test_segments_resume_and_recipes(tmp_path, monkeypatch):
     started = []
     fake_scripts(monkeypatch, started)
     out = str(tmp_path / "curve")
-    curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "1"])
+    curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "1", "--clip-x0", "4"])
 
     trains = [c for c in started if c[0] == "train.py"]
     assert len(trains) == 4  # two segments, two recipes each
@@ -89,6 +98,11 @@ def test_segments_resume_and_recipes(tmp_path, monkeypatch):
     short = next(c for c in trains if "--lr" in c)
     assert short[short.index("--lr") + 1:short.index("--lr") + 3] == ["1e-3", "1e-3"]
     assert not any("--lr" in c for c in trains if os.path.join("paper", "") in c[c.index("--out") + 1])
+    assert {c[c.index("--cache-dir") + 1] for c in trains} == {os.path.join(out, "latents")}  # one shared cache
+    samples = [c for c in started if c[0] == "sample.py"]
+    clipped = [c for c in samples if "--clip-x0" in c]
+    assert len(samples) == 5 and len(clipped) == 1 and clipped[0][-2:] == ["--clip-x0", "4.0"]
+    assert clipped[0][clipped[0].index("--ckpt") + 1] == os.path.join(out, "short", "ckpts", "min3.pt")
 
     got = json.load(open(os.path.join(out, "curve.json")))
     assert set(got["recipes"]) == {"short", "paper"}
@@ -97,13 +111,16 @@ def test_segments_resume_and_recipes(tmp_path, monkeypatch):
         assert [p["minutes"] for p in points] == [1, 3]
         assert [p["steps"] for p in points] == [100, 300]
         assert [round(p["fvd"]) for p in points] == [5000, 1667]  # each point sampled its own checkpoint
+        assert [(p["max_abs_z"], p["outliers_pct"], p["saturated_pct"]) for p in points] == [(9.0, 0.1, 0.2)] * 2
+    assert got["clipped"]["recipe"] == "short" and got["clipped"]["minutes"] == 3
+    assert round(got["clipped"]["fvd"]) == 1667 and got["clipped"]["max_abs_z"] == 4.0
     assert got["floors"]["train vs val"]["fvd"] == 100.0
     assert got["floors"]["reconstruction vs val"]["fvd"] == 1000.0
     assert Image.open(os.path.join(out, "curve.png")).size == (720, 400)
 
     # everything is there: a second call runs nothing
     started.clear()
-    curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "1"])
+    curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "1", "--clip-x0", "4"])
     assert started == []
 
 

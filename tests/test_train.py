@@ -183,6 +183,10 @@ def test_sample_deterministic_and_layout(vae_ckpt, tmp_path):
     z0.load_state_dict(torch.load(vae_ckpt, weights_only=False)["model"])
     ref = data.to_uint8(z0.decode(torch.zeros(1, 16, 3, 4, 4)).clamp(-1, 1)[0].detach())[4].astype(int)
     assert np.abs(flat - ref).max() <= 1
+    stats = json.load(open(os.path.join(c, "stats.json")))  # what sample.py printed, kept beside the videos
+    assert stats["clip_x0"] == 0 and stats["latents"]["absmax"] < 1e-6 and stats["outliers"] == 0
+    stats = json.load(open(os.path.join(a, "stats.json")))
+    assert stats["latents"]["absmax"] > 0 and len(stats["latents"]["std"]) == 16 and 0 <= stats["saturated"] <= 1
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         sample.main(["--run", str(tmp_path / "empty")])
 
