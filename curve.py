@@ -50,6 +50,7 @@ RECIPES = {  # train.py flags of each recipe
 
 def start(cmd, log):
     """Start a script of this project, its output appended to `log`."""
+    os.makedirs(os.path.dirname(log), exist_ok=True)
     f = open(log, "a")
     f.write(f"\n$ {' '.join(cmd)}\n")
     f.flush()
