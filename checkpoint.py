@@ -3,6 +3,7 @@ Checkpoints: written atomically, read without running code, damage detected and 
 
     checkpoint.save(obj, path)      a temporary file, then a rename: a crash leaves the old file or the new one
     checkpoint.load(path)           every part's CRC-32 checked, then torch.load(weights_only=True)
+    checkpoint.check_finite(state, path)   NaN or infinite weights refused by name
     checkpoint.rng_state()          every random generator (Python, NumPy, torch, CUDA) as tensors and numbers
     checkpoint.save_run(...)        a trainer's checkpoint with each rank's RNG state, from rank 0, then a barrier
 
@@ -16,9 +17,12 @@ checks them, so a truncated or bit-flipped file is named instead of silently giv
 """
 
 import argparse
+import contextlib
+import errno
 import os
 import pickle
 import random
+import shutil
 import zipfile
 
 import numpy as np
@@ -28,10 +32,24 @@ import distributed
 
 
 def save(obj, path):
+    """torch.save to PATH.tmp, fsync, rename. On failure (a full disk, an interrupt) the temporary file is removed
+    and the previous PATH is left as it was; a full disk is said in those words."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave a renamed empty file
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave a renamed empty file
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "unexpected pos" in str(e)
+        if not full:
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        kept = "the previous checkpoint is intact; " if os.path.exists(path) else ""
+        raise OSError(errno.ENOSPC, f"no space left on the disk while writing {path} ({free / 2**20:.0f} MiB free): "
+                      f"{kept}free some space, then --resume") from None
     os.replace(tmp, path)
 
 
@@ -54,6 +72,15 @@ def load(path, what="checkpoint"):
         raise ValueError(f"{path}: refused to load: it holds objects other than tensors and plain values, and "
                          f"rebuilding them could run code ({first}). If you wrote it yourself with an earlier "
                          f"version of this project, `python checkpoint.py upgrade {path}` rewrites it safely") from None
+
+
+def check_finite(state, path, what="weights"):
+    """Refuse a state dict with NaN or infinite values: such weights decode to black or noise."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise ValueError(f"{path}: the {what} hold NaN or infinite values in {len(bad)} tensors (first {bad[0]}); "
+                         f"this checkpoint cannot be used: take an earlier one")
+    return state
 
 
 def resume(out, what="checkpoint"):

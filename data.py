@@ -224,7 +224,7 @@ def retry(read, where, tries=10):
             return read(attempt), attempt
         except (OSError, ValueError) as e:
             print(f"warning: skipped an unreadable clip: {e}", file=sys.stderr)
-    raise RuntimeError(f"{tries} clips in a row near {where} were unreadable; check the data")
+    raise ValueError(f"{tries} clips in a row near {where} were unreadable; check the data")
 
 
 class FrameFolderClips(Dataset):
@@ -232,11 +232,19 @@ class FrameFolderClips(Dataset):
 
     def __init__(self, root, split="train", num_frames=16, stride=3, size=128, num_images=8, flip=True,
                  val_fraction=0.1, seed=0):
+        if os.path.isfile(root):
+            raise NotADirectoryError(f"data {root} is a file; give a folder of frame folders "
+                                     f"(<video>/000000.jpg ...), made from videos by `python data.py prepare`")
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data root {root} does not exist; prepare it with "
                                     f"`python data.py prepare --src RAW --dst {root}` or set --data-root")
         folders = frame_folders(root)
         if not folders:
+            videos = [f for _, _, files in os.walk(root) for f in files if f.lower().endswith(VIDEO_EXTS)]
+            if videos:
+                raise FileNotFoundError(f"{root} holds {len(videos)} video files but no frame folders: convert them "
+                                        f"once with `python data.py prepare --src {root} --dst FOLDER` and give "
+                                        f"FOLDER")
             raise FileNotFoundError(f"no frame folders in {root}; expected {root}/<video>/000000.jpg ... "
                                     f"(run `python data.py prepare`)")
         self.root, self.num_frames, self.stride, self.size = root, num_frames, stride, size

@@ -5,14 +5,19 @@ Run plumbing shared by the scripts: one process or many (torchrun), stopping cle
     stop = distributed.StopSignals()              # SIGTERM / SIGINT: finish the step, save, exit
     ...
     distributed.teardown(world)
+    if __name__ == "__main__": distributed.cli(main)   # expected failures as one line (see cli)
 
 The same script runs under `python` (one process) and under `torchrun` (one process per GPU: NCCL on GPUs,
 gloo on CPU). Rank 0 logs and writes files; every rank meets the others at the barrier after a checkpoint.
 """
 
+import fcntl
 import json
 import os
 import signal
+import socket
+import sys
+import time
 
 import numpy as np
 import torch
@@ -33,7 +38,10 @@ def setup():
 
 
 def teardown(world):
+    """Leave the process group once every rank is here: a rank that destroyed its gloo group while another was
+    still in a collective with it would make that one abort."""
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -115,3 +123,80 @@ class RunLog:
     def close(self):
         if self.rank == 0:
             self.file.close()
+
+
+class RunLock:
+    """OUT/lock, held by rank 0 while a run writes to OUT: a second run on the same folder stops at once and
+    names the process that holds it. The lock is the kernel's (flock), which drops it when its process ends,
+    however it ends: the file a killed run leaves behind blocks nothing."""
+
+    held = {}  # path -> file, of this process: a later run in the same process (after an error) takes over
+
+    def __init__(self, out, rank):
+        self.file = None
+        if rank != 0:
+            return
+        path = os.path.realpath(os.path.join(out, "lock"))
+        if path in RunLock.held:
+            RunLock.held.pop(path).close()
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise SystemExit(f"error: {out} is in use by {holder}; wait for that run to end, or give another --out")
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self.file = RunLock.held[path] = f
+
+    def release(self):
+        if self.file is not None:
+            RunLock.held = {k: v for k, v in RunLock.held.items() if v is not self.file}
+            self.file.close()  # closing drops the lock
+            self.file = None
+
+
+def check_args(parser, args, positive=(), non_negative=(), multiples=None, folder=None):
+    """The checks every script makes before any work, each failure one line that names the value (exit status 2):
+    options that must be positive or not negative (None is left alone; a pair is checked as a whole), positive
+    multiples ({name: (k, why)}), and an output folder that must not be a file."""
+    for name, (k, why) in (multiples or {}).items():
+        value = getattr(args, name)
+        if value <= 0 or value % k:
+            parser.error(f"--{name.replace('_', '-')} {value}: it must be a positive multiple of {k} ({why})")
+    rules = ((positive, lambda v: v > 0, "be positive"), (non_negative, lambda v: v >= 0, "not be negative"))
+    for names, holds, must in rules:
+        for name in names:
+            value = getattr(args, name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(holds(v) for v in values):
+                which = "both" if len(values) == 2 else "it"
+                parser.error(f"--{name.replace('_', '-')} {' '.join(map(str, values))}: {which} must {must}")
+    path = getattr(args, folder) if folder else None
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"--{folder} {path}: it is a file; give a folder")
+
+
+def cli(main, argv=None):
+    """Run a script's main(argv) so that an expected failure (a missing, damaged or mismatched file, bad data,
+    a full disk, too little GPU memory) is one line on stderr and exit status 1. `--debug` anywhere on the
+    command line, or MEDSORA_DEBUG=1, lets the exception through with its traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("MEDSORA_DEBUG", "0") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if debug:
+        return main(argv)
+    try:
+        return main(argv)
+    except torch.OutOfMemoryError:
+        sys.exit("error: out of GPU memory: lower --batch-size (--debug shows where)")
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, OSError) and e.strerror and e.filename:
+            msg = f"{e.strerror}: {e.filename}"
+        else:
+            msg = str(e.args[0]) if e.args else type(e).__name__
+        sys.exit(f"error: {' '.join(msg.split())} (--debug shows where)")

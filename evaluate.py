@@ -486,12 +486,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     if (args.fake is None) == (args.vae is None):
         p.error("give --fake (generated videos) or --vae (a VAE to measure), not both")
+    distributed.check_args(p, args, positive=("num_clips", "frames", "real_stride", "fake_stride", "size",
+                                              "batch_size"), non_negative=("workers",))
+    if args.num_clips < 2:
+        p.error(f"--num-clips {args.num_clips}: the metrics compare distributions, which takes at least 2 clips "
+                f"(2048 in the paper)")
     if args.vae:
         return evaluate_vae(args, distributed.setup()[2])
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         p.error(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
+    if args.frames < 9 and "fvd" in metrics:
+        p.error(f"--frames {args.frames}: the I3D network of FVD needs at least 9 frames (16 is the standard); give "
+                f"--frames 9 or more, or leave fvd out of --metrics")
 
     rank, world, device = distributed.setup()
     # full fp32: TF32 would move the features by ~1e-3 and the metrics with them
@@ -536,4 +544,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    distributed.cli(main)

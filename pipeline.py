@@ -108,8 +108,12 @@ def newest_checkpoint(run):
 def load(ckpt_path, use_ema=True, vae_path=None):
     """(model, vae, checkpoint) from a train.py checkpoint, with the EMA weights by default."""
     ckpt = checkpoint.load(ckpt_path)
+    if not {"config", "ema", "model", "vae_path"} <= set(ckpt):
+        raise ValueError(f"{ckpt_path} is not a train.py checkpoint (it has {', '.join(sorted(ckpt)[:6])}); "
+                         f"sample.py needs the ckpt.pt of a MedSora run")
+    weights = "ema" if use_ema else "model"
     model = dit.MedSora(dit.DiTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    model.load_state_dict(checkpoint.check_finite(ckpt[weights], ckpt_path, f"{'EMA' if use_ema else 'raw'} weights"))
     vae = vae_lib.load(vae_path or ckpt["vae_path"])
     if vae.cfg.scaling_factor != ckpt["vae_config"]["scaling_factor"]:
         raise ValueError(f"the VAE at {vae_path or ckpt['vae_path']} has scaling factor {vae.cfg.scaling_factor}, "

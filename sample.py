@@ -45,6 +45,11 @@ def main(argv=None):
                    help="clamp DDIM's predicted latents to +-VALUE (e.g. 4; latents have unit std): keeps an "
                         "undertrained model in range. Off by default, as in the paper")
     args = p.parse_args(argv)
+    # checked before the model loads; each failure is one line, exit status 2
+    distributed.check_args(p, args, positive=("num_videos", "batch_size", "fps"), non_negative=("eta", "clip_x0"),
+                           folder="out")
+    if not 1 <= args.steps <= 1000:
+        p.error(f"--steps {args.steps}: DDIM takes 1 to 1000 steps (the training schedule has 1000)")
 
     rank, world, device = distributed.setup()
     amp = device.type == "cuda"
@@ -87,4 +92,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    distributed.cli(main)

@@ -282,21 +282,12 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     # checked before any work; each failure is one line, exit status 2
-    if args.num_frames < 8 or args.num_frames % 8:
-        p.error(f"--num-frames {args.num_frames}: clips are 8k + 1 frames (the VAE's causal first frame, then "
-                f"groups of 4, an odd number of latent frames), so it must be a multiple of 8, e.g. 8 or 16")
-    if args.size <= 0 or args.size % 16:
-        p.error(f"--size {args.size}: it must be a multiple of 16 (the VAE's 8x times the 2x2 patch), e.g. 64 or 128")
-    for name in ("batch_size", "lr"):
-        if min(getattr(args, name)) <= 0:
-            p.error(f"--{name.replace('_', '-')} {' '.join(map(str, getattr(args, name)))}: both must be positive")
-    for name in ("epochs", "max_steps", "log_every", "ckpt_every", "max_bad_steps", "sample_steps", "max_clips"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            p.error(f"--{name.replace('_', '-')} {value}: it must be positive")
-    for name in ("num_images", "workers", "sample_every", "weight_decay", "clip_from_epoch"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: it must not be negative")
+    distributed.check_args(p, args, folder="out", positive=(
+        "batch_size", "lr", "epochs", "max_steps", "log_every", "ckpt_every", "max_bad_steps", "sample_steps",
+        "max_clips"), non_negative=("num_images", "workers", "sample_every", "weight_decay", "clip_from_epoch",
+                                    "max_minutes"), multiples={
+        "num_frames": (8, "clips are 8k + 1 frames: the VAE's causal first frame, then groups of 4; e.g. 8 or 16"),
+        "size": (16, "the VAE's 8x times the 2x2 patch; e.g. 64 or 128")})
     return args
 
 
@@ -329,11 +320,18 @@ def main(argv=None):
     amp = device.type == "cuda"  # bf16 autocast on GPU, fp32 on CPU
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
+    lock = distributed.RunLock(args.out, rank)
     ckpt = checkpoint.resume(args.out) if args.resume else None
     changed = resume_differences(args, ckpt["args"]) if ckpt is not None else []
     if changed:
         raise SystemExit(f"error: --resume with other options than {ckpt_path} was trained with: "
                          f"{'; '.join(changed)}. Give the same options, or a new --out")
+    if ckpt is not None and (ckpt["step"] >= (args.max_steps or math.inf) or ckpt["epoch"] >= args.epochs):
+        print(f"{ckpt_path} has already finished (step {ckpt['step']}, epoch {ckpt['epoch']}; --max-steps "
+              f"{args.max_steps}, --epochs {args.epochs}): nothing to do (raise them to train longer)")
+        lock.release()
+        distributed.teardown(world)
+        return
     if ckpt is not None and args.vae == parse_args([]).vae:
         args.vae = ckpt["vae_path"]
     log = distributed.RunLog(args.out, rank, resume_step=ckpt["step"] if ckpt else None)
@@ -372,8 +370,8 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr[0], weight_decay=args.weight_decay)
     at = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "skipped": 0, "updates": 0, "latent_frames": f}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
+        model.load_state_dict(checkpoint.check_finite(ckpt["model"], ckpt_path))
+        ema.load_state_dict(checkpoint.check_finite(ckpt["ema"], ckpt_path, "EMA weights"))
         opt.load_state_dict(ckpt["optimizer"])
         at.update({k: ckpt[k] for k in ("step", "epoch", "samples_in_epoch", "skipped", "updates")})
         if ckpt["world"] == world:
@@ -485,8 +483,9 @@ def main(argv=None):
     else:
         log(f"done at step {step}: {ckpt_path}, samples in {os.path.join(args.out, 'samples')}")
     log.close()
+    lock.release()
     distributed.teardown(world)
 
 
 if __name__ == "__main__":
-    main()
+    distributed.cli(main)

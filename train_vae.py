@@ -147,7 +147,18 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-freq-comp", action="store_true", help="from scratch without the compensation modules")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (as if done) after this much training")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # checked before any work; each failure is one line, exit status 2
+    distributed.check_args(parser, args, folder="out", positive=(
+        "steps", "batch_size", "lr", "log_every", "ckpt_every", "val_every", "val_clips"), non_negative=(
+        "ffl_weight", "kl_weight", "lpips_weight", "disc_weight", "workers", "max_minutes"), multiples={
+        "num_frames": (8, "clips are 8k + 1 frames: the causal first frame, then groups of 4 for the latents and of "
+                          "8 for the discriminator; e.g. 8 or 16"),
+        "size": (8, "the VAE's spatial factor; e.g. 64 or 128")})
+    return args
+
+
+RESUME_KEYS = ("data", "model", "finetune", "num_frames", "size", "no_freq_comp")  # what a resumed run must keep
 
 
 def main(argv=None):
@@ -156,7 +167,20 @@ def main(argv=None):
     amp = device.type == "cuda"  # bf16 autocast on GPU, fp32 on CPU
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
+    lock = distributed.RunLock(args.out, rank)
     ckpt = checkpoint.resume(args.out) if args.resume else None
+    if ckpt is not None:
+        changed = [f"--{k.replace('_', '-')}: {ckpt['args'].get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS
+                   if ckpt["args"].get(k) != getattr(args, k)]
+        if changed:
+            raise SystemExit(f"error: --resume with other options than {ckpt_path} was trained with: "
+                             f"{'; '.join(changed)}. Give the same options, or a new --out")
+        if ckpt["step"] >= args.steps:
+            print(f"{ckpt_path} has already trained {ckpt['step']} of --steps {args.steps}: nothing to do "
+                  f"(raise --steps to train longer)")
+            lock.release()
+            distributed.teardown(world)
+            return
     log = distributed.RunLog(args.out, rank, resume_step=ckpt["step"] if ckpt else None)
 
     # the data, the VAE, its optimiser, the optional perceptual loss and discriminator
@@ -175,7 +199,7 @@ def main(argv=None):
         log("note: no LPIPS weights given (--lpips VGG16 HEADS): training without the perceptual loss")
     at = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(checkpoint.check_finite(ckpt["model"], ckpt_path))
         opt.load_state_dict(ckpt["optimizer"])
         if disc and ckpt.get("disc"):
             disc.load_state_dict(ckpt["disc"])
@@ -250,6 +274,7 @@ def main(argv=None):
         checkpoint.save(saved, ckpt_path)
         log(f"latent scaling factor measured on training clips: {model.cfg.scaling_factor:.5f} (stored in {ckpt_path})")
     log.close()
+    lock.release()
     distributed.teardown(world)
 
 
@@ -265,4 +290,4 @@ def validate(model, val_set, args, step, device, amp, log):
 
 
 if __name__ == "__main__":
-    main()
+    distributed.cli(main)

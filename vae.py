@@ -444,10 +444,11 @@ def load(path):
                                 f"or give CogVideoX's weights (a vae/ folder or .safetensors file)")
     if path.endswith(".pt"):
         ckpt = checkpoint.load(path, "VAE checkpoint")
-        if "model" not in ckpt or "config" not in ckpt:
-            raise KeyError(f"{path} is not a train_vae.py checkpoint (expected 'model' and 'config' entries)")
+        if "model" not in ckpt or "config" not in ckpt or "vae_path" in ckpt:
+            raise ValueError(f"{path} is not a train_vae.py checkpoint (expected its 'model' and 'config' entries"
+                             f"{'; this one is a MedSora checkpoint' if 'vae_path' in ckpt else ''})")
         model = VideoVAE(VAEConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])  # strict: our own checkpoints match exactly
+        model.load_state_dict(checkpoint.check_finite(ckpt["model"], path, "VAE weights"))  # strict: ours match
         return model
     return load_pretrained(path)
 

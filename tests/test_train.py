@@ -192,9 +192,9 @@ def test_sample_deterministic_and_layout(vae_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--num-frames", "10"], "--num-frames 10: clips are 8k + 1 frames"),
-    (["--num-frames", "6"], "--num-frames 6: clips are 8k + 1 frames"),
-    (["--size", "60"], "--size 60: it must be a multiple of 16"),
+    (["--num-frames", "10"], "--num-frames 10: it must be a positive multiple of 8 (clips are 8k + 1 frames"),
+    (["--num-frames", "6"], "--num-frames 6: it must be a positive multiple of 8 (clips are 8k + 1 frames"),
+    (["--size", "60"], "--size 60: it must be a positive multiple of 16"),
     (["--batch-size", "-2", "2"], "--batch-size -2 2: both must be positive"),
     (["--lr", "0", "1e-4"], "--lr 0.0 0.0001: both must be positive"),
     (["--max-steps", "0"], "--max-steps 0: it must be positive"),
