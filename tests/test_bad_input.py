@@ -2,8 +2,9 @@
 (status 2 for a bad argument, checked before any work; 1 for a bad file, with what to do), and nothing on disk
 is damaged. The scripts run in-process through distributed.cli, as their `__main__` runs them."""
 
-import fcntl
 import os
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -18,6 +19,7 @@ import train
 import train_vae
 import vae
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"train": train.main, "train_vae": train_vae.main, "sample": sample.main, "evaluate": evaluate.main}
 # 9-frame 32 x 32 clips of 8 training clips: a run of a few steps takes seconds
 TRAIN = ["--size", "32", "--num-frames", "8", "--num-images", "2", "--max-clips", "8", "--batch-size", "2", "2",
@@ -159,20 +161,33 @@ def test_resuming_a_finished_run_changes_nothing(files, capsys, tmp_path):
     assert open(os.path.join(vae_out, "ckpt.pt"), "rb").read() == before
 
 
-def test_a_run_folder_in_use_is_refused_and_a_stale_lock_is_not(files, capsys, tmp_path):
+def test_a_run_folder_in_use_is_refused_and_a_killed_runs_lock_is_not(files, capsys, tmp_path):
     out = tmp_path / "locked"
     out.mkdir()
-    with open(out / "lock", "w") as f:  # another process's lock, as a running train.py holds it
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        f.write("process 4242 on gpu-node since 2026-01-01 00:00:00\n")
-        f.flush()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, distributed; "
+                               "lock = distributed.RunLock(sys.argv[1], 0); print('locked', flush=True); "
+                               "time.sleep(300)", str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
         code, line = fails("train", TRAIN + ["--vae", files["vae"], "--out", str(out), "--max-steps", "1"], capsys)
-        assert code == 1 and f"{out} is in use by process 4242 on gpu-node" in line
-        assert not os.path.exists(out / "log.jsonl")  # stopped before writing anything
-    # the holder is gone (its lock died with it) but its file is still there: nothing blocks the next run
+        assert code == 1 and f"{out} is in use by process {holder.pid} on " in line
+        assert sorted(os.listdir(out)) == ["lock"]  # stopped before writing anything
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the lock file stays behind
+        holder.wait()
+    assert (out / "lock").exists()
     train.main(TRAIN + ["--vae", files["vae"], "--out", str(out), "--max-steps", "1"])
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
-    assert str(os.getpid()) in (out / "lock").read_text()
+    assert f"process {os.getpid()} " in (out / "lock").read_text()
+
+
+def test_the_scripts_main_is_guarded(files, tmp_path):
+    """`python script.py ...` itself: one line on stderr, no traceback, the exit status."""
+    for argv, status, message in ((["sample.py", "--ckpt", files["truncated"]], 1, "is damaged"),
+                                  (["train.py", "--size", "60"], 2, "--size 60: it must be a positive multiple")):
+        got = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        lines = [x for x in got.stderr.splitlines() if x.strip() and not x.startswith(("usage:", " "))]
+        assert got.returncode == status and len(lines) == 1 and message in lines[0], got.stderr
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
