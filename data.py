@@ -464,12 +464,12 @@ def main(argv=None):
     if args.command == "prepare":
         try:
             results = prepare(args.src, args.dst, args.size, args.min_frames, args.workers)
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:
             sys.exit(f"error: {e}")
         sys.exit(1 if results["failed"] else 0)
     try:
         ds = make_dataset(args.data, args.split, args.data_root)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     t0 = time.perf_counter()
     for i in range(args.samples):

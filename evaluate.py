@@ -512,7 +512,7 @@ def main(argv=None):
         root = args.data_root if spec in data.DATASETS else None           # --data-root names a data set's folder
         try:
             source = Source(spec, split, args.frames, stride, args.size, args.seed, root)
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:
             sys.exit(f"error: {e}")
         if rank == 0 and args.num_clips > source.distinct():
             print(f"note: {spec} has {source.distinct()} distinct clips; {args.num_clips} repeat some", file=sys.stderr)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import checkpoint
+import data
 import distributed
 import evaluate
 import sample
@@ -20,7 +21,7 @@ import train_vae
 import vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"train": train.main, "train_vae": train_vae.main, "sample": sample.main, "evaluate": evaluate.main}
+SCRIPTS = {"data": data.main, "train": train.main, "train_vae": train_vae.main, "sample": sample.main, "evaluate": evaluate.main}
 # 9-frame 32 x 32 clips of 8 training clips: a run of a few steps takes seconds
 TRAIN = ["--size", "32", "--num-frames", "8", "--num-images", "2", "--max-clips", "8", "--batch-size", "2", "2",
          "--workers", "0", "--sample-every", "0", "--sample-steps", "2"]
@@ -104,6 +105,8 @@ FILES = [  # (script, arguments, what the one line must say): status 1, the file
     ("train", ["--data", "{root}/avis"], "{root}/avis holds 1 video files but no frame folders"),
     ("train", ["--data", "{root}/few"], "has the 25 frames a clip needs"),
     ("train_vae", ["--data", "{root}/few"], "has the 25 frames a clip needs"),
+    ("data", ["stats", "--data", "{notes}"], "data {notes} is a file"),
+    ("data", ["stats", "--data", "{root}/avis"], "{root}/avis holds 1 video files but no frame folders"),
     ("train", ["--vae", "{root}/none.pt"], "no VAE at {root}/none.pt"),
     ("train", ["--vae", "{random}"], "{random} is damaged"),
     ("train", ["--vae", "{truncated}"], "{truncated} is damaged"),
@@ -122,7 +125,8 @@ FILES = [  # (script, arguments, what the one line must say): status 1, the file
 @pytest.mark.parametrize("script, argv, message", FILES)
 def test_bad_files(script, argv, message, files, capsys, tmp_path):
     base = {"train": TRAIN + ["--vae", files["vae"], "--max-steps", "1", "--out", str(tmp_path / "out")],
-            "train_vae": VAE + ["--steps", "1", "--out", str(tmp_path / "out")], "sample": [], "evaluate": []}
+            "train_vae": VAE + ["--steps", "1", "--out", str(tmp_path / "out")], "sample": [], "evaluate": [],
+            "data": []}
     code, line = fails(script, base[script] + [a.format(**files) for a in argv], capsys)
     assert code == 1 and line.startswith("error: ") and message.format(**files) in line, line
 
