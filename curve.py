@@ -208,6 +208,7 @@ def main(argv=None):
     p.add_argument("--inception", default=None)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--eval-jobs", type=int, default=2, help="checkpoints sampled and evaluated at once")
+    p.add_argument("--train-flags", default="", help="more train.py flags for every recipe, e.g. \"--max-clips 64\"")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="start no training segment that would end later than this; finish the evaluations")
     args = p.parse_args(argv)
@@ -273,7 +274,8 @@ def main(argv=None):
                 os.makedirs(os.path.dirname(at["ckpt"]), exist_ok=True)
                 resume = ["--resume"] if os.path.exists(os.path.join(at["run"], "ckpt.pt")) else []
                 procs.append(start(["train.py", "--model", args.model, "--vae", vae_ckpt, "--out", at["run"],
-                                    *RECIPES[recipe], "--max-minutes", str(point - trained), "--sample-every", "0",
+                                    *RECIPES[recipe], *args.train_flags.split(), "--max-minutes",
+                                    str(point - trained), "--sample-every", "0",
                                     "--workers", str(args.workers), "--cache-dir", cache, *resume],
                                    os.path.join(args.out, recipe, "train.log")))
                 wait_for(os.path.join(cache, "meta.json"), procs[-1])  # one process encodes the shared latents

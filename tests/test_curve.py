@@ -90,9 +90,11 @@ def test_segments_resume_and_recipes(tmp_path, monkeypatch):
     started = []
     fake_scripts(monkeypatch, started)
     out = str(tmp_path / "curve")
-    curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "1", "--clip-x0", "4"])
+    curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "1", "--clip-x0", "4",
+                "--train-flags", "--max-clips 64"])
 
     trains = [c for c in started if c[0] == "train.py"]
+    assert all(c[c.index("--max-clips") + 1] == "64" for c in trains)
     assert len(trains) == 4  # two segments, two recipes each
     assert ["--resume" in c for c in trains] == [False, False, True, True]
     assert [c[c.index("--max-minutes") + 1] for c in trains] == ["1.0", "1.0", "2.0", "2.0"]
