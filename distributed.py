@@ -1,5 +1,6 @@
 """
-Run plumbing shared by the scripts: one process or many (torchrun), stopping cleanly, seeds, the run's log.
+Run plumbing shared by the scripts: one process or many (torchrun), stopping cleanly, seeds, the run's log,
+the run folder's lock, and the command line's checks and one-line errors.
 
     rank, world, device = distributed.setup()     # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; alone: rank 0
     stop = distributed.StopSignals()              # SIGTERM / SIGINT: finish the step, save, exit
