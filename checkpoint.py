@@ -83,12 +83,19 @@ def check_finite(state, path, what="weights"):
     return state
 
 
-def resume(out, what="checkpoint"):
-    """OUT/ckpt.pt for --resume, loaded, or an error that says what to do."""
+def resume(out, args, keys):
+    """OUT/ckpt.pt for --resume, loaded, or an error that says what to do. The options named in `keys` must be
+    those the checkpoint was trained with (its "args"); the error lists every one that differs."""
     path = os.path.join(out, "ckpt.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: --resume given but {path} does not exist; start without --resume")
-    return load(path, what)
+    ckpt = load(path)
+    changed = [f"--{k.replace('_', '-')}: {ckpt['args'].get(k)!r} -> {getattr(args, k)!r}" for k in keys
+               if ckpt["args"].get(k) != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"error: --resume with other options than {path} was trained with: "
+                         f"{'; '.join(changed)}. Give the same options, or a new --out")
+    return ckpt
 
 
 def rng_state():

@@ -81,6 +81,11 @@ def evaluated(path, metrics):
     return got if all(isinstance(got.get(m), float) for m in metrics) else None
 
 
+def measured(got, metrics):
+    """The entries of an evaluate.py result (evaluated(...)) that are numbers, for the metrics asked for."""
+    return {m: got[m] for m in metrics if isinstance(got.get(m), float)}
+
+
 def sample_record(folder):
     """The numbers of a sample.py folder's stats.json that show outliers, or {}."""
     path = os.path.join(folder, "stats.json")
@@ -90,6 +95,11 @@ def sample_record(folder):
         s = json.load(f)
     return {"max_abs_z": s["latents"]["absmax"], "outliers_pct": 100 * s["outliers"] if s["outliers"] is not None
             else None, "saturated_pct": 100 * s["saturated"]}
+
+
+def videos_in(folder):
+    """How many videos a sample.py-style folder holds (its frames/<i>/ folders)."""
+    return len(glob.glob(os.path.join(folder, "frames", "*", "")))
 
 
 def wait_for(path, proc, poll=2.0):
@@ -131,7 +141,7 @@ def write_reconstructions(vae_path, out, n, size, num_frames, device, batch_size
 
 def sample_and_evaluate(ckpt, gen, result, args, extra=()):
     """--clips videos from a checkpoint (sample.py, DDIM --steps), unless they are there, then their FVD / FID."""
-    if len(glob.glob(os.path.join(gen, "frames", "*", ""))) < args.clips:
+    if videos_in(gen) < args.clips:
         run(["sample.py", "--ckpt", ckpt, "--num-videos", str(args.clips), "--steps", str(args.steps),
              "--batch-size", "128", "--out", gen, *extra], gen + ".log")
     evaluate(gen, result, args)
@@ -247,7 +257,7 @@ def main(argv=None):
         recon = os.path.join(args.out, "recon")
 
         def recon_floor():
-            if len(glob.glob(os.path.join(recon, "frames", "*", ""))) < args.clips:
+            if videos_in(recon) < args.clips:
                 write_reconstructions(vae_ckpt, recon, args.clips, 128, 16, device, workers=args.workers)
             evaluate(recon, floor_files["reconstruction vs val"], args)
         submit(recon_floor)
@@ -313,15 +323,14 @@ def main(argv=None):
                 record = json.load(open(at["record"])) if os.path.exists(at["record"]) else {}
                 curves[recipe].append({"minutes": point, "steps": record.get("step"),
                                        "clips_per_s": record.get("clips_per_s"), "peak_gib": record.get("peak_gib"),
-                                       **{m: got[m] for m in metrics if isinstance(got.get(m), float)},
+                                       **measured(got, metrics),
                                        **sample_record(at["gen"])})
-    floors = {k: evaluated(v, []) or {} for k, v in floor_files.items()}
-    floors = {k: {m: v[m] for m in metrics if isinstance(v.get(m), float)} for k, v in floors.items()}
+    floors = {k: measured(evaluated(v, []) or {}, metrics) for k, v in floor_files.items()}
+    got = evaluated(clip["result"], []) if clip is not None else None
     clipped = None
-    if clip is not None and evaluated(clip["result"], []):
-        got = evaluated(clip["result"], [])
+    if got:
         clipped = {"recipe": clip["recipe"], "minutes": clip["minutes"], "clip_x0": args.clip_x0,
-                   **{m: got[m] for m in metrics if isinstance(got.get(m), float)}, **sample_record(clip["gen"])}
+                   **measured(got, metrics), **sample_record(clip["gen"])}
     wall = (time.perf_counter() - t0) / 60
     with open(os.path.join(args.out, "curve.json"), "w") as f:
         json.dump({"recipes": {r: {"flags": RECIPES[r], "points": curves[r]} for r in args.recipes},

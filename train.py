@@ -294,12 +294,6 @@ def parse_args(argv):
 RESUME_KEYS = ("data", "model", "num_frames", "size", "num_images", "max_clips")  # what a resumed run must keep
 
 
-def resume_differences(args, saved):
-    """The options that a resumed run changes but must keep, as 'name: saved -> given' strings."""
-    return [f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS
-            if saved.get(k) != getattr(args, k)]
-
-
 def run_state(model, ema, opt, cfg, vae, args, position, data_stats):
     """What a checkpoint holds (checkpoint.save_run adds every rank's RNG state and the process count)."""
     return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), **position,
@@ -321,11 +315,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     lock = distributed.RunLock(args.out, rank)
-    ckpt = checkpoint.resume(args.out) if args.resume else None
-    changed = resume_differences(args, ckpt["args"]) if ckpt is not None else []
-    if changed:
-        raise SystemExit(f"error: --resume with other options than {ckpt_path} was trained with: "
-                         f"{'; '.join(changed)}. Give the same options, or a new --out")
+    ckpt = checkpoint.resume(args.out, args, RESUME_KEYS) if args.resume else None
     if ckpt is not None and (ckpt["step"] >= (args.max_steps or math.inf) or ckpt["epoch"] >= args.epochs):
         print(f"{ckpt_path} has already finished (step {ckpt['step']}, epoch {ckpt['epoch']}; --max-steps "
               f"{args.max_steps}, --epochs {args.epochs}): nothing to do (raise them to train longer)")

@@ -168,19 +168,13 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     lock = distributed.RunLock(args.out, rank)
-    ckpt = checkpoint.resume(args.out) if args.resume else None
-    if ckpt is not None:
-        changed = [f"--{k.replace('_', '-')}: {ckpt['args'].get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS
-                   if ckpt["args"].get(k) != getattr(args, k)]
-        if changed:
-            raise SystemExit(f"error: --resume with other options than {ckpt_path} was trained with: "
-                             f"{'; '.join(changed)}. Give the same options, or a new --out")
-        if ckpt["step"] >= args.steps:
-            print(f"{ckpt_path} has already trained {ckpt['step']} of --steps {args.steps}: nothing to do "
-                  f"(raise --steps to train longer)")
-            lock.release()
-            distributed.teardown(world)
-            return
+    ckpt = checkpoint.resume(args.out, args, RESUME_KEYS) if args.resume else None
+    if ckpt is not None and ckpt["step"] >= args.steps:
+        print(f"{ckpt_path} has already trained {ckpt['step']} of --steps {args.steps}: nothing to do "
+              f"(raise --steps to train longer)")
+        lock.release()
+        distributed.teardown(world)
+        return
     log = distributed.RunLog(args.out, rank, resume_step=ckpt["step"] if ckpt else None)
 
     # the data, the VAE, its optimiser, the optional perceptual loss and discriminator

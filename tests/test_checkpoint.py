@@ -66,7 +66,7 @@ def test_damaged_checkpoints_are_named(tmp_path):
         checkpoint.load(flipped)
     assert checkpoint.load(good)["step"] == 3
     with pytest.raises(SystemExit, match="does not exist"):
-        checkpoint.resume(str(tmp_path / "nothing"))
+        checkpoint.resume(str(tmp_path / "nothing"), None, ())
 
 
 def test_damaged_latent_cache_is_named(tmp_path):
