@@ -98,8 +98,8 @@ def sample_record(folder):
 
 
 def videos_in(folder):
-    """How many videos a sample.py-style folder holds (its frames/<i>/ folders)."""
-    return len(glob.glob(os.path.join(folder, "frames", "*", "")))
+    """How many finished videos a sample.py folder holds (its done/ records, written after each video's frames)."""
+    return len(glob.glob(os.path.join(folder, "done", "*.npz")))
 
 
 def wait_for(path, proc, poll=2.0):
@@ -137,11 +137,12 @@ def write_reconstructions(vae_path, out, n, size, num_frames, device, batch_size
         for v in video.float().clamp(-1, 1).cpu():
             data.save_frames(v, os.path.join(out, "frames", f"{i:06d}"))
             i += 1
+    open(os.path.join(out, "complete"), "w").close()  # a stopped run writes them again
 
 
 def sample_and_evaluate(ckpt, gen, result, args, extra=()):
-    """--clips videos from a checkpoint (sample.py, DDIM --steps), unless they are there, then their FVD / FID."""
-    if videos_in(gen) < args.clips:
+    """--clips videos from a checkpoint (sample.py, DDIM --steps; a stopped one continues), then their FVD / FID."""
+    if videos_in(gen) < args.clips or not os.path.exists(os.path.join(gen, "stats.json")):
         run(["sample.py", "--ckpt", ckpt, "--num-videos", str(args.clips), "--steps", str(args.steps),
              "--batch-size", "128", "--out", gen, *extra], gen + ".log")
     evaluate(gen, result, args)
@@ -239,11 +240,12 @@ def main(argv=None):
 
     def worker():
         while True:
-            job = queued.get()
+            label, job = queued.get()
             try:
                 job()
+                print(f"{(time.perf_counter() - t0) / 60:.1f} min: {label} evaluated", flush=True)
             except Exception as e:  # reported at the end; the curve goes on
-                failures.append(str(e))
+                failures.append(f"{label}: {e}")
             queued.task_done()
     for _ in range(args.eval_jobs):
         threading.Thread(target=worker, daemon=True).start()
@@ -251,16 +253,24 @@ def main(argv=None):
 
     floor_files = {"train vs val": os.path.join(args.out, "floor_train.json"),
                    "reconstruction vs val": os.path.join(args.out, "floor_recon.json")}
-    if evaluated(floor_files["train vs val"], metrics) is None:
-        submit(lambda: evaluate("synthetic", floor_files["train vs val"], args, fake_stride=3, fake_split="train"))
-    if evaluated(floor_files["reconstruction vs val"], metrics) is None:
-        recon = os.path.join(args.out, "recon")
+    floors_submitted = []
 
-        def recon_floor():
-            if videos_in(recon) < args.clips:
-                write_reconstructions(vae_ckpt, recon, args.clips, 128, 16, device, workers=args.workers)
-            evaluate(recon, floor_files["reconstruction vs val"], args)
-        submit(recon_floor)
+    def submit_floors():
+        """Once: the floors, after the latent cache (their clips are made on the same CPUs)."""
+        if floors_submitted:
+            return
+        floors_submitted.append(True)
+        if evaluated(floor_files["train vs val"], metrics) is None:
+            submit(("floor train vs val", lambda: evaluate("synthetic", floor_files["train vs val"], args,
+                                                           fake_stride=3, fake_split="train")))
+        if evaluated(floor_files["reconstruction vs val"], metrics) is None:
+            recon = os.path.join(args.out, "recon")
+
+            def recon_floor():
+                if not os.path.exists(os.path.join(recon, "complete")):
+                    write_reconstructions(vae_ckpt, recon, args.clips, 128, 16, device, workers=args.workers)
+                evaluate(recon, floor_files["reconstruction vs val"], args)
+            submit(("floor reconstruction vs val", recon_floor))
 
     def paths(recipe, point):
         name = f"min{point:g}"
@@ -269,13 +279,14 @@ def main(argv=None):
                     gen=os.path.join(root, "generated", name), result=os.path.join(root, f"eval_{name}.json"),
                     record=os.path.join(root, "ckpts", f"{name}.json"))
 
-    trained = 0.0
+    trained, stopped = 0.0, False
     for point in args.points:
         todo = [r for r in args.recipes if not os.path.exists(paths(r, point)["ckpt"])]
         if todo:
             elapsed = (time.perf_counter() - t0) / 60
             if args.budget_minutes is not None and elapsed + (point - trained) + 0.5 > args.budget_minutes:
                 print(f"budget: stopping before the segment to {point:g} min", flush=True)
+                stopped = True
                 break
             print(f"training MedSora-{args.model} ({', '.join(todo)}) from {trained:g} to {point:g} min", flush=True)
             procs, cache = [], os.path.join(args.out, "latents")
@@ -289,6 +300,8 @@ def main(argv=None):
                                     "--workers", str(args.workers), "--cache-dir", cache, *resume],
                                    os.path.join(args.out, recipe, "train.log")))
                 wait_for(os.path.join(cache, "meta.json"), procs[-1])  # one process encodes the shared latents
+            print(f"{(time.perf_counter() - t0) / 60:.1f} min: the latent cache is ready", flush=True)
+            submit_floors()
             for proc in procs:
                 finish(proc)
             for recipe in todo:
@@ -301,16 +314,18 @@ def main(argv=None):
         for recipe in args.recipes:
             at = paths(recipe, point)
             if evaluated(at["result"], metrics) is None:
-                submit(lambda at=at: sample_and_evaluate(at["ckpt"], at["gen"], at["result"], args))
+                submit((f"{recipe} {point:g} min", lambda at=at: sample_and_evaluate(at["ckpt"], at["gen"],
+                                                                                      at["result"], args)))
         print(f"{(time.perf_counter() - t0) / 60:.1f} min: checkpoints at {point:g} min of training", flush=True)
     clip = None
-    if args.clip_x0 is not None and trained > 0:
+    if args.clip_x0 is not None and trained > 0 and not stopped:  # the last point's checkpoint, once it is there
         at = paths(args.recipes[0], trained)
         clip = dict(recipe=args.recipes[0], minutes=trained, gen=f"{at['gen']}_clip{args.clip_x0:g}",
                     result=at["result"].replace(".json", f"_clip{args.clip_x0:g}.json"))
         if evaluated(clip["result"], metrics) is None:
-            submit(lambda: sample_and_evaluate(at["ckpt"], clip["gen"], clip["result"], args,
-                                               ["--clip-x0", str(args.clip_x0)]))
+            submit((f"clip-x0 {args.clip_x0:g}", lambda: sample_and_evaluate(at["ckpt"], clip["gen"], clip["result"],
+                                                                            args, ["--clip-x0", str(args.clip_x0)])))
+    submit_floors()
     queued.join()
 
     curves = {}

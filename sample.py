@@ -12,6 +12,12 @@ the number of GPUs, up to float rounding (with eta = 0, DDIM is deterministic af
     mp4/<i:06d>.mp4              when PyAV is installed
     grid.png                     the first 16 videos, one per row, every other frame
     stats.json                   the samples' latent statistics and saturated pixels beside the data's
+    done/<i:06d>.npz             each finished video's latents and saturated pixels (written last)
+    sample.json                  the settings the videos were sampled with
+
+A stopped run continues where it stopped: run the same command again. Batches whose videos are all in done/
+are skipped, the others are sampled again from their start, so the result is the one an unstopped run gives.
+The same --out with other settings (checkpoint, seed, steps, eta, clip, weights) is refused.
 
 Dimension names: B batch, f latent frames, C latent channels, h, w latent size, F pixel frames, H, W pixels.
 """
@@ -19,6 +25,8 @@ Dimension names: B batch, f latent frames, C latent channels, h, w latent size, 
 import argparse
 import json
 import os
+
+import numpy as np
 
 import torch
 from tqdm.auto import tqdm
@@ -61,19 +69,25 @@ def main(argv=None):
     if rank == 0:
         print(f"sampling {args.num_videos} videos from {ckpt_path} (step {ckpt['step']}, "
               f"{'raw' if args.no_ema else 'EMA'} weights), DDIM {args.steps} steps, {world} process(es) -> {out}")
+    settings = {"ckpt": os.path.abspath(ckpt_path), "step": ckpt["step"], "seed": args.seed, "steps": args.steps,
+                "eta": args.eta, "clip_x0": args.clip_x0, "ema": not args.no_ema}
+    if args.eta > 0:  # then a batch's later noise depends on its first video: the batches must stay the same
+        settings.update(batch_size=args.batch_size, world=world)
+    check_settings(out, settings, rank, world)
     mine = list(range(rank, args.num_videos, world))
+    batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    todo = [idx for idx in batches if not all(os.path.exists(done_file(out, j)) for j in idx)]
+    if rank == 0 and len(todo) < len(batches):
+        print(f"continuing: {len(batches) - len(todo)} of {len(batches)} batches are already in {out}")
     mp4 = True
-    latents, saturated = [], []
-    for i in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="sample"):
-        idx = mine[i:i + args.batch_size]
+    for idx in tqdm(todo, disable=rank != 0, desc="sample"):
         videos, z = pipeline.generate(model, vae, idx, f, args.steps, args.seed, args.eta, device, amp, size,
                                       clip_x0=args.clip_x0, return_latents=True)
-        latents.append(z)
-        saturated.append(pipeline.saturated_fraction(videos) * len(idx))
-        for j, video in zip(idx, videos):
+        for j, video, zj in zip(idx, videos, z):
             data.save_frames(video, os.path.join(out, "frames", f"{j:06d}"))
             data.save_gif(video, os.path.join(out, "gif", f"{j:06d}.gif"), args.fps)
             mp4 = mp4 and data.save_mp4(video, os.path.join(out, "mp4", f"{j:06d}.mp4"), args.fps)
+            save_done(out, j, zj, pipeline.saturated_fraction(video[None]))
     distributed.barrier(world)
     if rank == 0:
         shown = [os.path.join(out, "frames", f"{j:06d}") for j in range(min(16, args.num_videos))]
@@ -81,7 +95,8 @@ def main(argv=None):
         print(f"wrote {args.num_videos} videos to {out}: frames/, gif/, " + ("mp4/, " if mp4 else "") + "grid.png"
               + ("" if mp4 else " (no MP4: PyAV is not installed)"))
         # the numbers that tell samples in range from noise; under torchrun, of rank 0's share
-        stats = pipeline.sample_stats(torch.cat(latents), sum(saturated) / len(mine), ckpt.get("latent_stats"),
+        z, saturated = zip(*(load_done(out, j) for j in mine))
+        stats = pipeline.sample_stats(torch.stack(z), sum(saturated) / len(mine), ckpt.get("latent_stats"),
                                       ckpt.get("data_saturated"))
         for line in pipeline.report(stats):
             print(line)
@@ -89,6 +104,42 @@ def main(argv=None):
             json.dump({"ckpt": ckpt_path, "step": ckpt["step"], "steps": args.steps, "clip_x0": args.clip_x0,
                        **stats}, f, indent=1)
     distributed.teardown(world)
+
+
+def check_settings(out, settings, rank, world):
+    """Record the settings in OUT/sample.json, or refuse an OUT sampled with other ones (its videos would mix)."""
+    path = os.path.join(out, "sample.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        changed = [f"{k}: {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v]
+        if changed:
+            raise ValueError(f"{out} holds videos sampled with other settings ({'; '.join(changed)}): "
+                             f"give another --out, or delete it")
+    elif rank == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(path + ".tmp", path)
+    distributed.barrier(world)
+
+
+def done_file(out, j):
+    return os.path.join(out, "done", f"{j:06d}.npz")
+
+
+def save_done(out, j, z, saturated):
+    """Mark video j finished (after its frames): its latents (f, C, h, w) and saturated fraction."""
+    path = done_file(out, j)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, z=z.numpy(), saturated=np.float64(saturated))
+    os.replace(path + ".tmp", path)
+
+
+def load_done(out, j):
+    with np.load(done_file(out, j), allow_pickle=False) as d:
+        return torch.from_numpy(d["z"]), float(d["saturated"])
 
 
 if __name__ == "__main__":

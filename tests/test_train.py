@@ -191,6 +191,31 @@ def test_sample_deterministic_and_layout(vae_ckpt, tmp_path):
         sample.main(["--run", str(tmp_path / "empty")])
 
 
+def test_sample_continues_a_stopped_run(vae_ckpt, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run(vae_ckpt, run_dir, "--max-steps", "1")
+    out = str(tmp_path / "gen")
+    cmd = ["--run", str(run_dir), "--num-videos", "3", "--steps", "3", "--batch-size", "2", "--out", out]
+    sample.main(cmd)
+    frame = os.path.join(out, "frames", "000002", "000004.png")
+    first, stats = np.asarray(Image.open(frame)), json.load(open(os.path.join(out, "stats.json")))
+    # stopped while writing video 2 (batch 2 of 2): its last record is missing and a frame is half written
+    os.remove(os.path.join(out, "done", "000002.npz"))
+    Image.fromarray(np.zeros_like(first)).save(frame)
+    batches = []
+    generate = sample.pipeline.generate
+    monkeypatch.setattr(sample.pipeline, "generate", lambda m, v, idx, *a, **k: batches.append(idx) or
+                        generate(m, v, idx, *a, **k))
+    sample.main(cmd)
+    assert batches == [[2]]  # only the unfinished batch is sampled again
+    assert np.array_equal(np.asarray(Image.open(frame)), first)
+    assert json.load(open(os.path.join(out, "stats.json"))) == stats  # the stats of all three videos, as before
+    sample.main(cmd)
+    assert batches == [[2]]  # all done: nothing sampled
+    with pytest.raises(ValueError, match=r"holds videos sampled with other settings \(steps: 3 -> 4\)"):
+        sample.main(cmd[:5] + ["4"] + cmd[6:])
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--num-frames", "10"], "--num-frames 10: it must be a positive multiple of 8 (clips are 8k + 1 frames"),
     (["--num-frames", "6"], "--num-frames 6: it must be a positive multiple of 8 (clips are 8k + 1 frames"),
