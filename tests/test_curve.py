@@ -39,9 +39,13 @@ def test_reconstructions_are_the_vae_round_trip(tmp_path):
         assert np.abs(got - want).max() <= 1
 
 
-def fake_scripts(monkeypatch, started):
+def fake_scripts(monkeypatch, started, threads=None):
     """curve.start and curve.evaluate without running anything: train.py writes a checkpoint and a log line,
-    sample.py a frame folder, evaluate.py a result that falls with the checkpoint's minutes."""
+    sample.py a frame folder, evaluate.py a result that falls with the checkpoint's minutes. `threads` gets
+    each script's OMP_NUM_THREADS; this process's own thread count is left alone."""
+    threads = [] if threads is None else threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored after the test
+    monkeypatch.setattr(curve.torch, "set_num_threads", lambda n: None)
     class Done:
         def wait(self):
             return 0
@@ -53,6 +57,7 @@ def fake_scripts(monkeypatch, started):
         assert not stdout.closed and args[0] == sys.executable
         cmd = args[1:]
         started.append(cmd)
+        threads.append(os.environ.get("OMP_NUM_THREADS"))
         out = cmd[cmd.index("--out") + 1]
         os.makedirs(out, exist_ok=True)
         if cmd[0] == "train_vae.py":
@@ -87,11 +92,13 @@ def fake_scripts(monkeypatch, started):
 
 
 def test_segments_resume_and_recipes(tmp_path, monkeypatch):
-    started = []
-    fake_scripts(monkeypatch, started)
+    started, threads = [], []
+    fake_scripts(monkeypatch, started, threads)
+    monkeypatch.setattr(curve.os, "cpu_count", lambda: 16)
     out = str(tmp_path / "curve")
     curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "1", "--clip-x0", "4",
-                "--train-flags", "--max-clips 64"])
+                "--train-flags", "--max-clips 64", "--eval-jobs", "3"])
+    assert threads == ["3"] * len(started)  # 16 cores shared by 2 trainers and 3 evaluations
 
     trains = [c for c in started if c[0] == "train.py"]
     assert all(c[c.index("--max-clips") + 1] == "64" for c in trains)
@@ -131,9 +138,10 @@ def test_budget_stops_before_a_segment_that_would_overrun(tmp_path, monkeypatch)
     started = []
     fake_scripts(monkeypatch, started)
     out = str(tmp_path / "curve")
-    curve.main(["--out", out, "--points", "1", "5", "--clips", "1", "--budget-minutes", "3"])
+    curve.main(["--out", out, "--points", "1", "5", "--clips", "1", "--budget-minutes", "3", "--clip-x0", "4"])
     trains = [c for c in started if c[0] == "train.py"]
     assert len(trains) == 1
+    assert not any("--clip-x0" in c for c in started)  # the last point is not there yet
     got = json.load(open(os.path.join(out, "curve.json")))
     assert [p["minutes"] for p in got["recipes"]["short"]["points"]] == [1]
     # a later call with more budget continues from the first checkpoint
