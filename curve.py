@@ -49,9 +49,12 @@ RECIPES = {  # train.py flags of each recipe
 
 
 def share_cpus(processes):
-    """Give this process and every script it starts an equal share of the CPU threads. Each would otherwise
-    take one OpenMP thread per core; oversubscribed, they wait on each other (4 processes of 2 threads on 2
-    cores made synthetic clips 7-8 times slower than 4 of 1 thread), which stalled the trainers' set-up."""
+    """Give this process and every script it starts from now on an equal share of the CPU threads.
+
+    Each would otherwise take one OpenMP thread per core, and oversubscribed threads wait on each other: four
+    processes of 2 threads on 2 cores made synthetic clips 7-8 times slower than four of 1 thread. This is the
+    likely cause of both trainers' set-up (16 clips) lasting over 4 minutes beside the floors on a 16-core GPU
+    machine."""
     threads = max(1, (os.cpu_count() or 1) // processes)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the scripts started below
     torch.set_num_threads(threads)  # the reconstructions run in this process
@@ -234,7 +237,6 @@ def main(argv=None):
                    help="start no training segment that would end later than this; finish the evaluations")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    share_cpus(len(args.recipes) + args.eval_jobs)
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = args.metrics.split(",")
@@ -246,6 +248,8 @@ def main(argv=None):
             os.path.join(args.out, "vae.log"))
         print(f"{(time.perf_counter() - t0) / 60:.1f} min: the VAE is trained", flush=True)
 
+    # from here on the trainers and the evaluations run at once (the VAE, alone, had every core)
+    share_cpus(len(args.recipes) + args.eval_jobs)
     # evaluations run in --eval-jobs background threads, beside the training
     queued, failures = queue.Queue(), []
 
