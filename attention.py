@@ -78,14 +78,14 @@ class LocalAttention(nn.Module):
         self.window = (window_size, look_backward, look_forward, exact_windowsize)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
 
-    def forward(self, x):
-        """x (N, L, D) -> (N, L, D)."""
+    def forward(self, x, mask=None):
+        """x (N, L, D) -> (N, L, D). mask: band_mask(L, ...) of this layer's window, built here when None."""
         N, L, D = x.shape
         q, k, v = self.qkv(x).view(N, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         if self.impl == "reference":
             out = local_attention_reference(q, k, v, *self.window, self.dropout, self.training)
         else:
-            mask = band_mask(L, *self.window, x.device)
+            mask = band_mask(L, *self.window, x.device) if mask is None else mask
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                  dropout_p=self.dropout if self.training else 0.0)
         return out.transpose(1, 2).reshape(N, L, D)  # (N, L, nh * hd)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from attention import LocalAttention
+from attention import LocalAttention, band_mask
 from ssm import Mamba2, bidirectional, spiral, SPIRALS
 
 
@@ -133,17 +133,32 @@ def modulate(x, shift, scale):
 
 
 def per_clip(fn, x, num_frames):
-    """Apply a frame-mixing fn to the video clip x[:, :f] and to every image as a one-frame clip of its own.
+    """Apply a frame-mixing fn(clips, kind) to the video clip x[:, :f] (kind "video") and to every image as a
+    one-frame clip of its own (kind "image").
 
     x (B, F, L, D) with F = f video frames + n images. The images are folded into the batch, so no temporal
     operation inside fn can carry information between them or into the video (Sec. 3.4).
     """
     video, images = x[:, :num_frames], x[:, num_frames:]
-    outs = [fn(video)] if num_frames > 0 else []
+    outs = [fn(video, "video")] if num_frames > 0 else []
     if images.shape[1] > 0:
         one_frame_clips = rearrange(images, "b n l d -> (b n) 1 l d")
-        outs.append(rearrange(fn(one_frame_clips), "(b n) 1 l d -> b n l d", b=x.shape[0]))
+        outs.append(rearrange(fn(one_frame_clips, "image"), "(b n) 1 l d -> b n l d", b=x.shape[0]))
     return torch.cat(outs, dim=1)
+
+
+def block_indices(cfg, f, h, w, device):
+    """Every index tensor the blocks use, built once per forward from cached tables, for each block:
+    the attention's band mask, the spiral orders of both planes for the video clip (f frames) and for the
+    one-frame image clips, and the temporal orders. Passed in as arguments, so that a compiled block does not
+    rebuild them at every call and all blocks, whatever their spiral variant, share one compiled graph."""
+    mask = band_mask(h * w, cfg.window_size, cfg.look_backward, cfg.look_forward, cfg.exact_windowsize, device)
+    time = (lambda frames: bidirectional(frames, device)) if cfg.temporal_bidirectional else (lambda frames: None)
+
+    def planes(frames, variant):  # the (frames x w) and (frames x h) grids of Eq. 8
+        return spiral(frames, w, variant, device), spiral(frames, h, variant, device)
+    return [{"mask": mask, "video": planes(f, v), "image": planes(1, v), "video_time": time(f), "image_time": time(1)}
+            for v in (i % len(SPIRALS) for i in range(cfg.depth))]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,19 +179,21 @@ class SpatialMamba(nn.Module):
         self.gate_h = nn.Linear(cfg.width, cfg.width)  # W_2, b_2
         self.variant = variant
 
-    def forward(self, x, h, w):
-        """x (B, f, L, D) -> (B, f, L, D)."""
+    def forward(self, x, h, w, orders=None):
+        """x (B, f, L, D) -> (B, f, L, D). orders: the spirals of the (f x w) and (f x h) planes (block_indices)."""
         f = x.shape[1]
+        if orders is None:
+            orders = spiral(f, w, self.variant, x.device), spiral(f, h, self.variant, x.device)
+        orders_w, orders_h = orders  # Omega and its reverse over each grid
         p = rearrange(self.mamba.in_proj(x), "b f (h w) e -> b f h w e", h=h)  # projected once for all scans
         plane_w = rearrange(p, "b f h w e -> (b h) (f w) e")  # one sequence per row: its f*w tokens
         plane_h = rearrange(p, "b f h w e -> (b w) (f h) e")  # one sequence per column
-        orders_w = spiral(f, w, self.variant, x.device)  # Omega and its reverse over the (f x w) grid
         if h == w:  # both planes are (f x w) grids: scan them in one batch
             y = self.mamba.scan_orders(torch.cat([plane_w, plane_h]), orders_w)
             y_w, y_h = y.split([plane_w.shape[0], plane_h.shape[0]])
         else:
             y_w = self.mamba.scan_orders(plane_w, orders_w)
-            y_h = self.mamba.scan_orders(plane_h, spiral(f, h, self.variant, x.device))
+            y_h = self.mamba.scan_orders(plane_h, orders_h)
         y_w = self.mamba.out_proj(rearrange(y_w, "(b h) (f w) e -> b f (h w) e", h=h, f=f))
         y_h = self.mamba.out_proj(rearrange(y_h, "(b w) (f h) e -> b f (h w) e", w=w, f=f))
         return torch.sigmoid(self.gate_w(y_w)) * y_w + torch.sigmoid(self.gate_h(y_h)) * y_h  # Eq. 9
@@ -194,11 +211,16 @@ class TemporalMamba(nn.Module):
         self.mamba = Mamba2(cfg.width, **cfg.mamba_kwargs())
         self.bidirectional = cfg.temporal_bidirectional
 
-    def forward(self, x):
-        """x (B, f, L, D) -> (B, f, L, D)."""
+    def forward(self, x, orders=None):
+        """x (B, f, L, D) -> (B, f, L, D). orders: the temporal orders of f frames (block_indices; built here when
+        None), ignored by a one-way model."""
         b, f = x.shape[:2]
+        if not self.bidirectional:
+            orders = None
+        elif orders is None:
+            orders = bidirectional(f, x.device)
         seqs = rearrange(x, "b f l d -> (b l) f d")
-        y = self.mamba(seqs, bidirectional(f, x.device) if self.bidirectional else None)
+        y = self.mamba(seqs, orders)  # one-frame clips: a pointwise map, see Mamba2.scan_orders
         return rearrange(y, "(b l) f d -> b f l d", b=b)
 
 
@@ -213,17 +235,23 @@ class MedSoraBlock(nn.Module):
         self.temporal = TemporalMamba(cfg)
         # adaLN-Zero: shift, scale and gate for each of the three branches, from the step embedding.
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 9 * D))
+        self.cfg, self.index = cfg, index
 
-    def forward(self, x, c, num_frames, h, w):
-        """x (B, F, L, D), c (B, D) -> x (B, F, L, D), and the spatial component's output (B, F, L, D)."""
+    def forward(self, x, c, num_frames, h, w, indices=None):
+        """x (B, F, L, D), c (B, D) -> x (B, F, L, D), and the spatial component's output (B, F, L, D).
+        indices: this block's entry of block_indices (built here when None)."""
         B, F, L, D = x.shape
+        if indices is None:
+            indices = block_indices(self.cfg, num_frames, h, w, x.device)[self.index]
         (shift_a, scale_a, gate_a, shift_s, scale_s, gate_s,  # attention, spatial Mamba,
          shift_t, scale_t, gate_t) = self.adaLN(c)[:, None, None].chunk(9, dim=-1)  # temporal Mamba: (B, 1, 1, D)
         a = modulate(self.norm1(x), shift_a, scale_a)
-        x = x + gate_a * self.attn(a.reshape(B * F, L, D)).view(B, F, L, D)  # per frame
-        s = per_clip(lambda v: self.spatial(v, h, w), modulate(self.norm2(x), shift_s, scale_s), num_frames)
+        x = x + gate_a * self.attn(a.reshape(B * F, L, D), indices["mask"]).view(B, F, L, D)  # per frame
+        s = per_clip(lambda v, kind: self.spatial(v, h, w, indices[kind]), modulate(self.norm2(x), shift_s, scale_s),
+                     num_frames)
         x = x + gate_s * s
-        x = x + gate_t * per_clip(self.temporal, modulate(self.norm3(x), shift_t, scale_t), num_frames)
+        x = x + gate_t * per_clip(lambda v, kind: self.temporal(v, indices[kind + "_time"]),
+                                  modulate(self.norm3(x), shift_t, scale_t), num_frames)
         return x, s  # s is what the optical-flow alignment loss aligns (Sec. 3.2)
 
 
@@ -286,12 +314,21 @@ class MedSora(nn.Module):
         x = rearrange(tokens, "(b f) d h w -> b f (h w) d", b=B) + pos  # (B, F, L, D)
         c = self.t_embedder(t)  # (B, D)
         features = []
-        for block in self.blocks:
-            x, s = block(x, c, f, h, w)
+        for block, indices in zip(self.blocks, block_indices(self.cfg, f, h, w, x.device)):
+            x, s = block(x, c, f, h, w, indices)
             features.append(s)
         out = self.final(x, c)  # (B, F, L, p*p*C)
         out = rearrange(out, "b f (h w) (p q c) -> b f c (h p) (w q)", h=h, p=p, q=p)
         return (out, features) if return_features else out
+
+
+def compile_blocks(model, **kwargs):
+    """Regional compilation: torch.compile(**kwargs) of each block rather than of the unrolled model. The blocks
+    share one structure and get their index tensors as arguments (block_indices), so one traced graph serves
+    every block, and compiling costs one block's time, not depth times it."""
+    for block in model.blocks:
+        block.compile(**kwargs)
+    return model
 
 
 def count_params(model):

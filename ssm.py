@@ -119,6 +119,9 @@ def ssd_chunked(x, dt, A, B, C, D, chunk_size=256):
     cannot change earlier outputs because the scan is causal.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
+    if x.shape[1] == 1:  # one step from a zero state: h = dt x B^T, so y = dt (C . B) x + D x, pointwise
+        CB = _heads_from_groups((C * B).to(dtype).sum(-1, keepdim=True), x.shape[2])  # (B, 1, nh, 1)
+        return (dt.to(dtype)[..., None] * CB + D.to(dtype)[:, None]) * x.to(dtype)
     x_in = x
     b, L, nh, hd = x.shape
     G = B.shape[2]
@@ -183,6 +186,8 @@ def causal_depthwise_conv(x, weight, bias):
     K shifted multiply-adds; faster than a grouped nn.Conv1d call (CPU and cuDNN) for K = 4, same result.
     """
     K, L = weight.shape[-1], x.shape[1]
+    if L == 1:  # only the last tap sees a step; the others see the zero padding
+        return x * weight[:, 0, -1] + bias
     xp = F.pad(x, (0, 0, K - 1, 0))  # zeros before the first step: the convolution is causal
     return sum(xp[:, k:k + L] * weight[:, 0, k] for k in range(K)) + bias
 
@@ -284,6 +289,8 @@ class Mamba2(nn.Module):
         """Scan projected input (B, L, *) in each order, put each result back in place, sum: (B, L, E)."""
         if orders is None:
             return self.mix(zxbcdt)
+        if zxbcdt.shape[1] == 1:  # one step (an image as a one-frame clip): every order is the identity
+            return len(orders) * self.mix(zxbcdt)
         b = zxbcdt.shape[0]
         # All orders go through the mixer as one batch: one kernel launch instead of len(orders).
         y = self.mix(torch.cat([zxbcdt[:, o] for o in orders], dim=0))

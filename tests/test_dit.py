@@ -98,3 +98,41 @@ def test_tiny_model_overfits_one_batch():
         losses.append(loss.item())
     print(f"overfit: loss {losses[0]:.3f} -> {losses[-1]:.4f}")
     assert losses[-1] < 0.05 * losses[0]
+
+
+def test_blocks_build_their_own_indices_when_none_are_given():
+    model = randomize(tiny(depth=3))
+    x, c = torch.randn(2, 5, 4 * 6, model.cfg.width), torch.randn(2, model.cfg.width)  # 3 frames + 2 images
+    given = dit.block_indices(model.cfg, 3, 4, 6, x.device)  # non-square: the two planes differ
+    for i, block in enumerate(model.blocks):
+        out, s = block(x, c, 3, 4, 6, given[i])
+        out_, s_ = block(x, c, 3, 4, 6)
+        assert torch.equal(out, out_) and torch.equal(s, s_)
+    assert not torch.equal(given[0]["video"][0][0], given[1]["video"][0][0])  # blocks scan other spirals
+
+
+def test_compiled_blocks_share_one_graph_and_match_eager():
+    """Regional compilation: every block, whatever its spiral, runs the one graph traced for the first."""
+    torch._dynamo.reset()
+    model = randomize(tiny(depth=4))
+    model.train()  # attention dropout off below, so that eager and compiled draw nothing random
+    for block in model.blocks:
+        block.attn.dropout = 0.0
+    x, t = torch.randn(2, 5, 4, 8, 8), torch.tensor([3, 700])
+    ref = model(x, t, num_frames=3)
+    ref.square().mean().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    graphs = []
+
+    def counting(gm, example_inputs):  # a dynamo backend that runs the graph as traced, counting graphs
+        graphs.append(gm)
+        return gm.forward
+    dit.compile_blocks(model, backend=counting)
+    out = model(x, t, num_frames=3)
+    out.square().mean().backward()
+    assert len(graphs) == 1
+    assert torch.allclose(out, ref, atol=1e-5) and out.abs().max() > 0.1
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref_grads[n], atol=1e-5), n
+    torch._dynamo.reset()

@@ -19,7 +19,8 @@ def random_scan_inputs(b, L, nh, hd, N, G, dtype, seed=0):
 
 
 def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
+    """|a - b| / |b|; a zero b (the gradient of A at L = 1) asks for a zero a."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -31,10 +32,12 @@ def test_chunked_matches_recurrence(dtype, L, chunk, groups):
     out = ssm.ssd_chunked(*inputs, chunk_size=chunk)
     grad_out = torch.randn_like(ref)
     g_ref = torch.autograd.grad(ref, inputs, grad_out)
-    g_out = torch.autograd.grad(out, inputs, grad_out)
+    # at L = 1 the chunked path is pointwise and A, which only decays the (zero) initial state, is unused
+    g_out = [torch.zeros_like(x) if g is None else g
+             for g, x in zip(torch.autograd.grad(out, inputs, grad_out, allow_unused=True), inputs)]
     errs = [rel_err(out, ref)] + [rel_err(a, b) for a, b in zip(g_out, g_ref)]
     print(f"L={L} chunk={chunk} G={groups} {dtype}: rel err fwd {errs[0]:.1e}, grads max {max(errs[1:]):.1e}")
-    assert max(errs) < TOL[dtype], errs
+    assert all(e < TOL[dtype] for e in errs), errs  # (max() would hide a NaN)
 
 
 def test_recurrence_matches_hand_computation():
@@ -144,3 +147,16 @@ def test_causal_conv_matches_nn_conv1d():
     x = torch.randn(2, 9, 12, dtype=torch.float64)
     expected = conv(x.transpose(1, 2))[..., :9].transpose(1, 2)  # pad both sides, keep the causal part
     assert torch.allclose(ssm.causal_depthwise_conv(x, conv.weight, conv.bias), expected, atol=1e-12)
+
+
+def test_one_step_sequences_take_the_pointwise_path():
+    """An image as a one-frame clip: both temporal orders are the identity, and the layer is pointwise."""
+    layer = small_layer()
+    u = torch.randn(6, 1, 32, dtype=torch.float64)
+    zxbcdt = layer.in_proj(u)
+    by_hand = 2 * layer.mix(zxbcdt)  # two identical scans, summed
+    assert torch.allclose(layer(u, ssm.bidirectional(1)), layer.out_proj(by_hand), atol=1e-12)
+    recurrent = small_layer("recurrent")
+    assert torch.allclose(layer(u, ssm.bidirectional(1)), recurrent(u, ssm.bidirectional(1)), atol=1e-12)
+    v = torch.randn(6, 2, 32, dtype=torch.float64)  # and a second step is not pointwise
+    assert not torch.allclose(layer(v)[:, 1], layer(v[:, 1:])[:, 0])
