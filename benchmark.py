@@ -3,17 +3,31 @@ Speed and memory of the MedSora backbone on each scan path, measured side by sid
 
     python benchmark.py                      # MedSora-B, batch 8, z = 6 x 16 x 16 x 16 (4 video + 2 image frames)
     python benchmark.py --model S --batch 2 --paths chunked chunked+compile --layers
+    python benchmark.py --train-step --frames 5 --images 8 --batches 16 2 --compile eager blocks model --sample
 
 Times one training step's forward + backward (median over --repeat runs, CUDA events on GPU) and the peak
 memory, for each scan path ("kernel": mamba-ssm Triton; "chunked": pure PyTorch SSD) and precision.
+
+--train-step times what train.py runs instead: forward, backward and AdamW under bf16 autocast, for each
+--compile mode ("eager"; "blocks": dit.compile_blocks, one compiled graph for every block; "model":
+torch.compile of the whole model) and batch. Each row also gives the FLOPs of a step (counted by
+torch.utils.flop_counter on the eager model), the fraction of a bf16 matrix-multiply peak measured in the same
+run, and the seconds from building the model to the end of its first step (compilation included; the
+compile cache starts empty unless --warm-cache). --sample adds DDIM sampling of --sample-videos videos
+(--sample-steps steps, latents only) for the same modes.
 """
 
 import argparse
+import os
+import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import dit
+from diffusion import Diffusion
 
 
 def time_step(forward, dtype, repeat, device):
@@ -67,6 +81,126 @@ def layer_table(device, repeat, shapes):
               flush=True)
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, n=8192, repeat=20):
+    """TFLOP/s of a bf16 n x n matrix multiply (fp32 on CPU, smaller): the peak the step is compared with."""
+    dtype, n = (torch.bfloat16, n) if device.type == "cuda" else (torch.float32, 1024)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e12
+
+
+def build(args, mode, device):
+    """A fresh MedSora in training mode, compiled as `mode` asks; returns (model to train, callable to run)."""
+    torch.manual_seed(0)
+    model = dit.MedSora(dit.make_config(args.model, scan="chunked")).to(device).train()
+    if mode == "blocks":
+        dit.compile_blocks(model)
+        return model, model
+    return model, (torch.compile(model) if mode == "model" else model)
+
+
+def train_step_table(args, device):
+    """Forward, backward and AdamW of MedSora at each batch and --compile mode, with FLOPs and % of peak."""
+    peak = matmul_peak(device)
+    amp = device.type == "cuda"
+    F_ = args.frames + args.images
+    print(f"\ntraining step of MedSora-{args.model} (forward, backward, AdamW; bf16 autocast: {amp}), latents "
+          f"({args.frames} + {args.images}) x 16 x {args.size} x {args.size}; matrix-multiply peak measured: "
+          f"{peak:.3g} TFLOP/s")
+    print(f"{'compile':8s} {'batch':>5s} {'ms/step':>8s} {'clips/s':>8s} {'TFLOP/step':>10s} {'% peak':>7s} "
+          f"{'peak GiB':>8s} {'first step s':>12s}")
+    flops = {}
+    for mode in args.compile:
+        for batch in args.batches:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            t_build = time.perf_counter()
+            model, net = build(args, mode, device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            x = torch.randn(batch, F_, 16, args.size, args.size, device=device)
+            t = torch.randint(0, 1000, (batch,), device=device)
+
+            def step():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = F.mse_loss(net(x, t, num_frames=args.frames).float(), x)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            try:
+                step()
+                sync(device)
+                first = time.perf_counter() - t_build
+                if batch not in flops:  # the same for every mode: counted once, on the eager model
+                    counter = FlopCounterMode(display=False)
+                    with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        model(x, t, num_frames=args.frames).float().square().mean().backward()
+                    flops[batch] = counter.get_total_flops()
+                ms = time_call(step, args.repeat, device)
+            except torch.OutOfMemoryError:
+                print(f"{mode:8s} {batch:5d} out of memory")
+                continue
+            finally:
+                del opt
+            mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+            achieved = flops[batch] / ms / 1e9  # TFLOP/s
+            print(f"{mode:8s} {batch:5d} {ms:8.1f} {batch / ms * 1000:8.1f} {flops[batch] / 1e12:10.2f} "
+                  f"{100 * achieved / peak:6.1f}% {mem:8.2f} {first:12.1f}", flush=True)
+            del model, net
+
+
+def time_call(fn, repeat, device, warmup=3):
+    """Median ms of fn() over `repeat` calls after `warmup` (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1000 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def sample_table(args, device):
+    """DDIM sampling of --sample-videos videos (latents only) for each --compile mode."""
+    amp = device.type == "cuda"
+    print(f"\nDDIM sampling, MedSora-{args.model}: {args.sample_videos} videos of {args.frames} latent frames, "
+          f"{args.sample_steps} steps (latents only, no VAE decoding)")
+    print(f"{'compile':8s} {'s':>8s} {'videos/s':>9s} {'first call s':>12s}")
+    shape = (args.sample_videos, args.frames, 16, args.size, args.size)
+    for mode in args.compile:
+        t_build = time.perf_counter()
+        model, net = build(args, mode, device)
+        model.eval()
+
+        def eps(z, t, **kw):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                return net(z, t, **kw).float()
+        run = lambda steps: Diffusion().ddim_sample(eps, shape, steps=steps, device=device,  # noqa: E731
+                                                    generator=torch.Generator(device).manual_seed(0),
+                                                    num_frames=args.frames)
+        run(2)
+        sync(device)
+        first = time.perf_counter() - t_build
+        ms = time_call(lambda: run(args.sample_steps), 1, device, warmup=0)
+        print(f"{mode:8s} {ms / 1000:8.1f} {args.sample_videos / ms * 1000:9.2f} {first:12.1f}", flush=True)
+        del model, net
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="B", choices=sorted(dit.MODELS))
@@ -81,7 +215,25 @@ def main():
     parser.add_argument("--profile", action="store_true", help="also print the top operators of one step per path")
     parser.add_argument("--layers", nargs="*", metavar="NxL", help="also time one Mamba2 layer on N sequences of "
                         "length L (CUDA); default MedSora's shapes and longer ones")
+    parser.add_argument("--train-step", action="store_true", help="time train.py's step (forward, backward, "
+                        "AdamW) for each --compile mode and --batches, instead of the --paths table")
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 2])
+    parser.add_argument("--compile", nargs="+", default=["eager", "blocks"], choices=["eager", "blocks", "model"])
+    parser.add_argument("--sample", action="store_true", help="with --train-step: also time DDIM sampling")
+    parser.add_argument("--sample-videos", type=int, default=16)
+    parser.add_argument("--sample-steps", type=int, default=250)
+    parser.add_argument("--warm-cache", action="store_true", help="keep torch.compile's cache (default: a new "
+                        "empty one, so that the first step shows a cold start)")
     args = parser.parse_args()
+    if not args.warm_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="medsora-inductor-")
+    if args.train_step:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        print(f"MedSora-{args.model} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
+        train_step_table(args, device)
+        if args.sample:
+            sample_table(args, device)
+        return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
