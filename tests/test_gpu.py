@@ -1,4 +1,5 @@
-"""GPU parity (skipped without CUDA): our Mamba2 vs mamba_ssm.Mamba2 with the same weights, kernel vs PyTorch paths.
+"""GPU parity (skipped without CUDA): our Mamba2 vs mamba_ssm.Mamba2 with the same weights, kernel vs PyTorch paths,
+compiled blocks vs eager.
 
 Run on a GPU machine with mamba-ssm installed: python -m pytest -q -s tests/test_gpu.py
 """
@@ -54,20 +55,39 @@ def test_layer_matches_mamba_ssm(dtype, scan):
     compare(f"ours ({scan}) vs mamba_ssm.Mamba2", run(ours, u, dtype), run(theirs, u, dtype), dtype)
 
 
+def medsora_b(scan):
+    """MedSora-B on the GPU, seeded, without attention dropout, its zero-initialised matrices drawn: adaLN-Zero's
+    identity start would leave every branch unexercised."""
+    torch.manual_seed(0)
+    model = dit.MedSora(dit.make_config("B", scan=scan, attn_dropout=0.0)).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and not p.any():
+                p.normal_(std=0.02)
+    return model
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_medsora_kernel_path_matches_pytorch_path(dtype):
     pytest.importorskip("mamba_ssm")
-    torch.manual_seed(0)
-    fast = dit.MedSora(dit.make_config("B", scan="kernel", attn_dropout=0.0)).cuda()
+    fast = medsora_b("kernel")
     slow = dit.MedSora(dit.make_config("B", scan="chunked", attn_dropout=0.0)).cuda()
-    with torch.no_grad():  # leave adaLN-Zero's identity start so every branch is exercised
-        for p in fast.parameters():
-            if p.dim() == 2 and not p.any():
-                p.normal_(std=0.02)
     slow.load_state_dict(fast.state_dict())
     x = torch.randn(2, 6, 16, 16, 16, device="cuda")  # 4 video latent frames + 2 images (Table 1's z-shape)
     t = torch.tensor([10, 900], device="cuda")
     compare("MedSora-B kernel vs chunked", run(fast, x, dtype, t, 4), run(slow, x, dtype, t, 4), dtype)
+
+
+def test_compiled_blocks_match_eager_on_gpu():
+    """train.py --compile (dit.compile_blocks, inductor) against the eager model: forward and gradients, bf16."""
+    eager = medsora_b("chunked")
+    fast = dit.MedSora(dit.make_config("B", scan="chunked", attn_dropout=0.0)).cuda()
+    fast.load_state_dict(eager.state_dict())
+    dit.compile_blocks(fast)
+    x = torch.randn(4, 13, 16, 16, 16, device="cuda")  # 5 video latent frames + 8 images, as train.py draws them
+    t = torch.tensor([10, 300, 600, 900], device="cuda")
+    bf16 = torch.bfloat16
+    compare("MedSora-B compiled blocks vs eager", run(fast, x, bf16, t, 5), run(eager, x, bf16, t, 5), bf16)
 
 
 def test_metric_networks_on_gpu_match_cpu():
