@@ -55,7 +55,8 @@ def share_cpus(processes):
     processes of 2 threads on 2 cores made synthetic clips 7-8 times slower than four of 1 thread. This is the
     likely cause of both trainers' set-up (16 clips) lasting over 4 minutes beside the floors on a 16-core GPU
     machine."""
-    threads = max(1, (os.cpu_count() or 1) // processes)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // processes)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the scripts started below
     torch.set_num_threads(threads)  # the reconstructions run in this process
     return threads
@@ -115,6 +116,15 @@ def videos_in(folder):
     return len(glob.glob(os.path.join(folder, "done", "*.npz")))
 
 
+def reconstructions_in(folder):
+    """How many reconstructions write_reconstructions finished in `folder` (0 when it stopped or never ran)."""
+    try:
+        with open(os.path.join(folder, "complete")) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
 def wait_for(path, proc, poll=2.0):
     """Until `path` exists or `proc` has ended."""
     while not os.path.exists(path) and proc.poll() is None:
@@ -150,7 +160,8 @@ def write_reconstructions(vae_path, out, n, size, num_frames, device, batch_size
         for v in video.float().clamp(-1, 1).cpu():
             data.save_frames(v, os.path.join(out, "frames", f"{i:06d}"))
             i += 1
-    open(os.path.join(out, "complete"), "w").close()  # a stopped run writes them again
+    with open(os.path.join(out, "complete"), "w") as f:  # a stopped run (no marker) writes them again
+        f.write(str(n))
 
 
 def sample_and_evaluate(ckpt, gen, result, args, extra=()):
@@ -282,7 +293,7 @@ def main(argv=None):
             recon = os.path.join(args.out, "recon")
 
             def recon_floor():
-                if not os.path.exists(os.path.join(recon, "complete")):
+                if reconstructions_in(recon) < args.clips:
                     write_reconstructions(vae_ckpt, recon, args.clips, 128, 16, device, workers=args.workers)
                 evaluate(recon, floor_files["reconstruction vs val"], args)
             submit(("floor reconstruction vs val", recon_floor))

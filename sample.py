@@ -25,6 +25,7 @@ Dimension names: B batch, f latent frames, C latent channels, h, w latent size, 
 import argparse
 import json
 import os
+import zipfile
 
 import numpy as np
 
@@ -72,11 +73,11 @@ def main(argv=None):
     settings = {"ckpt": os.path.abspath(ckpt_path), "step": ckpt["step"], "seed": args.seed, "steps": args.steps,
                 "eta": args.eta, "clip_x0": args.clip_x0, "ema": not args.no_ema}
     if args.eta > 0:  # then a batch's later noise depends on its first video: the batches must stay the same
-        settings.update(batch_size=args.batch_size, world=world)
+        settings.update(batch_size=args.batch_size, world=world, num_videos=args.num_videos, device=device.type)
     check_settings(out, settings, rank, world)
     mine = list(range(rank, args.num_videos, world))
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-    todo = [idx for idx in batches if not all(os.path.exists(done_file(out, j)) for j in idx)]
+    todo = [idx for idx in batches if not all(is_done(out, j) for j in idx)]
     if rank == 0 and len(todo) < len(batches):
         print(f"continuing: {len(batches) - len(todo)} of {len(batches)} batches are already in {out}")
     mp4 = True
@@ -100,9 +101,11 @@ def main(argv=None):
                                       ckpt.get("data_saturated"))
         for line in pipeline.report(stats):
             print(line)
-        with open(os.path.join(out, "stats.json"), "w") as f:
+        path = os.path.join(out, "stats.json")  # written last and whole: curve.py takes it as "finished"
+        with open(path + ".tmp", "w") as f:
             json.dump({"ckpt": ckpt_path, "step": ckpt["step"], "steps": args.steps, "clip_x0": args.clip_x0,
                        **stats}, f, indent=1)
+        os.replace(path + ".tmp", path)
     distributed.teardown(world)
 
 
@@ -134,7 +137,18 @@ def save_done(out, j, z, saturated):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         np.savez(f, z=z.numpy(), saturated=np.float64(saturated))
+        f.flush()
+        os.fsync(f.fileno())  # on disk before it is named: a crash leaves no empty record
     os.replace(path + ".tmp", path)
+
+
+def is_done(out, j):
+    """Whether video j has a readable record (a damaged one is sampled again)."""
+    try:
+        load_done(out, j)
+        return True
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 def load_done(out, j):

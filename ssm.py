@@ -120,7 +120,7 @@ def ssd_chunked(x, dt, A, B, C, D, chunk_size=256):
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
     if x.shape[1] == 1:  # one step from a zero state: h = dt x B^T, so y = dt (C . B) x + D x, pointwise
-        CB = _heads_from_groups((C * B).to(dtype).sum(-1, keepdim=True), x.shape[2])  # (B, 1, nh, 1)
+        CB = _heads_from_groups((C.to(dtype) * B.to(dtype)).sum(-1, keepdim=True), x.shape[2])  # (B, 1, nh, 1)
         return (dt.to(dtype)[..., None] * CB + D.to(dtype)[:, None]) * x.to(dtype)
     x_in = x
     b, L, nh, hd = x.shape

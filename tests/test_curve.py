@@ -25,6 +25,8 @@ def test_reconstructions_are_the_vae_round_trip(tmp_path):
     curve.write_reconstructions(path, str(tmp_path / "recon"), 3, 32, 8, torch.device("cpu"), batch_size=2,
                                 workers=0)
 
+    assert curve.reconstructions_in(str(tmp_path / "recon")) == 3  # a later --clips 4 writes them again
+    assert curve.reconstructions_in(str(tmp_path / "none")) == 0
     folders = sorted(glob.glob(str(tmp_path / "recon" / "frames" / "*")))
     assert [os.path.basename(f) for f in folders] == ["000000", "000001", "000002"]
     clips = data.make_dataset("synthetic", "train", num_frames=8, size=32, num_images=0, flip=False,
@@ -94,6 +96,7 @@ def fake_scripts(monkeypatch, started, threads=None):
 def test_segments_resume_and_recipes(tmp_path, monkeypatch):
     started, threads = [], []
     fake_scripts(monkeypatch, started, threads)
+    monkeypatch.setattr(curve.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setattr(curve.os, "cpu_count", lambda: 16)
     out = str(tmp_path / "curve")
     curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "1", "--clip-x0", "4",

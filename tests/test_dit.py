@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import dit
+import ssm
 from diffusion import Diffusion
 
 
@@ -108,6 +109,13 @@ def test_blocks_build_their_own_indices_when_none_are_given():
         out, s = block(x, c, 3, 4, 6, given[i])
         out_, s_ = block(x, c, 3, 4, 6)
         assert torch.equal(out, out_) and torch.equal(s, s_)
+    for i, entry in enumerate(given):  # what each block is given: its own spiral variant, on each plane
+        for kind, frames in (("video", 3), ("image", 1)):
+            (w_fwd, w_rev), (h_fwd, h_rev) = entry[kind]
+            assert torch.equal(w_fwd, ssm.spiral(frames, 6, i)[0]) and torch.equal(w_rev, w_fwd.flip(0))
+            assert torch.equal(h_fwd, ssm.spiral(frames, 4, i)[0]) and torch.equal(h_rev, h_fwd.flip(0))
+        assert torch.equal(entry["video_time"][1], torch.arange(3).flip(0)) and len(entry["image_time"][0]) == 1
+        assert entry["mask"].shape == (24, 24)
     assert not torch.equal(given[0]["video"][0][0], given[1]["video"][0][0])  # blocks scan other spirals
 
 

@@ -212,6 +212,10 @@ def test_sample_continues_a_stopped_run(vae_ckpt, tmp_path, monkeypatch):
     assert json.load(open(os.path.join(out, "stats.json"))) == stats  # the stats of all three videos, as before
     sample.main(cmd)
     assert batches == [[2]]  # all done: nothing sampled
+    open(os.path.join(out, "done", "000001.npz"), "wb").close()  # a record emptied by a crash
+    sample.main(cmd)
+    assert batches == [[2], [0, 1]]  # its batch is sampled again
+    assert json.load(open(os.path.join(out, "stats.json"))) == stats
     with pytest.raises(ValueError, match=r"holds videos sampled with other settings \(steps: 3 -> 4\)"):
         sample.main(cmd[:5] + ["4"] + cmd[6:])
 
