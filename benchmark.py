@@ -36,21 +36,26 @@ def time_step(forward, dtype, repeat, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             out = forward()
         out.float().square().mean().backward()
+    return time_call(step, repeat, device)
 
-    for _ in range(3):  # warm-up: kernel compilation, autotuning, allocator
-        step()
+
+def time_call(fn, repeat, device, warmup=3):
+    """Median ms of fn() over `repeat` calls after `warmup` (kernel compilation, autotuning, the allocator);
+    CUDA events on GPU."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeat):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            step()
+            fn()
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            step()
+            fn()
             times.append(1000 * (time.perf_counter() - t0))
     return sorted(times)[len(times) // 2]
 
@@ -159,20 +164,6 @@ def train_step_table(args, device):
             print(f"{mode:8s} {batch:5d} {ms:8.1f} {batch / ms * 1000:8.1f} {flops[batch] / 1e12:10.2f} "
                   f"{100 * achieved / peak:6.1f}% {mem:8.2f} {first:12.1f}", flush=True)
             del model, net
-
-
-def time_call(fn, repeat, device, warmup=3):
-    """Median ms of fn() over `repeat` calls after `warmup` (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(1000 * (time.perf_counter() - t0))
-    return sorted(times)[len(times) // 2]
 
 
 @torch.no_grad()
