@@ -169,21 +169,19 @@ class SpatialMamba(nn.Module):
     """Bidirectional spiral scans over the (f x w) and (f x h) planes, fused by the gate of Eq. 9.
 
     One Mamba-2 weight set serves all four scans (two planes x spiral / reverse spiral), as in the paper's
-    parameter counts. Block i uses spiral variant i (start corner and sense), so depth sees all of them.
+    parameter counts. Block i is given spiral variant i (start corner and sense; block_indices), so depth sees
+    all of them.
     """
 
-    def __init__(self, cfg, variant):
+    def __init__(self, cfg):
         super().__init__()
         self.mamba = Mamba2(cfg.width, **cfg.mamba_kwargs())
         self.gate_w = nn.Linear(cfg.width, cfg.width)  # W_1, b_1 of Eq. 9
         self.gate_h = nn.Linear(cfg.width, cfg.width)  # W_2, b_2
-        self.variant = variant
 
-    def forward(self, x, h, w, orders=None):
+    def forward(self, x, h, w, orders):
         """x (B, f, L, D) -> (B, f, L, D). orders: the spirals of the (f x w) and (f x h) planes (block_indices)."""
         f = x.shape[1]
-        if orders is None:
-            orders = spiral(f, w, self.variant, x.device), spiral(f, h, self.variant, x.device)
         orders_w, orders_h = orders  # Omega and its reverse over each grid
         p = rearrange(self.mamba.in_proj(x), "b f (h w) e -> b f h w e", h=h)  # projected once for all scans
         plane_w = rearrange(p, "b f h w e -> (b h) (f w) e")  # one sequence per row: its f*w tokens
@@ -231,7 +229,7 @@ class MedSoraBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
         self.attn = LocalAttention(D, cfg.num_heads, cfg.window_size, cfg.look_backward, cfg.look_forward,
                                    cfg.exact_windowsize, cfg.attn_dropout, cfg.attn_impl)
-        self.spatial = SpatialMamba(cfg, variant=index % len(SPIRALS))
+        self.spatial = SpatialMamba(cfg)
         self.temporal = TemporalMamba(cfg)
         # adaLN-Zero: shift, scale and gate for each of the three branches, from the step embedding.
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 9 * D))
