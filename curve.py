@@ -13,7 +13,8 @@ Stages, each skipped when its result is already there, so that a curve split ove
     3. MedSora: one `train.py --resume` process per recipe, all at once, in segments that end at each point
        (the first recipe encodes the latent cache, OUT/latents, and the others start once it is there);
        every checkpoint is copied to OUT/RECIPE/ckpts/minNN.pt and, while the next segment trains, sampled
-       (`sample.py`, DDIM --steps) and evaluated (`evaluate.py`) in the background;
+       (`sample.py`, DDIM --steps; 3 of the videos in OUT/RECIPE/generated/minNN.png) and evaluated (`evaluate.py`)
+       in the background;
     4. with --clip-x0 V, the first recipe's last checkpoint sampled again with DDIM's x0 clamped to +-V;
     5. OUT/curve.json and OUT/curve.png: FVD and FID against training minutes, one line per recipe, with the floors,
        and each point's sample statistics (largest |latent|, values beyond the data's range, saturated pixels).
@@ -169,6 +170,8 @@ def sample_and_evaluate(ckpt, gen, result, args, extra=()):
     if videos_in(gen) < args.clips or not os.path.exists(os.path.join(gen, "stats.json")):
         run(["sample.py", "--ckpt", ckpt, "--num-videos", str(args.clips), "--steps", str(args.steps),
              "--batch-size", "128", "--out", gen, *extra], gen + ".log")
+    # a small picture beside the numbers (3 videos, every other frame), light enough to copy off a GPU machine
+    data.save_grid([os.path.join(gen, "frames", f"{j:06d}") for j in range(min(3, args.clips))], gen + ".png")
     evaluate(gen, result, args)
 
 

@@ -75,6 +75,8 @@ def fake_scripts(monkeypatch, started, threads=None):
             open(os.path.join(cache, "meta.json"), "w").close()
         elif cmd[0] == "sample.py":
             os.makedirs(os.path.join(out, "frames", "000000"), exist_ok=True)
+            for k in range(4):  # four 8 x 8 frames
+                Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(os.path.join(out, "frames", "000000", f"{k:03d}.png"))
             with open(os.path.join(out, "ckpt_used"), "w") as f:
                 f.write(open(cmd[cmd.index("--ckpt") + 1]).read())
             clip = float(cmd[cmd.index("--clip-x0") + 1]) if "--clip-x0" in cmd else None
@@ -131,6 +133,8 @@ def test_segments_resume_and_recipes(tmp_path, monkeypatch):
     assert got["floors"]["train vs val"]["fvd"] == 100.0
     assert got["floors"]["reconstruction vs val"]["fvd"] == 1000.0
     assert Image.open(os.path.join(out, "curve.png")).size == (720, 400)
+    picture = Image.open(os.path.join(out, "short", "generated", "min3.png"))  # every other frame of video 0
+    assert picture.size == (16, 8) and picture.getpixel((8, 0)) == (80, 0, 0)
 
     # everything is there: a second call runs nothing
     started.clear()
