@@ -243,3 +243,16 @@ def test_resume_with_other_data_options_is_refused(vae_ckpt, tmp_path):
     with pytest.raises(SystemExit, match=r"--size: 32 -> 64; --num-images: 2 -> 1"):
         train.main(ARGS + ["--vae", vae_ckpt, "--out", str(out), "--max-steps", "2", "--resume",
                            "--size", "64", "--num-images", "1"])
+
+
+def test_compiled_blocks_are_the_default_on_cuda_only(vae_ckpt, tmp_path, monkeypatch):
+    assert train.compile_mode("auto", torch.device("cuda", 0)) == "blocks"
+    assert train.compile_mode("auto", torch.device("cpu")) == "none"
+    assert train.compile_mode("none", torch.device("cuda", 0)) == "none"  # the flag that turns it off
+    assert train.parse_args([]).compile == "auto" and train.parse_args(["--compile"]).compile == "blocks"
+    compiled = []
+    monkeypatch.setattr(train.dit, "compile_blocks", lambda model, **kw: compiled.append("blocks"))
+    run(vae_ckpt, tmp_path / "default", "--max-steps", "1")  # the CPU stays eager by default
+    assert compiled == []
+    run(vae_ckpt, tmp_path / "asked", "--max-steps", "1", "--compile")
+    assert compiled == ["blocks"]
