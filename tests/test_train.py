@@ -256,3 +256,52 @@ def test_compiled_blocks_are_the_default_on_cuda_only(vae_ckpt, tmp_path, monkey
     assert compiled == []
     run(vae_ckpt, tmp_path / "asked", "--max-steps", "1", "--compile")
     assert compiled == ["blocks"]
+
+
+@pytest.fixture(scope="module")
+def dino_ckpt(tmp_path_factory):
+    """A DINO S/16 file with random weights: these tests check the plumbing, not the features."""
+    import flow_align
+    torch.manual_seed(1)
+    path = str(tmp_path_factory.mktemp("dino") / "dino_deitsmall16_pretrain.pth")
+    torch.save(flow_align.DinoViT("S/16").state_dict(), path)
+    return path
+
+
+def test_align_targets_cached_beside_the_latents_and_resume_exact(vae_ckpt, dino_ckpt, tmp_path):
+    import flow_align
+    align = ["--align", "--dino", dino_ckpt, "--latents", "cache", "--align-margin", "0"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(vae_ckpt, straight, "--max-steps", "5", *align)
+    run(vae_ckpt, split, "--max-steps", "2", *align)
+    run(vae_ckpt, split, "--max-steps", "5", "--resume", *align)
+    a = logged(straight, "align")
+    assert sorted(a) == list(range(1, 6)) and all(v >= 0 for v in a.values()) and max(a.values()) > 0
+    assert logged(straight) == logged(split) and a == logged(split, "align")
+    # the cache holds each clip's targets for both flips, equal to the ones computed from the clip's own flow
+    shard = torch.load(os.path.join(straight, "latents", "shard0of1.pt"), weights_only=True)
+    assert {"align_0", "align_6"} <= set(shard) and shard["align_0"].shape == (8, 2, 3, 4, 128)  # 2 blocks: layers 0, 6
+    clip = data.make_dataset("synthetic", "train", num_frames=8, size=32, num_images=2, flip=False)[0]
+    targets = flow_align.Targets(flow_align.load_dino(dino_ckpt), 2, 128, 3, 2, 2, torch.device("cpu"))
+    k = int((shard["indices"] == 0).nonzero())
+    for flip, flow in enumerate((clip["flow"], data.hflip(clip["video"], None, clip["flow"])[2])):
+        want = targets(flow[None])["align_6"][0]
+        assert torch.allclose(shard["align_6"][k, flip].float(), want, atol=2e-3 * want.abs().max())
+
+
+def test_align_changes_the_update_not_the_diffusion_draws(vae_ckpt, dino_ckpt, tmp_path):
+    off, on = tmp_path / "off", tmp_path / "on"
+    run(vae_ckpt, off, "--max-steps", "2", "--latents", "online")
+    run(vae_ckpt, on, "--max-steps", "2", "--latents", "online", "--align", "--dino", dino_ckpt,
+        "--align-alpha", "100", "--align-margin", "0")
+    assert logged(off)[1] == logged(on)[1]  # step 1: the same t, noise and weights, so the same diffusion loss
+    assert logged(on, "align")[1] > 0
+    a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False)["model"] for d in (off, on))
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the alignment term moved the weights
+
+
+def test_align_needs_flow(vae_ckpt, tmp_path, capsys):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    with pytest.raises(SystemExit, match="--align needs the clips' optical flow"):
+        run(vae_ckpt, tmp_path / "run", "--max-steps", "1", "--align", "--data", str(folder))
