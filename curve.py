@@ -11,7 +11,8 @@ Stages, each skipped when its result is already there, so that a curve split ove
        - train vs val: real training clips against the validation clips (what a perfect model would score);
        - reconstruction vs val: training clips through the VAE (what the VAE alone allows the model);
     3. MedSora: one `train.py --resume` process per recipe, all at once, in segments that end at each point
-       (the first recipe encodes the latent cache, OUT/latents, and the others start once it is there);
+       (the first recipe encodes the latent cache, OUT/latents, and the others start once it is there; recipes
+       with --align share OUT/latents_align, which holds their flow alignment targets too);
        every checkpoint is copied to OUT/RECIPE/ckpts/minNN.pt and, while the next segment trains, sampled
        (`sample.py`, DDIM --steps; 3 of the videos in OUT/RECIPE/generated/minNN.png) and evaluated (`evaluate.py`)
        in the background;
@@ -46,6 +47,7 @@ RECIPES = {  # train.py flags of each recipe
     "paper": [],  # the defaults: lr 1e-3 and batch 16 for 2 epochs, then lr 1e-4 and batch 2
     "short": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16"],
     "short-b64": ["--lr", "1e-3", "1e-3", "--batch-size", "64", "64"],
+    "short-align": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16", "--align"],  # + the flow alignment loss
 }
 
 
@@ -61,6 +63,11 @@ def share_cpus(processes):
     os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the scripts started below
     torch.set_num_threads(threads)  # the reconstructions run in this process
     return threads
+
+
+def cache_of(recipe, args):
+    """The latent cache of a recipe: one for all, and one for the recipes with --align (theirs holds targets too)."""
+    return os.path.join(args.out, "latents_align" if "--align" in RECIPES[recipe] else "latents")
 
 
 def start(cmd, log):
@@ -318,7 +325,7 @@ def main(argv=None):
                 stopped = True
                 break
             print(f"training MedSora-{args.model} ({', '.join(todo)}) from {trained:g} to {point:g} min", flush=True)
-            procs, cache = [], os.path.join(args.out, "latents")
+            procs = []
             for recipe in todo:
                 at = paths(recipe, point)
                 os.makedirs(os.path.dirname(at["ckpt"]), exist_ok=True)
@@ -326,9 +333,11 @@ def main(argv=None):
                 procs.append(start(["train.py", "--model", args.model, "--vae", vae_ckpt, "--out", at["run"],
                                     *RECIPES[recipe], *args.train_flags.split(), "--max-minutes",
                                     str(point - trained), "--sample-every", "0",
-                                    "--workers", str(args.workers), "--cache-dir", cache, *resume],
+                                    "--workers", str(args.workers), "--cache-dir", cache_of(recipe, args),
+                                    *resume, *(["--inception", args.inception] if "--align" in RECIPES[recipe]
+                                               and args.inception else [])],
                                    os.path.join(args.out, recipe, "train.log")))
-                wait_for(os.path.join(cache, "meta.json"), procs[-1])  # one process encodes the shared latents
+                wait_for(os.path.join(cache_of(recipe, args), "meta.json"), procs[-1])  # one encodes each cache
             print(f"{(time.perf_counter() - t0) / 60:.1f} min: the latent cache is ready", flush=True)
             submit_floors()
             for proc in procs:

