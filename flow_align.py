@@ -8,6 +8,9 @@ the clip's optical flow drawn as colours. No parameter is added and the feature 
     -> r = 1 - Pearson correlation with the block outputs y*_i, per channel (Eq. 14)
     -> max(mean of g(t) * r - margin, 0) per sample (Eq. 15), added to the diffusion loss times alpha (Eq. 17).
 
+Flow sources (`train.py --flow`): the synthetic data's exact flow; for real video, a classical estimator, OpenCV's
+DIS (`pip install opencv-python-headless`, optional). A learned estimator (RAFT) is not wired in yet.
+
 Feature networks, both loaded strictly from local files:
 - DINO v1 ViT (S/8, S/16, B/8, B/16), the paper's choice: the official backbone checkpoints
   (`dino_deitsmall8_pretrain.pth`, ...), or a full training checkpoint, whose teacher backbone is taken.
@@ -61,6 +64,26 @@ def hsv_to_rgb(hue, saturation, value):
     k = (n + hue.unsqueeze(-3) / 60) % 6
     ramp = torch.minimum(k, 4 - k).clamp(0, 1)
     return value.unsqueeze(-3) * (1 - saturation.unsqueeze(-3) * ramp)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flow of real video: a classical estimator (Eq. 12's O^i from frame i to frame i + 1)
+# ---------------------------------------------------------------------------------------------------------
+
+def classical_flow(video):
+    """Video (..., F + 1, 3, H, W) in [-1, 1] -> flow (..., F, 2, H, W) in pixels, by OpenCV's DIS estimator
+    (its "medium" preset) on grey frames, frame by frame on the CPU."""
+    try:
+        import cv2
+    except ImportError as e:
+        raise ImportError("the flow of real video needs OpenCV: pip install opencv-python-headless") from e
+    lead, frames = video.shape[:-4], video.reshape(-1, *video.shape[-4:])
+    grey = ((frames.float().cpu() + 1) * 127.5).clamp(0, 255)
+    grey = (grey * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(-3).round().to(torch.uint8).numpy()
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    flows = [[torch.from_numpy(dis.calc(g[i], g[i + 1], None)).permute(2, 0, 1) for i in range(len(g) - 1)]
+             for g in grey]
+    return torch.stack([torch.stack(f) for f in flows]).reshape(*lead, len(grey[0]) - 1, 2, *video.shape[-2:])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -283,14 +306,22 @@ class Targets:
     Called on flows (B, F, 2, H, W), it returns {"align_<layer>": (B, f, L, min(E, D))}: what the latent cache
     keeps beside each clip's latents (at most the model's width; to_width does the rest at the step)."""
 
-    def __init__(self, net, depth, width, f, h, w, device, amp=False):
+    def __init__(self, net, depth, width, f, h, w, device, amp=False, flow="exact"):
+        if flow not in ("exact", "classical"):
+            raise ValueError(f"unknown flow source {flow!r}; expected 'exact' (synthetic data) or 'classical'")
         self.net, self.width, self.f, self.h, self.w = net.to(device), width, f, h, w
-        self.device, self.amp = device, amp
+        self.device, self.amp, self.flow = device, amp, flow
         self.layers = layer_map(depth, net.num_layers)  # per block
         self.keys = [f"align_{i}" for i in self.layers]
 
     def describe(self):
-        return f"{self.net.arch} layers {self.layers}"
+        return f"{self.flow} flow; features of {self.net.arch} layers {self.layers}"
+
+    def flow_of(self, batch):
+        """A batch's flows (B, F, 2, H, W): the exact ones the synthetic data carries, or estimated from its video."""
+        if self.flow == "exact":
+            return batch["flow"]
+        return classical_flow(batch["video"])
 
     @torch.no_grad()
     def __call__(self, flow):

@@ -118,10 +118,11 @@ def build_cache(vae, dataset, folder, key, rank, world, device, amp, batch_size,
     loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers=workers)
     parts = {k: [] for k in (*CachedLatents.KEYS, *(targets.keys if targets else ()))}
     for batch in tqdm(loader, desc="encoding latents", disable=rank != 0):
-        flipped = dict(zip(("video", "images", "flow"), data.hflip(batch["video"], batch["images"], batch.get("flow"))))
+        flow = targets.flow_of(batch) if targets else None
+        flipped = dict(zip(("video", "images", "flow"), data.hflip(batch["video"], batch["images"], flow)))
         both = [encode_batch(vae, b, device, amp) for b in (batch, flipped)]
-        if targets:
-            both = [{**moments, **targets(b["flow"])} for moments, b in zip(both, (batch, flipped))]
+        if targets:  # the mirrored clip's flow is the mirrored flow, x negated
+            both = [{**moments, **targets(fl)} for moments, fl in zip(both, (flow, flipped["flow"]))]
         for k in parts:
             parts[k].append(torch.stack([both[0][k], both[1][k]], dim=1).half().cpu())  # (B, 2, ...)
     shard = {"indices": torch.tensor(mine), **{k: torch.cat(v) for k, v in parts.items()}}
@@ -294,7 +295,9 @@ def parse_args(argv):
                         "(dit.compile_blocks); 'model' the whole unrolled model, which compiles for much longer; "
                         "'none' runs eager; 'auto' (the default) is 'blocks' on CUDA and 'none' on the CPU")
     p.add_argument("--align", action="store_true", help="add the optical-flow representation alignment loss "
-                   "(flow_align.py, Eq. 17); the synthetic data's exact flow")
+                   "(flow_align.py, Eq. 17)")
+    p.add_argument("--flow", default="auto", choices=["auto", "exact", "classical"], help="the flow it aligns with: "
+                   "'auto' is the synthetic data's exact flow, and OpenCV's DIS estimator for real video")
     p.add_argument("--align-alpha", type=float, default=0.01, help="its weight alpha (Sec. 4.1)")
     p.add_argument("--align-margin", type=float, default=0.01, help="the margin of Eq. 15")
     p.add_argument("--dino", default=None, help="DINO v1 ViT weights for the alignment features (default: the "
@@ -372,16 +375,17 @@ def main(argv=None):
     cfg = dit.make_config(args.model, in_channels=vae.cfg.latent_channels)
     align = None  # with --align: the feature network and what each block is aligned with
     if args.align:
-        if args.data != "synthetic":
-            raise SystemExit(f"error: --align needs the clips' optical flow, which only --data synthetic has so far "
-                             f"(got --data {args.data}); leave out --align")
+        flow = args.flow if args.flow != "auto" else ("exact" if args.data == "synthetic" else "classical")
+        if flow == "exact" and args.data != "synthetic":
+            raise SystemExit(f"error: --flow exact needs --data synthetic, the only data that carries its flow "
+                             f"(got --data {args.data}); use --flow classical")
         align = flow_align.Targets(flow_align.load_features(args.dino, args.inception), cfg.depth, cfg.width, f,
-                                   h // cfg.patch_size, h // cfg.patch_size, device, amp)
-        log(f"flow alignment: the exact synthetic flow; features of {align.describe()}"
+                                   h // cfg.patch_size, h // cfg.patch_size, device, amp, flow)
+        log(f"flow alignment: {align.describe()}"
             f"{'' if args.dino else ' (the offline default, not DINO: give --dino PATH for the paper features)'}; "
             f"alpha {args.align_alpha}, margin {args.align_margin}")
     clip_kwargs = dict(num_frames=args.num_frames, size=args.size, num_images=args.num_images, flip=False,
-                       with_flow=args.align)
+                       with_flow=align is not None and align.flow == "exact")
     clips = data.make_dataset(args.data, "train", args.data_root, **clip_kwargs)
     if args.max_clips:
         clips = torch.utils.data.Subset(clips, range(min(args.max_clips, len(clips))))
@@ -459,7 +463,7 @@ def main(argv=None):
                             generator=torch.Generator().manual_seed(distributed.mix_seed(args.seed, epoch)))
         for b in loader:
             if mode == "online":
-                b = {**encode_batch(vae, b, device, amp), **(align(b["flow"]) if align else {})}
+                b = {**encode_batch(vae, b, device, amp), **(align(align.flow_of(b)) if align else {})}
             max_norm = args.clip_norm if epoch >= args.clip_from_epoch else math.inf
             loss, aligned, grad_norm, updated = train_step(
                 net, opt, b, diffusion, scale=scale, num_frames=f, max_norm=max_norm, world=world, device=device,

