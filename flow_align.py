@@ -8,8 +8,8 @@ the clip's optical flow drawn as colours. No parameter is added and the feature 
     -> r = 1 - Pearson correlation with the block outputs y*_i, per channel (Eq. 14)
     -> max(mean of g(t) * r - margin, 0) per sample (Eq. 15), added to the diffusion loss times alpha (Eq. 17).
 
-Flow sources (`train.py --flow`): the synthetic data's exact flow; for real video, a classical estimator, OpenCV's
-DIS (`pip install opencv-python-headless`, optional). A learned estimator (RAFT) is not wired in yet.
+Flow sources (`train.py --flow`): the synthetic data's exact flow; for real video RAFT (torchvision's model, the
+weights from a local file) or, the offline default, OpenCV's DIS (`pip install opencv-python-headless`, optional).
 
 Feature networks, both loaded strictly from local files:
 - DINO v1 ViT (S/8, S/16, B/8, B/16), the paper's choice: the official backbone checkpoints
@@ -84,6 +84,42 @@ def classical_flow(video):
     flows = [[torch.from_numpy(dis.calc(g[i], g[i + 1], None)).permute(2, 0, 1) for i in range(len(g) - 1)]
              for g in grey]
     return torch.stack([torch.stack(f) for f in flows]).reshape(*lead, len(grey[0]) - 1, 2, *video.shape[-2:])
+
+
+def load_raft(path):
+    """torchvision's RAFT, large or small (read off the file), from a local state dict, strictly."""
+    try:
+        from torchvision.models.optical_flow import raft_large, raft_small
+    except ImportError as e:
+        raise ImportError("RAFT needs torchvision (the build that matches your torch)") from e
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"RAFT weights not found at {path}; give torchvision's RAFT weights file "
+                                f"(e.g. raft_large_C_T_SKHT_V2-ff5fadd5.pth), or use --flow classical")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if any(k.startswith(("fnet.", "module.fnet.")) for k in state):
+        raise KeyError(f"{path} is in the princeton-vl RAFT layout (e.g. raft-things.pth), which is not supported; "
+                       f"give torchvision's RAFT weights (raft_large_C_T_SKHT_V2-ff5fadd5.pth)")
+    for build in (raft_large, raft_small):
+        model = build(weights=None)
+        ours = model.state_dict()
+        if set(ours) == set(state) and all(ours[k].shape == v.shape for k, v in state.items()):
+            model.load_state_dict(state)
+            return model.eval().requires_grad_(False)
+    metric_nets.load_strict(raft_large(weights=None), state, path)  # raises, listing the keys that differ
+    raise KeyError(f"{path}: the tensor shapes fit neither RAFT-large nor RAFT-small")
+
+
+@torch.no_grad()
+def raft_flow(raft, video, updates=12):
+    """Video (..., F + 1, 3, H, W) in [-1, 1] (the range torchvision's RAFT expects; the authors' code feeds
+    [-1, 1] to a RAFT that expects 0..255) -> flow (..., F, 2, H, W), in pixels, `updates` refinements."""
+    lead, frames = video.shape[:-4], video.reshape(-1, *video.shape[-4:])
+    H, W = frames.shape[-2:]
+    pad = (0, -W % 8, 0, -H % 8)  # RAFT works on a grid of 8 x 8 cells
+    first, second = frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1)
+    first, second = (F.pad(x.float(), pad, mode="replicate") for x in (first, second))
+    flow = raft(first, second, num_flow_updates=updates)[-1][..., :H, :W]
+    return flow.reshape(*lead, frames.shape[1] - 1, 2, H, W)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,11 +342,13 @@ class Targets:
     Called on flows (B, F, 2, H, W), it returns {"align_<layer>": (B, f, L, min(E, D))}: what the latent cache
     keeps beside each clip's latents (at most the model's width; to_width does the rest at the step)."""
 
-    def __init__(self, net, depth, width, f, h, w, device, amp=False, flow="exact"):
-        if flow not in ("exact", "classical"):
-            raise ValueError(f"unknown flow source {flow!r}; expected 'exact' (synthetic data) or 'classical'")
+    def __init__(self, net, depth, width, f, h, w, device, amp=False, flow="exact", raft=None):
+        if flow not in ("exact", "classical", "raft") or (flow == "raft") != (raft is not None):
+            raise ValueError(f"flow source {flow!r}: expected 'exact' (synthetic data), 'classical', or 'raft' with "
+                             f"a RAFT model")
         self.net, self.width, self.f, self.h, self.w = net.to(device), width, f, h, w
         self.device, self.amp, self.flow = device, amp, flow
+        self.raft = raft.to(device) if raft is not None else None
         self.layers = layer_map(depth, net.num_layers)  # per block
         self.keys = [f"align_{i}" for i in self.layers]
 
@@ -321,6 +359,8 @@ class Targets:
         """A batch's flows (B, F, 2, H, W): the exact ones the synthetic data carries, or estimated from its video."""
         if self.flow == "exact":
             return batch["flow"]
+        if self.flow == "raft":
+            return raft_flow(self.raft, batch["video"].to(self.device))
         return classical_flow(batch["video"])
 
     @torch.no_grad()

@@ -167,8 +167,9 @@ def cache_key(args, vae_path, targets=None):
     parts = [os.path.abspath(vae_path), stat.st_size, stat.st_mtime_ns, args.data,
              data.data_root(args.data, args.data_root), args.num_frames, args.size, args.num_images, args.max_clips]
     if targets is not None:
-        weights = args.dino and os.path.abspath(args.dino)
-        parts += [targets.describe(), weights, weights and os.stat(weights).st_mtime_ns, targets.width]
+        for weights in (args.dino, args.raft if targets.flow == "raft" else None):
+            parts += [weights and os.path.abspath(weights), weights and os.stat(weights).st_mtime_ns]
+        parts += [targets.describe(), targets.width]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()
 
 
@@ -296,8 +297,10 @@ def parse_args(argv):
                         "'none' runs eager; 'auto' (the default) is 'blocks' on CUDA and 'none' on the CPU")
     p.add_argument("--align", action="store_true", help="add the optical-flow representation alignment loss "
                    "(flow_align.py, Eq. 17)")
-    p.add_argument("--flow", default="auto", choices=["auto", "exact", "classical"], help="the flow it aligns with: "
-                   "'auto' is the synthetic data's exact flow, and OpenCV's DIS estimator for real video")
+    p.add_argument("--flow", default="auto", choices=["auto", "exact", "raft", "classical"], help="the flow it "
+                   "aligns with: 'auto' is the synthetic data's exact flow, and for real video RAFT with --raft, "
+                   "else OpenCV's DIS estimator")
+    p.add_argument("--raft", default=None, help="torchvision's RAFT weights, for --flow raft")
     p.add_argument("--align-alpha", type=float, default=0.01, help="its weight alpha (Sec. 4.1)")
     p.add_argument("--align-margin", type=float, default=0.01, help="the margin of Eq. 15")
     p.add_argument("--dino", default=None, help="DINO v1 ViT weights for the alignment features (default: the "
@@ -375,12 +378,16 @@ def main(argv=None):
     cfg = dit.make_config(args.model, in_channels=vae.cfg.latent_channels)
     align = None  # with --align: the feature network and what each block is aligned with
     if args.align:
-        flow = args.flow if args.flow != "auto" else ("exact" if args.data == "synthetic" else "classical")
+        flow = args.flow if args.flow != "auto" else (
+            "exact" if args.data == "synthetic" else "raft" if args.raft else "classical")
+        if flow == "raft" and not args.raft:
+            raise SystemExit("error: --flow raft needs --raft PATH, torchvision's RAFT weights file")
         if flow == "exact" and args.data != "synthetic":
             raise SystemExit(f"error: --flow exact needs --data synthetic, the only data that carries its flow "
                              f"(got --data {args.data}); use --flow classical")
         align = flow_align.Targets(flow_align.load_features(args.dino, args.inception), cfg.depth, cfg.width, f,
-                                   h // cfg.patch_size, h // cfg.patch_size, device, amp, flow)
+                                   h // cfg.patch_size, h // cfg.patch_size, device, amp, flow,
+                                   flow_align.load_raft(args.raft) if flow == "raft" else None)
         log(f"flow alignment: {align.describe()}"
             f"{'' if args.dino else ' (the offline default, not DINO: give --dino PATH for the paper features)'}; "
             f"alpha {args.align_alpha}, margin {args.align_margin}")

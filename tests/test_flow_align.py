@@ -210,3 +210,28 @@ def test_classical_flow_recovers_a_known_shift_on_real_video():
     targets = fa.Targets(net, 2, 128, 2, 3, 3, torch.device("cpu"), flow="classical")
     got = targets(targets.flow_of({"video": video}))
     assert set(got) == {"align_0", "align_6"} and got["align_0"].shape == (1, 2, 9, 128)
+
+
+def test_raft_is_fed_its_range_and_loaded_strictly(tmp_path):
+    optical_flow = pytest.importorskip("torchvision.models.optical_flow", reason="needs torchvision")
+    torch.manual_seed(0)
+    small = optical_flow.raft_small(weights=None)
+    path = str(tmp_path / "raft_small.pth")
+    torch.save(small.state_dict(), path)
+    raft = fa.load_raft(path)
+    seen = []
+    raft.register_forward_pre_hook(lambda module, inputs: seen.append((inputs[0].min(), inputs[0].max(),
+                                                                      inputs[0].shape)))
+    video = torch.rand(1, 3, 3, 36, 44) * 2 - 1     # 3 frames in [-1, 1], a size that is not a multiple of 8
+    flow = fa.raft_flow(raft, video, updates=2)
+    assert flow.shape == (1, 2, 2, 36, 44)
+    lo, hi, shape = seen[0]
+    assert lo >= -1 and hi <= 1 and shape == (2, 3, 40, 48)  # [-1, 1] as torchvision's RAFT expects; padded
+    torch.save({f"module.fnet.{k}": v for k, v in small.state_dict().items()}, str(tmp_path / "raft-things.pth"))
+    with pytest.raises(KeyError, match="princeton-vl RAFT layout"):
+        fa.load_raft(str(tmp_path / "raft-things.pth"))
+    state = small.state_dict()
+    state.pop(next(iter(state)))
+    torch.save(state, str(tmp_path / "broken.pth"))
+    with pytest.raises(KeyError, match="missing keys"):
+        fa.load_raft(str(tmp_path / "broken.pth"))

@@ -305,6 +305,8 @@ def test_exact_flow_needs_the_synthetic_data(vae_ckpt, tmp_path, capsys):
     folder.mkdir()
     with pytest.raises(SystemExit, match="--flow exact needs --data synthetic"):
         run(vae_ckpt, tmp_path / "run", "--max-steps", "1", "--align", "--flow", "exact", "--data", str(folder))
+    with pytest.raises(SystemExit, match="--flow raft needs --raft PATH"):
+        run(vae_ckpt, tmp_path / "run", "--max-steps", "1", "--align", "--flow", "raft", "--data", str(folder))
 
 
 def test_align_on_real_video_uses_the_estimated_flow(vae_ckpt, dino_ckpt, tmp_path):
