@@ -99,7 +99,7 @@ def evaluated(path, metrics):
         return None
     with open(path) as f:
         got = json.load(f)["metrics"]
-    got = {k.lower(): v for k, v in got.items()}  # evaluate.py names them FVD, FID, ...
+    got = {k.lower().replace("-", "_"): v for k, v in got.items()}  # evaluate.py names them FVD, FC-Inception, ...
     return got if all(isinstance(got.get(m), float) for m in metrics) else None
 
 

@@ -170,3 +170,10 @@ def test_an_align_recipe_has_its_own_cache_and_the_feature_weights(tmp_path, mon
     assert plain[plain.index("--cache-dir") + 1] == os.path.join(out, "latents")
     assert "--align" in aligned and aligned[aligned.index("--inception") + 1] == "/weights/default_1.pt"
     assert aligned.count("--cache-dir") == 1 and aligned[aligned.index("--cache-dir") + 1] == os.path.join(out, "latents_align")
+
+
+def test_evaluated_reads_evaluate_py_names(tmp_path):
+    path = str(tmp_path / "eval.json")
+    json.dump({"metrics": {"FVD": 10.0, "FID": 2.0, "FC-Inception": 92.5}}, open(path, "w"))
+    assert curve.evaluated(path, ["fvd", "fc_inception"]) == {"fvd": 10.0, "fid": 2.0, "fc_inception": 92.5}
+    assert curve.evaluated(path, ["fvd", "cdfvd"]) is None  # a metric that is missing: evaluate again
