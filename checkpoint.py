@@ -83,15 +83,18 @@ def check_finite(state, path, what="weights"):
     return state
 
 
-def resume(out, args, keys):
+def resume(out, args, keys, defaults=None):
     """OUT/ckpt.pt for --resume, loaded, or an error that says what to do. The options named in `keys` must be
-    those the checkpoint was trained with (its "args"); the error lists every one that differs."""
+    those the checkpoint was trained with (its "args"); the error lists every one that differs. An option that
+    a checkpoint does not record (it came before the option existed) counts as its value in `defaults`."""
+    defaults = defaults or {}
     path = os.path.join(out, "ckpt.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: --resume given but {path} does not exist; start without --resume")
     ckpt = load(path)
-    changed = [f"--{k.replace('_', '-')}: {ckpt['args'].get(k)!r} -> {getattr(args, k)!r}" for k in keys
-               if ckpt["args"].get(k) != getattr(args, k)]
+    trained = {k: ckpt["args"].get(k, defaults.get(k)) for k in keys}
+    changed = [f"--{k.replace('_', '-')}: {trained[k]!r} -> {getattr(args, k)!r}" for k in keys
+               if trained[k] != getattr(args, k)]
     if changed:
         raise SystemExit(f"error: --resume with other options than {path} was trained with: "
                          f"{'; '.join(changed)}. Give the same options, or a new --out")

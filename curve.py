@@ -51,6 +51,9 @@ RECIPES = {  # train.py flags of each recipe
 }
 
 
+NAMES = {"FVD": "fvd", "CD-FVD": "cdfvd", "FID": "fid", "IS": "is", "FC (CLIP)": "fc", "FC-Inception": "fc_inception"}
+
+
 def share_cpus(processes):
     """Give this process and every script it starts from now on an equal share of the CPU threads.
 
@@ -67,7 +70,8 @@ def share_cpus(processes):
 
 def cache_of(recipe, args):
     """The latent cache of a recipe: one for all, and one for the recipes with --align (theirs holds targets too)."""
-    return os.path.join(args.out, "latents_align" if "--align" in RECIPES[recipe] else "latents")
+    aligned = "--align" in RECIPES[recipe] or "--align" in args.train_flags.split()
+    return os.path.join(args.out, "latents_align" if aligned else "latents")
 
 
 def start(cmd, log):
@@ -99,7 +103,7 @@ def evaluated(path, metrics):
         return None
     with open(path) as f:
         got = json.load(f)["metrics"]
-    got = {k.lower().replace("-", "_"): v for k, v in got.items()}  # evaluate.py names them FVD, FC-Inception, ...
+    got = {NAMES.get(k, k.lower()): v for k, v in got.items()}  # evaluate.py's display names -> metric ids
     return got if all(isinstance(got.get(m), float) for m in metrics) else None
 
 

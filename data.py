@@ -190,7 +190,7 @@ def hflip(video, images=None, flow=None):
     """Mirror a whole sample left-right; a mirrored flow also has its x component negated."""
     out = [video.flip(-1), None if images is None else images.flip(-1), None]
     if flow is not None:
-        out[2] = flow.flip(-1) * torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1)
+        out[2] = flow.flip(-1) * torch.tensor([-1.0, 1.0], device=flow.device, dtype=flow.dtype).view(1, 2, 1, 1)
     return out
 
 

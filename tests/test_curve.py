@@ -174,6 +174,8 @@ def test_an_align_recipe_has_its_own_cache_and_the_feature_weights(tmp_path, mon
 
 def test_evaluated_reads_evaluate_py_names(tmp_path):
     path = str(tmp_path / "eval.json")
-    json.dump({"metrics": {"FVD": 10.0, "FID": 2.0, "FC-Inception": 92.5}}, open(path, "w"))
-    assert curve.evaluated(path, ["fvd", "fc_inception"]) == {"fvd": 10.0, "fid": 2.0, "fc_inception": 92.5}
-    assert curve.evaluated(path, ["fvd", "cdfvd"]) is None  # a metric that is missing: evaluate again
+    json.dump({"metrics": {"FVD": 10.0, "FID": 2.0, "FC-Inception": 92.5, "CD-FVD": 7.0, "FC (CLIP)": 95.0,
+                           "IS": None}}, open(path, "w"))
+    got = curve.evaluated(path, ["fvd", "fc_inception", "cdfvd", "fc"])
+    assert got == {"fvd": 10.0, "fid": 2.0, "fc_inception": 92.5, "cdfvd": 7.0, "fc": 95.0, "is": None}
+    assert curve.evaluated(path, ["fvd", "is"]) is None  # a metric without a value: evaluate again

@@ -327,3 +327,23 @@ def test_align_on_real_video_uses_the_estimated_flow(vae_ckpt, dino_ckpt, tmp_pa
     shard = torch.load(os.path.join(out, "latents", "shard0of1.pt"), weights_only=True)
     assert shard["align_0"].shape[:2] == (len(shard["indices"]), 2)
     assert not torch.equal(shard["align_0"][:, 0], shard["align_0"][:, 1])  # each flip its own targets
+
+
+def test_resume_keeps_the_alignment_options(vae_ckpt, dino_ckpt, tmp_path):
+    out = tmp_path / "run"
+    run(vae_ckpt, out, "--max-steps", "1", "--latents", "online", "--align", "--dino", dino_ckpt)
+    with pytest.raises(SystemExit, match=r"--align: True -> False"):
+        run(vae_ckpt, out, "--max-steps", "2", "--latents", "online", "--resume")
+    with pytest.raises(SystemExit, match=r"--align-alpha: 0.01 -> 0.1"):
+        run(vae_ckpt, out, "--max-steps", "2", "--latents", "online", "--resume", "--align", "--dino", dino_ckpt,
+            "--align-alpha", "0.1")
+    # a checkpoint from before these options existed resumes as one trained without alignment
+    plain = tmp_path / "plain"
+    run(vae_ckpt, plain, "--max-steps", "1", "--latents", "online")
+    path = os.path.join(plain, "ckpt.pt")
+    ckpt = torch.load(path, weights_only=False)
+    for k in ("align", "flow", "align_alpha", "align_margin", "dino", "raft", "inception"):
+        del ckpt["args"][k]
+    torch.save(ckpt, path)
+    run(vae_ckpt, plain, "--max-steps", "2", "--latents", "online", "--resume")
+    assert sorted(logged(plain)) == [1, 2]
