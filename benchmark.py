@@ -14,7 +14,7 @@ torch.compile of the whole model) and batch. Each row also gives the FLOPs of a 
 torch.utils.flop_counter on the eager model), the fraction of a bf16 matrix-multiply peak measured in the same
 run, and the seconds from building the model to the end of its first step (compilation included; the
 compile cache starts empty unless --warm-cache). --sample adds DDIM sampling of --sample-videos videos
-(--sample-steps steps, latents only) for the same modes. --align adds the flow alignment's costs at the first
+(--sample-steps steps, latents only) for the same modes; --profile, one step's kernels per row. --align adds the flow alignment's costs at the first
 batch: producing one batch's targets with each --align-nets network (what the latent cache pays once per clip and
 flip, and --latents online every step), against the eager step without and with the alignment loss.
 """
@@ -73,6 +73,34 @@ def profile_step(forward, dtype, device):
     print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
 
 
+def kernel_table(fn, device, rows=12):
+    """A table of the kernels of one fn() call on the GPU: how many it launches, how long the GPU is busy against the
+    wall time, and the top `rows` kernels by time (CUDA only: on the CPU, the top operators instead)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sync(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        wall = 1000 * (time.perf_counter() - t0)
+    if device.type != "cuda":
+        return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_name = {}
+    for e in kernels:
+        n, ms = per_name.get(e.name, (0, 0.0))
+        per_name[e.name] = (n + 1, ms + e.time_range.elapsed_us() / 1000)
+    busy = sum(ms for _, ms in per_name.values())
+    lines = [f"  {len(kernels)} kernel launches in one step; GPU busy {busy:.1f} ms of {wall:.1f} ms wall "
+             f"({100 * busy / wall:.0f} %)",
+             f"  {'kernel':70s} {'calls':>6s} {'ms':>8s} {'% busy':>7s}"]
+    for name, (n, ms) in sorted(per_name.items(), key=lambda kv: -kv[1][1])[:rows]:
+        lines.append(f"  {name[:70]:70s} {n:6d} {ms:8.2f} {100 * ms / busy:6.1f}%")
+    return "\n".join(lines)
+
+
 def layer_table(device, repeat, shapes):
     """One Mamba2(512) layer, forward + backward in bf16, at MedSora's (sequences, length) shapes and longer ones."""
     import ssm
@@ -118,6 +146,17 @@ def build(args, mode, device):
     return model, (torch.compile(model) if mode == "model" else model)
 
 
+def count_flops(args, x, t, device, amp):
+    """FLOPs of one forward + backward of a new eager MedSora, never of the compiled one: after running under the
+    counter, compiled blocks ran ATen's kernels for the rest of the run (MedSora-B, batch 16, one H200: 401 ms/step
+    and ~12,500 launches, against 131 ms when the count was made on the eager row's model)."""
+    model = build(args, "eager", device)[0]
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        model(x, t, num_frames=args.frames).float().square().mean().backward()
+    return counter.get_total_flops()
+
+
 def train_step_table(args, device):
     """Forward, backward and AdamW of MedSora at each batch and --compile mode, with FLOPs and % of peak."""
     peak = matmul_peak(device)
@@ -151,12 +190,10 @@ def train_step_table(args, device):
                 step()
                 sync(device)
                 first = time.perf_counter() - t_build
-                if batch not in flops:  # the same for every mode: counted once, on the eager model
-                    counter = FlopCounterMode(display=False)
-                    with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        model(x, t, num_frames=args.frames).float().square().mean().backward()
-                    flops[batch] = counter.get_total_flops()
+                if batch not in flops:  # the same for every mode: counted once, on an eager model of its own
+                    flops[batch] = count_flops(args, x, t, device, amp)  # (a compiled one runs eager afterwards)
                 ms = time_call(step, args.repeat, device)
+                kernels = kernel_table(step, device) if args.profile else None
             except torch.OutOfMemoryError:
                 print(f"{mode:8s} {batch:5d} out of memory")
                 continue
@@ -166,6 +203,8 @@ def train_step_table(args, device):
             achieved = flops[batch] / ms / 1e9  # TFLOP/s
             print(f"{mode:8s} {batch:5d} {ms:8.1f} {batch / ms * 1000:8.1f} {flops[batch] / 1e12:10.2f} "
                   f"{100 * achieved / peak:6.1f}% {mem:8.2f} {first:12.1f}", flush=True)
+            if kernels:
+                print(kernels, flush=True)
             del model, net
 
 
@@ -253,7 +292,8 @@ def main():
                         help="chunked+compile: torch.compile of the whole model on the pure-PyTorch path")
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--profile", action="store_true", help="also print the top operators of one step per path")
+    parser.add_argument("--profile", action="store_true", help="also print the top operators of one step per path "
+                        "(with --train-step: the kernels of one step of each row, how many, how busy the GPU is)")
     parser.add_argument("--layers", nargs="*", metavar="NxL", help="also time one Mamba2 layer on N sequences of "
                         "length L (CUDA); default MedSora's shapes and longer ones")
     parser.add_argument("--train-step", action="store_true", help="time train.py's step (forward, backward, "
