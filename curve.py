@@ -15,10 +15,12 @@ Stages, each skipped when its result is already there, so that a curve split ove
        with --align share OUT/latents_align, which holds their flow alignment targets too);
        every checkpoint is copied to OUT/RECIPE/ckpts/minNN.pt and, while the next segment trains, sampled
        (`sample.py`, DDIM --steps; 3 of the videos in OUT/RECIPE/generated/minNN.png) and evaluated (`evaluate.py`)
-       in the background;
+       in the background; a recipe whose train.py fails is named with its log and stops there, the others go on
+       (the exit status says so at the end);
     4. with --clip-x0 V, the first recipe's last checkpoint sampled again with DDIM's x0 clamped to +-V;
     5. OUT/curve.json and OUT/curve.png: FVD and FID against training minutes, one line per recipe, with the floors,
-       and each point's sample statistics (largest |latent|, values beyond the data's range, saturated pixels).
+       and each point's sample statistics (largest |latent|, values beyond the data's range, saturated pixels);
+       OUT/losses.png: each recipe's training loss against step.
 
 The recipes (README, "Training on a budget"): `paper` is train.py's defaults (Sec. 4.1), the others keep lr 1e-3.
 Recipes that share the GPU slow each other a little: curve.json keeps each one's steps and clips/s.
@@ -27,6 +29,7 @@ Recipes that share the GPU slow each other a little: curve.json keeps each one's
 import argparse
 import glob
 import json
+import math
 import os
 import queue
 import shutil
@@ -48,6 +51,9 @@ RECIPES = {  # train.py flags of each recipe
     "short": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16"],
     "short-b64": ["--lr", "1e-3", "1e-3", "--batch-size", "64", "64"],
     "short-align": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16", "--align"],  # + the flow alignment loss
+    # a candidate against the divergence of lr 1e-3 held for 1,000+ steps (README): the paper's drop to 1e-4,
+    # after 12 epochs (750 steps of the 1,000 synthetic clips) instead of 2, and batch 16 throughout
+    "short-decay": ["--lr", "1e-3", "1e-4", "--batch-size", "16", "16", "--phase-epochs", "12"],
 }
 
 
@@ -145,12 +151,7 @@ def wait_for(path, proc, poll=2.0):
 
 def last_record(run_dir):
     """The last step record of a train.py run's log.jsonl (step, clips/s, peak memory), or {}."""
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    records = [r for r in records if "loss" in r]
+    records = [r for r in log_records(run_dir) if "loss" in r]
     return records[-1] if records else {}
 
 
@@ -239,6 +240,55 @@ def plot(curves, floors, path, width=720, height=400):
     os.replace(path + ".tmp.png", path)
 
 
+def plot_losses(runs, path, width=720, height=360, window=20):
+    """Training loss against step (log scale; a moving average over `window` log records), one line per run, and
+    each run's last step marked, with a magenta cross where it ended on a non-finite loss. runs: {name: train.py log.jsonl records}."""
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, width - 15, 25, height - 30
+    lines = {}
+    for name, records in runs.items():
+        good = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), float) and r["loss"] > 0]
+        if len(good) < 2:
+            continue
+        k = min(window, len(good))
+        loss = [sum(v for _, v in good[i - k + 1:i + 1]) / k for i in range(k - 1, len(good))]
+        lines[name] = ([s for s, _ in good[k - 1:]], loss, any(r.get("error") for r in records))
+    if lines:
+        x_hi = max(steps[-1] for steps, _, _ in lines.values())
+        ys = [math.log10(v) for _, loss, _ in lines.values() for v in loss]
+        lo, hi = min(ys), max(ys) + 1e-9
+        to_px = lambda s, v: (left + s / x_hi * (right - left),  # noqa: E731
+                              bottom - (math.log10(v) - lo) / (hi - lo) * (bottom - top))
+        d.rectangle([left, top, right, bottom], outline="black")
+        for j, ((name, (steps, loss, diverged)), colour) in enumerate(zip(lines.items(), COLOURS)):
+            d.line([to_px(s, v) for s, v in zip(steps, loss)], fill=colour, width=2)
+            cx, cy = to_px(steps[-1], loss[-1])
+            if diverged:
+                for dx in (-6, 6):
+                    d.line([(cx - dx, cy - 6), (cx + dx, cy + 6)], fill=(255, 0, 255), width=3)
+            else:
+                d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+            d.text((right - 260, top + 6 + 14 * j), name + (" (x: stopped, non-finite loss)" if diverged else ""),
+                   fill=colour)
+        d.text((left, 6), f"training loss (log scale, mean of {window} log records) vs step", fill="black")
+        d.text((4, top), f"{10 ** hi:.3g}", fill="black")
+        d.text((4, bottom - 10), f"{10 ** lo:.3g}", fill="black")
+        d.text((left, bottom + 8), "0", fill="black")
+        d.text((right - 60, bottom + 8), f"step {x_hi}", fill="black")
+    img.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def log_records(run_dir):
+    """Every record of a train.py run's log.jsonl ([] when it has none)."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/curve")
@@ -319,9 +369,9 @@ def main(argv=None):
                     gen=os.path.join(root, "generated", name), result=os.path.join(root, f"eval_{name}.json"),
                     record=os.path.join(root, "ckpts", f"{name}.json"))
 
-    trained, stopped = 0.0, False
+    trained, stopped, failed = 0.0, False, set()
     for point in args.points:
-        todo = [r for r in args.recipes if not os.path.exists(paths(r, point)["ckpt"])]
+        todo = [r for r in args.recipes if not os.path.exists(paths(r, point)["ckpt"]) and r not in failed]
         if todo:
             elapsed = (time.perf_counter() - t0) / 60
             if args.budget_minutes is not None and elapsed + (point - trained) + 0.5 > args.budget_minutes:
@@ -344,8 +394,14 @@ def main(argv=None):
                 wait_for(os.path.join(cache_of(recipe, args), "meta.json"), procs[-1])  # one encodes each cache
             print(f"{(time.perf_counter() - t0) / 60:.1f} min: the latent cache is ready", flush=True)
             submit_floors()
-            for proc in procs:
-                finish(proc)
+            for recipe, proc in zip(list(todo), procs):
+                try:
+                    finish(proc)
+                except RuntimeError as e:  # that recipe stops here; the others go on
+                    print(f"{recipe}: {e}", flush=True)
+                    failures.append(f"{recipe}: {e}")
+                    failed.add(recipe)
+                    todo.remove(recipe)
             for recipe in todo:
                 at = paths(recipe, point)
                 shutil.copy(os.path.join(at["run"], "ckpt.pt"), at["ckpt"] + ".tmp")
@@ -355,7 +411,7 @@ def main(argv=None):
         trained = point
         for recipe in args.recipes:
             at = paths(recipe, point)
-            if evaluated(at["result"], metrics) is None:
+            if os.path.exists(at["ckpt"]) and evaluated(at["result"], metrics) is None:
                 submit((f"{recipe} {point:g} min", lambda at=at: sample_and_evaluate(at["ckpt"], at["gen"],
                                                                                       at["result"], args)))
         print(f"{(time.perf_counter() - t0) / 60:.1f} min: checkpoints at {point:g} min of training", flush=True)
@@ -394,6 +450,8 @@ def main(argv=None):
                    "floors": floors, "clipped": clipped, "steps": args.steps, "clips": args.clips,
                    "model": args.model, "wall_minutes_this_call": wall}, f, indent=1)
     plot(curves, floors, os.path.join(args.out, "curve.png"))
+    plot_losses({r: log_records(paths(r, args.points[0])["run"]) for r in args.recipes},
+                os.path.join(args.out, "losses.png"))
     for recipe, points in curves.items():
         for row in points:
             print(recipe, "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))

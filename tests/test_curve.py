@@ -7,6 +7,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -41,19 +42,22 @@ def test_reconstructions_are_the_vae_round_trip(tmp_path):
         assert np.abs(got - want).max() <= 1
 
 
-def fake_scripts(monkeypatch, started, threads=None):
+def fake_scripts(monkeypatch, started, threads=None, failing=None):
     """curve.start and curve.evaluate without running anything: train.py writes a checkpoint and a log line,
     sample.py a frame folder, evaluate.py a result that falls with the checkpoint's minutes. `threads` gets
-    each script's OMP_NUM_THREADS; this process's own thread count is left alone."""
+    each script's OMP_NUM_THREADS; this process's own thread count is left alone. The train.py of recipe
+    `failing` exits with status 1 and writes nothing."""
     threads = [] if threads is None else threads
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored after the test
     monkeypatch.setattr(curve.torch, "set_num_threads", lambda n: None)
     class Done:
+        code = 0
+
         def wait(self):
-            return 0
+            return self.code
 
         def poll(self):
-            return 0
+            return self.code
 
     def popen(args, stdout, stderr):  # curve.start's own log handling runs: its folder must be made
         assert not stdout.closed and args[0] == sys.executable
@@ -62,6 +66,10 @@ def fake_scripts(monkeypatch, started, threads=None):
         threads.append(os.environ.get("OMP_NUM_THREADS"))
         out = cmd[cmd.index("--out") + 1]
         os.makedirs(out, exist_ok=True)
+        if cmd[0] == "train.py" and failing and os.path.join(failing, "medsora") in out:
+            failed = Done()
+            failed.code = 1
+            return failed
         if cmd[0] == "train_vae.py":
             open(os.path.join(out, "ckpt.pt"), "w").close()
         elif cmd[0] == "train.py":
@@ -133,6 +141,7 @@ def test_segments_resume_and_recipes(tmp_path, monkeypatch):
     assert got["floors"]["train vs val"]["fvd"] == 100.0
     assert got["floors"]["reconstruction vs val"]["fvd"] == 1000.0
     assert Image.open(os.path.join(out, "curve.png")).size == (720, 400)
+    assert Image.open(os.path.join(out, "losses.png")).size == (720, 360)
     picture = Image.open(os.path.join(out, "short", "generated", "min3.png"))  # every other frame of video 0
     assert picture.size == (16, 8) and picture.getpixel((8, 0)) == (80, 0, 0)
 
@@ -170,6 +179,29 @@ def test_an_align_recipe_has_its_own_cache_and_the_feature_weights(tmp_path, mon
     assert plain[plain.index("--cache-dir") + 1] == os.path.join(out, "latents")
     assert "--align" in aligned and aligned[aligned.index("--inception") + 1] == "/weights/default_1.pt"
     assert aligned.count("--cache-dir") == 1 and aligned[aligned.index("--cache-dir") + 1] == os.path.join(out, "latents_align")
+
+
+def test_a_failing_recipe_is_named_and_the_others_go_on(tmp_path, monkeypatch):
+    started = []
+    fake_scripts(monkeypatch, started, failing="short-align")
+    out = str(tmp_path / "curve")
+    with pytest.raises(SystemExit, match=r"short-align: train.py failed with exit status 1; see .*train.log"):
+        curve.main(["--out", out, "--recipes", "short", "short-align", "--points", "1", "2", "--clips", "1"])
+    trains = [c for c in started if c[0] == "train.py"]
+    assert len(trains) == 3  # short at both points; short-align once, then no more
+    got = json.load(open(os.path.join(out, "curve.json")))
+    assert [p["minutes"] for p in got["recipes"]["short"]["points"]] == [1, 2]
+    assert got["recipes"]["short-align"]["points"] == []
+
+
+def test_loss_plot_marks_a_run_that_ended_non_finite(tmp_path):
+    ok = [{"step": s, "loss": 0.5 / s} for s in range(10, 510, 10)]
+    cross = lambda path: sum(1 for p in Image.open(path).convert("RGB").getdata() if p == (255, 0, 255))  # noqa: E731
+    curve.plot_losses({"a": ok, "b": ok[:30]}, str(tmp_path / "fine.png"))
+    assert cross(tmp_path / "fine.png") == 0
+    diverged = ok[:30] + [{"step": 310, "loss": 9.0}, {"step": 314, "error": "non-finite", "skipped": 5}]
+    curve.plot_losses({"a": ok, "b": diverged}, str(tmp_path / "diverged.png"))
+    assert cross(tmp_path / "diverged.png") > 20  # the cross at b's end
 
 
 def test_evaluated_reads_evaluate_py_names(tmp_path):
