@@ -4,9 +4,11 @@ Speed and memory of the MedSora backbone on each scan path, measured side by sid
     python benchmark.py                      # MedSora-B, batch 8, z = 6 x 16 x 16 x 16 (4 video + 2 image frames)
     python benchmark.py --model S --batch 2 --paths chunked chunked+compile --layers
     python benchmark.py --train-step --frames 5 --images 8 --batches 16 2 --compile eager blocks model --sample
+    python benchmark.py --train-step --peer --sample --sample-videos 1 16 --long 5 17 65 129 --plot long.png
 
 Times one training step's forward + backward (median over --repeat runs, CUDA events on GPU) and the peak
-memory, for each scan path ("kernel": mamba-ssm Triton; "chunked": pure PyTorch SSD) and precision.
+memory, for each scan path ("kernel": mamba-ssm Triton; "chunked": pure PyTorch SSD) and precision; --layers
+times one Mamba2 layer at given (sequences x length) shapes for each --layer-paths scan.
 
 --train-step times what train.py runs instead: forward, backward and AdamW under bf16 autocast, for each
 --compile mode ("eager"; "blocks": dit.compile_blocks, one compiled graph for every block; "model":
@@ -14,22 +16,35 @@ torch.compile of the whole model) and batch. Each row also gives the FLOPs of a 
 torch.utils.flop_counter on the eager model), the fraction of a bf16 matrix-multiply peak measured in the same
 run, and the seconds from building the model to the end of its first step (compilation included; the
 compile cache starts empty unless --warm-cache). --sample adds DDIM sampling of --sample-videos videos
-(--sample-steps steps, latents only) for the same modes; --profile, one step's kernels per row. --align adds the flow alignment's costs at the first
+(--sample-steps steps, latents only) for the same modes; --profile, one step's kernels per row. --peer adds the
+same tables for peer.py's PeerTransformer, a Latte / Endora-style video transformer (global attention in each frame,
+attention along time, an MLP, adaLN-Zero, SDPA) at MedSora's width, depth, heads and patch: the peer of the
+paper's Fig. 6. --long f1 f2 ... times the training step of both at batch 1 against video length (latent frames;
+4 (f - 1) + 1 pixel frames), with peak memory, until a length runs out of memory; --plot draws it, --json
+writes every table's rows. --end-to-end runs train.py twice, this project's way (latents and alignment targets
+cached, compiled, bf16, batch 16) and the authors' way of feeding the same model (VAE, flow and features
+recomputed every step, eager, fp32, batch 2), and prints their clips/s side by side. --align adds the flow alignment's costs at the first
 batch: producing one batch's targets with each --align-nets network (what the latent cache pays once per clip and
 flip, and --latents online every step), against the eager step without and with the alignment loss.
 """
 
 import argparse
+import gc
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
 
 import dit
 import flow_align
+import peer
 from diffusion import Diffusion
 
 
@@ -101,20 +116,29 @@ def kernel_table(fn, device, rows=12):
     return "\n".join(lines)
 
 
-def layer_table(device, repeat, shapes):
-    """One Mamba2(512) layer, forward + backward in bf16, at MedSora's (sequences, length) shapes and longer ones."""
+def layer_table(device, repeat, shapes, paths=("kernel", "chunked")):
+    """One Mamba2(512) layer, forward + backward (bf16 autocast on GPU), at MedSora's (sequences, length) shapes
+    and longer ones, for each scan path: "recurrent" (the step-by-step reference), "chunked" (SSD in PyTorch),
+    "chunked+compile" (the same under torch.compile, the fast path's form) and "kernel" (mamba-ssm's Triton
+    kernels, CUDA only). Returns the rows."""
     import ssm
-    print(f"\nMamba2(512) layer, bf16, forward + backward (ms): sequences x length, kernel vs chunked")
-    print(f"{'shape':>12s} {'kernel':>8s} {'chunked':>8s} {'chunked/kernel':>15s}")
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    paths = [p for p in paths if p != "kernel" or device.type == "cuda"]
+    print(f"\nMamba2(512) layer, {dtype}, forward + backward (ms): sequences x length")
+    print(f"{'shape':>12s} " + " ".join(f"{p:>16s}" for p in paths))
+    rows = []
     for n, L in shapes:
         u = torch.randn(n, L, 512, device=device)
         ms = {}
-        for path in ("kernel", "chunked"):
+        for path in paths:
             torch.manual_seed(0)
-            layer = ssm.Mamba2(512, scan=path).to(device)
-            ms[path] = time_step(lambda: layer(u), "bf16", repeat, device)
-        print(f"{n:>6d} x {L:<4d} {ms['kernel']:8.2f} {ms['chunked']:8.2f} {ms['chunked'] / ms['kernel']:15.2f}",
-              flush=True)
+            torch._dynamo.reset()
+            layer = ssm.Mamba2(512, scan=path.split("+")[0]).to(device)
+            run = torch.compile(layer) if path.endswith("+compile") else layer
+            ms[path] = time_step(lambda: run(u), dtype, repeat, device)
+        print(f"{n:>6d} x {L:<4d} " + " ".join(f"{ms[p]:16.2f}" for p in paths), flush=True)
+        rows.append(dict(table="Mamba2 layer", sequences=n, length=L, dtype=dtype, **{f"ms_{p}": ms[p] for p in paths}))
+    return rows
 
 
 def sync(device):
@@ -136,38 +160,56 @@ def matmul_peak(device, n=8192, repeat=20):
     return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e12
 
 
-def build(args, mode, device):
-    """A fresh MedSora in training mode, compiled as `mode` asks; returns (model to train, callable to run)."""
+def build(args, mode, device, kind="medsora"):
+    """A fresh MedSora (or, kind "peer", the peer at MedSora's width, depth, heads and patch) in training mode,
+    compiled as `mode` asks; returns (model to train, callable to run)."""
     torch.manual_seed(0)
-    model = dit.MedSora(dit.make_config(args.model, scan="chunked")).to(device).train()
+    cfg = dit.make_config(args.model, scan="chunked")
+    model = (peer.PeerTransformer(cfg) if kind == "peer" else dit.MedSora(cfg)).to(device).train()
     if mode == "blocks":
         dit.compile_blocks(model)
         return model, model
     return model, (torch.compile(model) if mode == "model" else model)
 
 
-def count_flops(args, x, t, device, amp):
+def count_flops(args, x, t, device, amp, kind="medsora"):
     """FLOPs of one forward + backward of a new eager MedSora, never of the compiled one: after running under the
     counter, compiled blocks ran ATen's kernels for the rest of the run (MedSora-B, batch 16, one H200: 401 ms/step
     and ~12,500 launches, against 131 ms when the count was made on the eager row's model)."""
-    model = build(args, "eager", device)[0]
+    model = build(args, "eager", device, kind)[0]
     counter = FlopCounterMode(display=False)
     with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         model(x, t, num_frames=args.frames).float().square().mean().backward()
     return counter.get_total_flops()
 
 
-def train_step_table(args, device):
-    """Forward, backward and AdamW of MedSora at each batch and --compile mode, with FLOPs and % of peak."""
-    peak = matmul_peak(device)
+def name_of(args, kind):
+    return f"the peer at MedSora-{args.model}'s size" if kind == "peer" else f"MedSora-{args.model}"
+
+
+def train_step(net, opt, x, t, num_frames, amp):
+    """train.py's step on random latents, as a callable: forward under bf16 autocast (on GPU), backward, AdamW."""
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.mse_loss(net(x, t, num_frames=num_frames).float(), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def train_step_table(args, device, kind="medsora", peak=None):
+    """Forward, backward and AdamW of MedSora (or the peer) at each batch and --compile mode, with FLOPs and % of
+    peak."""
+    peak = peak or matmul_peak(device)
     amp = device.type == "cuda"
     F_ = args.frames + args.images
-    print(f"\ntraining step of MedSora-{args.model} (forward, backward, AdamW; bf16 autocast: {amp}), latents "
+    print(f"\ntraining step of {name_of(args, kind)} (forward, backward, AdamW; bf16 autocast: {amp}), latents "
           f"({args.frames} + {args.images}) x 16 x {args.size} x {args.size}; matrix-multiply peak measured: "
           f"{peak:.3g} TFLOP/s")
     print(f"{'compile':8s} {'batch':>5s} {'ms/step':>8s} {'clips/s':>8s} {'TFLOP/step':>10s} {'% peak':>7s} "
           f"{'peak GiB':>8s} {'first step s':>12s}")
-    flops = {}
+    flops, rows = {}, []
     for mode in args.compile:
         for batch in args.batches:
             if device.type == "cuda":
@@ -175,27 +217,22 @@ def train_step_table(args, device):
                 torch.cuda.reset_peak_memory_stats()
             torch._dynamo.reset()  # compiled graphs outlive their model: every row starts from none
             t_build = time.perf_counter()
-            model, net = build(args, mode, device)
+            model, net = build(args, mode, device, kind)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             x = torch.randn(batch, F_, 16, args.size, args.size, device=device)
             t = torch.randint(0, 1000, (batch,), device=device)
-
-            def step():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = F.mse_loss(net(x, t, num_frames=args.frames).float(), x)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            step = train_step(net, opt, x, t, args.frames, amp)
             try:
                 step()
                 sync(device)
                 first = time.perf_counter() - t_build
                 if batch not in flops:  # the same for every mode: counted once, on an eager model of its own
-                    flops[batch] = count_flops(args, x, t, device, amp)  # (a compiled one runs eager afterwards)
+                    flops[batch] = count_flops(args, x, t, device, amp, kind)  # (a compiled one runs eager after)
                 ms = time_call(step, args.repeat, device)
                 kernels = kernel_table(step, device) if args.profile else None
             except torch.OutOfMemoryError:
                 print(f"{mode:8s} {batch:5d} out of memory")
+                rows.append(dict(table="train step", model=name_of(args, kind), compile=mode, batch=batch, ms=None))
                 continue
             finally:
                 del opt
@@ -205,7 +242,150 @@ def train_step_table(args, device):
                   f"{100 * achieved / peak:6.1f}% {mem:8.2f} {first:12.1f}", flush=True)
             if kernels:
                 print(kernels, flush=True)
+            rows.append(dict(table="train step", model=name_of(args, kind), compile=mode, batch=batch, ms=ms,
+                             clips_per_s=batch / ms * 1000, tflop=flops[batch] / 1e12, peak_fraction=achieved / peak,
+                             peak_gib=mem, first_step_s=first))
             del model, net
+    return rows
+
+
+def free(device):
+    """What an out-of-memory row left behind, given back before the next row."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def long_table(args, device):
+    """Training step time and peak memory against video length, MedSora against the peer: batch 1, no images,
+    each --long count of latent frames (4 (f - 1) + 1 pixel frames) and --compile mode. After one length runs
+    out of memory, the longer ones of that model are not tried."""
+    amp = device.type == "cuda"
+    print(f"\nlong video, training step at batch 1 (forward, backward, AdamW), latents f x 16 x {args.size} x "
+          f"{args.size}")
+    print(f"{'model':40s} {'compile':8s} {'latent f':>8s} {'pixel F':>7s} {'ms/step':>9s} {'peak GiB':>9s}")
+    rows = []
+    for kind in ("medsora", "peer"):
+        for mode in args.compile:
+            out_of_memory = False
+            for f in args.long:
+                row = dict(table="long video", model=name_of(args, kind), compile=mode, latent_frames=f,
+                           pixel_frames=4 * (f - 1) + 1, ms=None, peak_gib=None)
+                tried = not out_of_memory
+                if tried:
+                    free(device)
+                    torch._dynamo.reset()
+                    model, net = build(args, mode, device, kind)
+                    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                    x = torch.randn(1, f, 16, args.size, args.size, device=device)
+                    t = torch.randint(0, 1000, (1,), device=device)
+                    try:
+                        row["ms"] = time_call(train_step(net, opt, x, t, f, amp), args.repeat, device)
+                        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if amp else None
+                    except torch.OutOfMemoryError:
+                        out_of_memory = True
+                    del model, net, opt, x
+                    free(device)
+                shown = ("out of memory" if tried else "not tried") if row["ms"] is None else \
+                    f"{row['ms']:9.1f} {row['peak_gib'] or float('nan'):9.2f}"
+                print(f"{row['model']:40s} {mode:8s} {f:8d} {row['pixel_frames']:7d} {shown}", flush=True)
+                rows.append(row)
+    return rows
+
+
+def random_raft_file(folder):
+    """torchvision's RAFT-large with random weights, saved where train.py --raft can load it strictly (the cost of
+    a flow does not depend on the weights), or None without torchvision."""
+    try:
+        from torchvision.models import optical_flow
+    except ImportError:  # the CPU machine of this project cannot import torchvision
+        return None
+    path = os.path.join(folder, "raft_large_random.pth")
+    torch.save(optical_flow.raft_large(weights=None).state_dict(), path)
+    return path
+
+
+def end_to_end_table(args, device):
+    """train.py end to end (data, latents, alignment targets and the step, as its own clips/s), run twice as a
+    subprocess on the same GPU: this project's way (latents and targets cached once, the default compiled step,
+    bf16, batch 16) against the authors' way of feeding the same model (the VAE encoding every batch, the flow
+    and its features recomputed every step, fp32, eager, batch 2). Returns the two rows."""
+    folder = tempfile.mkdtemp(prefix="medsora-e2e-")
+    raft = args.raft or random_raft_file(folder)
+    flow = ["--flow", "raft", "--raft", raft] if raft else ["--flow", "classical"]
+    common = ["--model", args.model, "--vae", args.vae, "--align", "--max-steps", str(args.e2e_steps),
+              "--sample-every", "0", "--ckpt-every", "100000", "--log-every", "2", "--lr", "1e-3", "1e-3",
+              *(["--inception", args.inception] if args.inception else []), *args.e2e_flags.split()]
+    runs = {"ours: cached latents and targets, train.py's defaults, batch 16":
+            ["--latents", "cache", "--batch-size", "16", "16", "--flow", "auto"],
+            "authors' feeding: VAE, flow, features every step; eager, fp32, batch 2":
+            ["--latents", "online", "--batch-size", "2", "2", "--compile", "none", "--precision", "fp32", *flow]}
+    print(f"\nend to end, train.py --model {args.model} --align, {args.e2e_steps} steps each; flow of the second: "
+          f"{'RAFT-large' + (' (random weights, same cost)' if not args.raft else '') if raft else 'OpenCV DIS'}")
+    print("(train.py's defaults: compiled blocks and bf16 autocast on CUDA, eager fp32 on the CPU; set-up is the wall "
+          "time less the steps at the median speed: start, cache, compilation)")
+    print(f"{'run':72s} {'clips/s':>8s} {'set-up s':>9s} {'wall s':>7s}")
+    rows = []
+    for i, (name, flags) in enumerate(runs.items()):
+        out = os.path.join(folder, f"run{i}")
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "train.py", "--out", out, *common, *flags], capture_output=True,
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        wall = time.perf_counter() - t0
+        if done.returncode != 0:  # train.py's own "error: ..." line says why
+            said = [line for line in (done.stdout + done.stderr).replace("\r", "\n").splitlines() if "rror" in line]
+            raise RuntimeError(f"train.py failed ({name}), exit status {done.returncode}: "
+                               f"{said[-1].strip() if said else done.stderr[-500:]}")
+        with open(os.path.join(out, "log.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        speeds = [r["clips_per_s"] for r in records if "clips_per_s" in r][1:]  # the first interval compiles
+        speed = sorted(speeds)[len(speeds) // 2] if speeds else float("nan")
+        steps = max((r["step"] for r in records if "step" in r), default=0)
+        batch = int(flags[flags.index("--batch-size") + 1])
+        setup = wall - steps * batch / speed if speed == speed else float("nan")  # everything but the steps
+        print(f"{name:72s} {speed:8.2f} {setup:9.1f} {wall:7.1f}", flush=True)
+        rows.append(dict(table="end to end", run=name, clips_per_s=speed, setup_s=setup, wall_s=wall, steps=steps,
+                         command=["train.py", *common, *flags]))
+    print(f"ours / authors' feeding, clips/s: {rows[0]['clips_per_s'] / rows[1]['clips_per_s']:.1f}x")
+    return rows
+
+
+def plot_long(rows, path, width=720, height=360):
+    """ms per step (left) and peak GiB (right) against latent frames, one line per model and compile mode."""
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    colours = [(30, 80, 200), (200, 40, 40), (0, 130, 130), (120, 40, 160)]
+    lines = {}
+    for r in rows:
+        lines.setdefault(f"{r['model']}, {r['compile']}", []).append(r)
+    for k, (key, label) in enumerate((("ms", "ms per training step"), ("peak_gib", "peak GiB"))):
+        left, right, top, bottom = 55 + k * width // 2, (k + 1) * width // 2 - 15, 30, height - 40
+        xy = {name: [(r["latent_frames"], r[key]) for r in rs if r[key] is not None] for name, rs in lines.items()}
+        xy = {name: v for name, v in xy.items() if v}
+        d.text((left, 8), f"{label} vs latent frames (batch 1)", fill="black")
+        d.rectangle([left, top, right, bottom], outline="black")
+        if not xy:
+            d.text((left + 10, (top + bottom) // 2), "not measured (CUDA only)", fill="black")
+            continue
+        x_hi = max(r["latent_frames"] for r in rows)
+        y_hi = max(y for v in xy.values() for _, y in v) * 1.1
+        to_px = lambda x, y: (left + x / x_hi * (right - left), bottom - y / y_hi * (bottom - top))  # noqa: E731
+        for j, ((name, v), colour) in enumerate(zip(xy.items(), colours)):
+            d.line([to_px(x, y) for x, y in v], fill=colour, width=2)
+            for x, y in v:
+                cx, cy = to_px(x, y)
+                d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+            oom = [r["latent_frames"] for r in lines[name] if r[key] is None]
+            if oom:  # where it ran out of memory: a cross on the axis
+                cx, cy = to_px(oom[0], 0)
+                d.line([(cx - 5, cy - 5), (cx + 5, cy + 5)], fill=colour, width=2)
+                d.line([(cx - 5, cy + 5), (cx + 5, cy - 5)], fill=colour, width=2)
+            d.text((left + 6, top + 6 + 14 * j), name, fill=colour)
+        d.text((left - 45, top), f"{y_hi:.3g}", fill="black")
+        d.text((right - 30, bottom + 8), f"{x_hi}", fill="black")
+    img.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
 
 
 def align_table(args, device):
@@ -254,17 +434,18 @@ def align_table(args, device):
 
 
 @torch.no_grad()
-def sample_table(args, device):
-    """DDIM sampling of --sample-videos videos (latents only) for each --compile mode."""
+def sample_table(args, device, kind="medsora", videos=16):
+    """DDIM sampling of `videos` videos (latents only) for each --compile mode."""
     amp = device.type == "cuda"
-    print(f"\nDDIM sampling, MedSora-{args.model}: {args.sample_videos} videos of {args.frames} latent frames, "
+    print(f"\nDDIM sampling, {name_of(args, kind)}: {videos} videos of {args.frames} latent frames, "
           f"{args.sample_steps} steps (latents only, no VAE decoding)")
     print(f"{'compile':8s} {'s':>8s} {'videos/s':>9s} {'first call s':>12s}")
-    shape = (args.sample_videos, args.frames, 16, args.size, args.size)
+    shape = (videos, args.frames, 16, args.size, args.size)
+    rows = []
     for mode in args.compile:
         torch._dynamo.reset()
         t_build = time.perf_counter()
-        model, net = build(args, mode, device)
+        model, net = build(args, mode, device, kind)
         model.eval()
 
         def eps(z, t, **kw):
@@ -277,8 +458,11 @@ def sample_table(args, device):
         sync(device)
         first = time.perf_counter() - t_build
         ms = time_call(lambda: run(args.sample_steps), 1, device, warmup=0)
-        print(f"{mode:8s} {ms / 1000:8.1f} {args.sample_videos / ms * 1000:9.2f} {first:12.1f}", flush=True)
+        print(f"{mode:8s} {ms / 1000:8.2f} {videos / ms * 1000:9.2f} {first:12.1f}", flush=True)
+        rows.append(dict(table="DDIM sampling", model=name_of(args, kind), compile=mode, videos=videos,
+                         steps=args.sample_steps, s=ms / 1000, first_call_s=first))
         del model, net
+    return rows
 
 
 def main():
@@ -295,13 +479,28 @@ def main():
     parser.add_argument("--profile", action="store_true", help="also print the top operators of one step per path "
                         "(with --train-step: the kernels of one step of each row, how many, how busy the GPU is)")
     parser.add_argument("--layers", nargs="*", metavar="NxL", help="also time one Mamba2 layer on N sequences of "
-                        "length L (CUDA); default MedSora's shapes and longer ones")
+                        "length L; default MedSora's shapes and longer ones")
+    parser.add_argument("--layer-paths", nargs="+", default=["kernel", "chunked"],
+                        choices=["recurrent", "chunked", "chunked+compile", "kernel"], help="the scans of --layers "
+                        "(kernel: CUDA only)")
     parser.add_argument("--train-step", action="store_true", help="time train.py's step (forward, backward, "
                         "AdamW) for each --compile mode and --batches, instead of the --paths table")
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 2])
     parser.add_argument("--compile", nargs="+", default=["eager", "blocks"], choices=["eager", "blocks", "model"])
     parser.add_argument("--sample", action="store_true", help="with --train-step: also time DDIM sampling")
-    parser.add_argument("--sample-videos", type=int, default=16)
+    parser.add_argument("--sample-videos", type=int, nargs="+", default=[16], help="one table per count")
+    parser.add_argument("--peer", action="store_true", help="with --train-step and --sample: the same tables for a "
+                        "Latte-style video transformer (PeerTransformer) of MedSora's width, depth, heads and patch")
+    parser.add_argument("--long", type=int, nargs="+", metavar="f", help="step time and memory of MedSora and the "
+                        "peer at batch 1 for these latent frame counts, e.g. 5 17 65 129")
+    parser.add_argument("--end-to-end", action="store_true", help="train.py end to end, this project's way against "
+                        "the authors' way of feeding the model (needs --vae)")
+    parser.add_argument("--vae", default=None, help="for --end-to-end: a train_vae.py checkpoint or CogVideoX vae/")
+    parser.add_argument("--raft", default=None, help="for --end-to-end: RAFT weights (default: random ones)")
+    parser.add_argument("--e2e-steps", type=int, default=40)
+    parser.add_argument("--e2e-flags", default="", help="more train.py flags for both runs, e.g. \"--max-clips 256\"")
+    parser.add_argument("--json", default=None, help="write every table's rows to this JSON file")
+    parser.add_argument("--plot", default=None, help="with --long: draw its rows to this PNG")
     parser.add_argument("--sample-steps", type=int, default=250)
     parser.add_argument("--align", action="store_true", help="with --train-step: also time the flow alignment")
     parser.add_argument("--align-nets", nargs="+", default=["inception", "S/8"], help="'inception' and/or DINO "
@@ -313,14 +512,33 @@ def main():
     args = parser.parse_args()
     if not args.warm_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="medsora-inductor-")
-    if args.train_step:
+    if args.end_to_end and not args.vae:
+        parser.error("--end-to-end needs --vae PATH (a train_vae.py checkpoint or CogVideoX's vae/ folder)")
+    if args.train_step or args.long or args.end_to_end:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         print(f"MedSora-{args.model} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
-        train_step_table(args, device)
-        if args.sample:
-            sample_table(args, device)
-        if args.align:
-            align_table(args, device)
+        kinds, rows = ["medsora"] + (["peer"] if args.peer else []), []
+        if args.train_step:
+            peak = matmul_peak(device)
+            for kind in kinds:
+                rows += train_step_table(args, device, kind, peak)
+            if args.sample:
+                for kind in kinds:
+                    for videos in args.sample_videos:
+                        rows += sample_table(args, device, kind, videos)
+            if args.align:
+                align_table(args, device)
+        if args.end_to_end:
+            rows += end_to_end_table(args, device)
+        if args.long:
+            rows += long_table(args, device)
+            if args.plot:
+                plot_long([r for r in rows if r["table"] == "long video"], args.plot)
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+                           "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
         return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -363,9 +581,9 @@ def main():
     for path, dtype, ms, _, _ in rows:
         if path != "chunked" and dtype in base:
             print(f"{path} speed-up over chunked ({dtype}): {base[dtype] / ms:.2f}x")
-    if args.layers is not None and device.type == "cuda":
+    if args.layers is not None:
         shapes = args.layers or ["2048x1", "1024x4", "512x8", "256x32", "32x256", "8x1024", "2x4096"]
-        layer_table(device, args.repeat, [tuple(int(v) for v in s.split("x")) for s in shapes])
+        layer_table(device, args.repeat, [tuple(int(v) for v in s.split("x")) for s in shapes], args.layer_paths)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ and learns the noise epsilon of the forward process (Eq. 1) at a random step t.
 
 Recipe (Sec. 4.1), each a flag: AdamW; lr 1e-3 with batch 16 for the first 2 epochs, then 1e-4 with batch 2
 (per process); EMA 0.9999; gradient clipping at norm 1.0 from epoch 25; linear schedule, 1000 steps;
-bf16 autocast on GPU; on CUDA each block is compiled once (torch.compile; `--compile none`: eager, `--compile model`:
+bf16 autocast on GPU (--precision fp32: none); on CUDA each block is compiled once (torch.compile; `--compile none`: eager, `--compile model`:
 the whole model).
 
 Latents: a clip is encoded by the VAE as 17 frames -> f = 5 latent frames, each image as a single frame.
@@ -295,6 +295,8 @@ def parse_args(argv):
                    help="torch.compile: 'blocks' (what a bare --compile means) compiles the repeated block once "
                         "(dit.compile_blocks); 'model' the whole unrolled model, which compiles for much longer; "
                         "'none' runs eager; 'auto' (the default) is 'blocks' on CUDA and 'none' on the CPU")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="on CUDA: bf16 autocast (the "
+                   "default) or fp32 throughout; the CPU always runs fp32")
     p.add_argument("--align", action="store_true", help="add the optical-flow representation alignment loss "
                    "(flow_align.py, Eq. 17)")
     p.add_argument("--flow", default="auto", choices=["auto", "exact", "raft", "classical"], help="the flow it "
@@ -324,6 +326,11 @@ def parse_args(argv):
         "num_frames": (8, "clips are 8k + 1 frames: the VAE's causal first frame, then groups of 4; e.g. 8 or 16"),
         "size": (16, "the VAE's 8x times the 2x2 patch; e.g. 64 or 128")})
     return args
+
+
+def autocast_on(args, device):
+    """bf16 autocast on CUDA unless --precision fp32; the CPU always runs fp32."""
+    return device.type == "cuda" and args.precision == "bf16"
 
 
 def compile_mode(choice, device):
@@ -356,7 +363,7 @@ def preview(ema, vae, f, args, step, device, amp):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = distributed.setup()
-    amp = device.type == "cuda"  # bf16 autocast on GPU, fp32 on CPU
+    amp = autocast_on(args, device)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     lock = distributed.RunLock(args.out, rank)

@@ -1,6 +1,10 @@
-"""benchmark.py --train-step: the table of training steps and DDIM sampling runs and prints measured figures."""
+"""benchmark.py: the tables of training steps, DDIM sampling and long videos run and print measured figures."""
+import json
 import re
 import sys
+
+import torch
+from PIL import Image
 
 import benchmark
 
@@ -65,3 +69,97 @@ def test_flops_are_never_counted_on_the_compiled_model(monkeypatch, capsys):
     assert compiled_calls and not any(compiled_calls)
     assert re.search(r"^blocks\s+2\s+[\d.]+\s+[\d.]+\s+0\.00\s", out, re.M), out  # 1e9 FLOPs = 0.00 TFLOP
     assert "Self CPU time total" in out  # the profile of the step
+
+
+def test_long_video_table_json_and_plot(monkeypatch, tmp_path, capsys):
+    """Both models at every length; a length that runs out of memory ends that model's row (the longer ones are
+    not tried), is written as null and drawn as a cross."""
+    timed = []
+
+    def fake_time_call(fn, repeat, device, warmup=3):
+        fn()  # one real step, so that the model is built and runs at that length
+        frames = timed_frames[-1]  # the length of the latents the row made last
+        if frames >= 9 and timed_kind[-1] == "peer":
+            raise torch.OutOfMemoryError("fake")
+        timed.append(frames)
+        return float(frames)
+    timed_frames, timed_kind = [], []
+    build = benchmark.build
+
+    def recording_build(args, mode, device, kind="medsora"):
+        timed_kind.append(kind)
+        return build(args, mode, device, kind)
+    original_randn = torch.randn
+
+    def recording_randn(*shape, **kw):
+        if len(shape) == 5 and shape[0] == 1:
+            timed_frames.append(shape[1])
+        return original_randn(*shape, **kw)
+    monkeypatch.setattr(benchmark, "time_call", fake_time_call)
+    monkeypatch.setattr(benchmark, "build", recording_build)
+    monkeypatch.setattr(benchmark.torch, "randn", recording_randn)
+    out_json, out_png = tmp_path / "b.json", tmp_path / "long.png"
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--model", "tiny", "--size", "4", "--compile", "eager",
+                                      "--long", "2", "5", "9", "17", "--json", str(out_json), "--plot", str(out_png)])
+    benchmark.main()
+    rows = json.load(open(out_json))["rows"]
+    got = [(r["model"].startswith("the peer"), r["latent_frames"], r["pixel_frames"], r["ms"]) for r in rows]
+    assert got == [(False, 2, 5, 2.0), (False, 5, 17, 5.0), (False, 9, 33, 9.0), (False, 17, 65, 17.0),
+                   (True, 2, 5, 2.0), (True, 5, 17, 5.0), (True, 9, 33, None), (True, 17, 65, None)]
+    out = capsys.readouterr().out
+    assert out.count("out of memory") == 1 and out.count("not tried") == 1
+    assert Image.open(out_png).size == (720, 360)
+
+
+def test_medsora_trains_and_samples_at_65_latent_frames():
+    """The long-video lengths run: 65 latent frames (257 pixel frames), tiny model, 4 x 4 latents."""
+    cfg = benchmark.dit.make_config("tiny", scan="chunked")
+    torch.manual_seed(0)
+    model = benchmark.dit.MedSora(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, t = torch.randn(1, 65, 16, 4, 4), torch.tensor([500])
+    losses = []
+    for _ in range(3):  # fit one batch: the loss falls
+        loss = torch.nn.functional.mse_loss(model(x, t, num_frames=65), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    z = benchmark.Diffusion().ddim_sample(model.eval(), (1, 65, 16, 4, 4), steps=2,
+                                          generator=torch.Generator().manual_seed(0), num_frames=65)
+    assert z.shape == (1, 65, 16, 4, 4) and torch.isfinite(z).all()
+
+
+def test_layer_table_times_each_scan_path(capsys):
+    rows = benchmark.layer_table(torch.device("cpu"), 1, [(2, 4), (1, 12)], ["recurrent", "chunked", "kernel"])
+    assert [(r["sequences"], r["length"]) for r in rows] == [(2, 4), (1, 12)]
+    for r in rows:  # the kernels need CUDA: left out on the CPU
+        assert set(k for k in r if k.startswith("ms_")) == {"ms_recurrent", "ms_chunked"}
+        assert r["ms_recurrent"] > 0 and r["ms_chunked"] > 0
+    assert re.search(r"^\s+1 x 12\s+[\d.]+\s+[\d.]+$", capsys.readouterr().out, re.M)
+
+
+def test_end_to_end_runs_train_py_both_ways(monkeypatch, tmp_path, capsys):
+    """Both train.py runs finish on the CPU (tiny model, 16 clips of 9 frames at 32 x 32) and the table gives each
+    one's clips/s from its own log, with the authors' way run online, eager, in fp32, at batch 2."""
+    from dataclasses import asdict
+    import vae
+    cfg = vae.MODELS["tiny"]
+    vae_path = str(tmp_path / "vae.pt")
+    torch.manual_seed(0)
+    torch.save({"model": vae.VideoVAE(cfg).state_dict(), "config": asdict(cfg)}, vae_path)
+    out_json = tmp_path / "e2e.json"
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--model", "tiny", "--end-to-end", "--vae", vae_path,
+                                      "--e2e-steps", "4", "--json", str(out_json), "--e2e-flags",
+                                      "--max-clips 16 --num-frames 8 --size 32 --num-images 1 --workers 0"])
+    benchmark.main()
+    rows = json.load(open(out_json))["rows"]
+    assert [r["steps"] for r in rows] == [4, 4]
+    ours, theirs = rows
+    assert "--latents" in ours["command"] and ours["command"][ours["command"].index("--latents") + 1] == "cache"
+    for flag, value in (("--latents", "online"), ("--compile", "none"), ("--precision", "fp32"), ("--flow", "classical")):
+        assert theirs["command"][theirs["command"].index(flag) + 1] == value
+    assert all(r["clips_per_s"] > 0 and r["wall_s"] > 0 for r in rows)
+    ratio = float(re.search(r"ours / authors' feeding, clips/s: ([\d.]+)x", capsys.readouterr().out).group(1))
+    assert abs(ratio - ours["clips_per_s"] / theirs["clips_per_s"]) < 0.05 + 0.01 * ratio

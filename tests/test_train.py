@@ -347,3 +347,10 @@ def test_resume_keeps_the_alignment_options(vae_ckpt, dino_ckpt, tmp_path):
     torch.save(ckpt, path)
     run(vae_ckpt, plain, "--max-steps", "2", "--latents", "online", "--resume")
     assert sorted(logged(plain)) == [1, 2]
+
+
+def test_precision_flag_turns_autocast_off_on_cuda_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # devices as names: no GPU needed
+    assert train.autocast_on(train.parse_args([]), cuda)
+    assert not train.autocast_on(train.parse_args(["--precision", "fp32"]), cuda)
+    assert not train.autocast_on(train.parse_args([]), cpu)

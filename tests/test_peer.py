@@ -1,0 +1,35 @@
+"""peer.py: the Latte-style transformer benchmark.py compares MedSora with."""
+import torch
+
+import dit
+import peer
+
+
+def randomised(model):
+    """The model with every parameter redrawn, so that no branch starts at zero (adaLN-Zero) and all of them act."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model.eval()
+
+
+def test_peer_starts_at_zero_and_keeps_images_out_of_the_video():
+    cfg = dit.make_config("tiny")
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 5, 16, 8, 8), torch.tensor([3, 700])
+    net = peer.PeerTransformer(cfg)
+    assert net(x, t, num_frames=3).abs().max() == 0  # adaLN-Zero: "predict zero" at the start
+    net = randomised(net)
+    base = net(x, t, num_frames=3)
+    assert base.shape == x.shape
+    moved = x.clone()
+    moved[:, 4] += 1.0  # the second image
+    out = net(moved, t, num_frames=3)
+    assert torch.allclose(out[:, :4], base[:, :4], rtol=0, atol=1e-6)  # the video and the other image do not see it
+    assert (out[:, 4] - base[:, 4]).abs().max() > 1e-3
+    moved = x.clone()
+    moved[:, 0] += 1.0  # the first video frame
+    out = net(moved, t, num_frames=3)
+    assert (out[:, 2] - base[:, 2]).abs().max() > 1e-3  # temporal attention carries it along the video
+    assert torch.allclose(out[:, 3:], base[:, 3:], rtol=0, atol=1e-6)
