@@ -32,6 +32,7 @@ import argparse
 import gc
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -212,30 +213,27 @@ def train_step_table(args, device, kind="medsora", peak=None):
     flops, rows = {}, []
     for mode in args.compile:
         for batch in args.batches:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+            model = net = opt = step = None  # the last row's model, optimizer and closure go before this one
+            x = torch.randn(batch, F_, 16, args.size, args.size, device=device)
+            t = torch.randint(0, 1000, (batch,), device=device)
             torch._dynamo.reset()  # compiled graphs outlive their model: every row starts from none
+            if batch not in flops:  # the same for every mode: counted once, on an eager model of its own
+                flops[batch] = count_flops(args, x, t, device, amp, kind)  # (a compiled one runs eager after)
+            free(device)  # and the count's memory is not in this row's peak
             t_build = time.perf_counter()
             model, net = build(args, mode, device, kind)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            x = torch.randn(batch, F_, 16, args.size, args.size, device=device)
-            t = torch.randint(0, 1000, (batch,), device=device)
             step = train_step(net, opt, x, t, args.frames, amp)
             try:
                 step()
                 sync(device)
                 first = time.perf_counter() - t_build
-                if batch not in flops:  # the same for every mode: counted once, on an eager model of its own
-                    flops[batch] = count_flops(args, x, t, device, amp, kind)  # (a compiled one runs eager after)
                 ms = time_call(step, args.repeat, device)
                 kernels = kernel_table(step, device) if args.profile else None
             except torch.OutOfMemoryError:
                 print(f"{mode:8s} {batch:5d} out of memory")
                 rows.append(dict(table="train step", model=name_of(args, kind), compile=mode, batch=batch, ms=None))
                 continue
-            finally:
-                del opt
             mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
             achieved = flops[batch] / ms / 1e9  # TFLOP/s
             print(f"{mode:8s} {batch:5d} {ms:8.1f} {batch / ms * 1000:8.1f} {flops[batch] / 1e12:10.2f} "
@@ -244,8 +242,9 @@ def train_step_table(args, device, kind="medsora", peak=None):
                 print(kernels, flush=True)
             rows.append(dict(table="train step", model=name_of(args, kind), compile=mode, batch=batch, ms=ms,
                              clips_per_s=batch / ms * 1000, tflop=flops[batch] / 1e12, peak_fraction=achieved / peak,
-                             peak_gib=mem, first_step_s=first))
-            del model, net
+                             peak_gib=mem if mem == mem else None, first_step_s=first))
+    del model, net, opt, step
+    free(device)
     return rows
 
 
@@ -313,15 +312,16 @@ def end_to_end_table(args, device):
     and its features recomputed every step, fp32, eager, batch 2). Returns the two rows."""
     folder = tempfile.mkdtemp(prefix="medsora-e2e-")
     raft = args.raft or random_raft_file(folder)
-    flow = ["--flow", "raft", "--raft", raft] if raft else ["--flow", "classical"]
+    flow = ["--flow", "raft", "--raft", raft] if raft else ["--flow", "classical"]  # the same flow for both runs
     common = ["--model", args.model, "--vae", args.vae, "--align", "--max-steps", str(args.e2e_steps),
               "--sample-every", "0", "--ckpt-every", "100000", "--log-every", "2", "--lr", "1e-3", "1e-3",
-              *(["--inception", args.inception] if args.inception else []), *args.e2e_flags.split()]
+              *(["--inception", args.inception] if args.inception else []), *shlex.split(args.e2e_flags)]
     runs = {"ours: cached latents and targets, train.py's defaults, batch 16":
-            ["--latents", "cache", "--batch-size", "16", "16", "--flow", "auto"],
+            ["--latents", "cache", "--batch-size", "16", "16", *flow],
             "authors' feeding: VAE, flow, features every step; eager, fp32, batch 2":
             ["--latents", "online", "--batch-size", "2", "2", "--compile", "none", "--precision", "fp32", *flow]}
-    print(f"\nend to end, train.py --model {args.model} --align, {args.e2e_steps} steps each; flow of the second: "
+    free(device)
+    print(f"\nend to end, train.py --model {args.model} --align, {args.e2e_steps} steps each; flow of both: "
           f"{'RAFT-large' + (' (random weights, same cost)' if not args.raft else '') if raft else 'OpenCV DIS'}")
     print("(train.py's defaults: compiled blocks and bf16 autocast on CUDA, eager fp32 on the CPU; set-up is the wall "
           "time less the steps at the median speed: start, cache, compilation)")
@@ -331,7 +331,7 @@ def end_to_end_table(args, device):
         out = os.path.join(folder, f"run{i}")
         t0 = time.perf_counter()
         done = subprocess.run([sys.executable, "train.py", "--out", out, *common, *flags], capture_output=True,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=args.e2e_timeout)
         wall = time.perf_counter() - t0
         if done.returncode != 0:  # train.py's own "error: ..." line says why
             said = [line for line in (done.stdout + done.stderr).replace("\r", "\n").splitlines() if "rror" in line]
@@ -371,7 +371,8 @@ def plot_long(rows, path, width=720, height=360):
         x_hi = max(r["latent_frames"] for r in rows)
         y_hi = max(y for v in xy.values() for _, y in v) * 1.1
         to_px = lambda x, y: (left + x / x_hi * (right - left), bottom - y / y_hi * (bottom - top))  # noqa: E731
-        for j, ((name, v), colour) in enumerate(zip(xy.items(), colours)):
+        for j, (name, v) in enumerate(xy.items()):
+            colour = colours[j % len(colours)]
             d.line([to_px(x, y) for x, y in v], fill=colour, width=2)
             for x, y in v:
                 cx, cy = to_px(x, y)
@@ -498,6 +499,7 @@ def main():
     parser.add_argument("--vae", default=None, help="for --end-to-end: a train_vae.py checkpoint or CogVideoX vae/")
     parser.add_argument("--raft", default=None, help="for --end-to-end: RAFT weights (default: random ones)")
     parser.add_argument("--e2e-steps", type=int, default=40)
+    parser.add_argument("--e2e-timeout", type=float, default=1800, help="seconds each end-to-end train.py may take")
     parser.add_argument("--e2e-flags", default="", help="more train.py flags for both runs, e.g. \"--max-clips 256\"")
     parser.add_argument("--json", default=None, help="write every table's rows to this JSON file")
     parser.add_argument("--plot", default=None, help="with --long: draw its rows to this PNG")

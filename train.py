@@ -165,7 +165,8 @@ def cache_key(args, vae_path, targets=None):
     """What the cached latents depend on: the VAE file and the data options (and what the targets come from)."""
     stat = os.stat(vae_path if os.path.isfile(vae_path) else os.path.join(vae_path, "config.json"))
     parts = [os.path.abspath(vae_path), stat.st_size, stat.st_mtime_ns, args.data,
-             data.data_root(args.data, args.data_root), args.num_frames, args.size, args.num_images, args.max_clips]
+             data.data_root(args.data, args.data_root), args.num_frames, args.size, args.num_images, args.max_clips,
+             args.precision]  # --precision fp32 encodes its latents without bf16
     if targets is not None:  # the files the targets come from, and how they are made
         for weights in (args.dino, targets.net_path, args.raft if targets.flow == "raft" else None):
             parts += [weights and os.path.abspath(weights), weights and os.stat(weights).st_mtime_ns]

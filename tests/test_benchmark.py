@@ -150,6 +150,7 @@ def test_end_to_end_runs_train_py_both_ways(monkeypatch, tmp_path, capsys):
     torch.manual_seed(0)
     torch.save({"model": vae.VideoVAE(cfg).state_dict(), "config": asdict(cfg)}, vae_path)
     out_json = tmp_path / "e2e.json"
+    monkeypatch.setattr(benchmark, "random_raft_file", lambda folder: None)  # where torchvision imports, too
     monkeypatch.setattr(sys, "argv", ["benchmark.py", "--model", "tiny", "--end-to-end", "--vae", vae_path,
                                       "--e2e-steps", "4", "--json", str(out_json), "--e2e-flags",
                                       "--max-clips 16 --num-frames 8 --size 32 --num-images 1 --workers 0"])
@@ -158,6 +159,7 @@ def test_end_to_end_runs_train_py_both_ways(monkeypatch, tmp_path, capsys):
     assert [r["steps"] for r in rows] == [4, 4]
     ours, theirs = rows
     assert "--latents" in ours["command"] and ours["command"][ours["command"].index("--latents") + 1] == "cache"
+    assert ours["command"][ours["command"].index("--flow") + 1] == "classical"  # both runs make the same flow
     for flag, value in (("--latents", "online"), ("--compile", "none"), ("--precision", "fp32"), ("--flow", "classical")):
         assert theirs["command"][theirs["command"].index(flag) + 1] == value
     assert all(r["clips_per_s"] > 0 and r["wall_s"] > 0 for r in rows)
