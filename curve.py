@@ -251,7 +251,7 @@ def plot_losses(runs, path, width=720, height=360, window=20):
         good = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), float) and r["loss"] > 0]
         if len(good) < 2:
             continue
-        k = min(window, len(good))
+        k = min(window, max(1, len(good) // 5))  # a short run keeps a curve, not one averaged point
         loss = [sum(v for _, v in good[i - k + 1:i + 1]) / k for i in range(k - 1, len(good))]
         lines[name] = ([s for s, _ in good[k - 1:]], loss, any(r.get("error") for r in records))
     if lines:

@@ -24,9 +24,9 @@ class PeerBlock(nn.Module):
     """Global attention over each frame's L tokens, attention over each token position's frames, an MLP:
     three residual branches under adaLN-Zero, with SDPA (flash attention on GPUs that have it)."""
 
-    def __init__(self, D, num_heads, mlp_ratio=4):
+    def __init__(self, D, num_heads, mlp_ratio=4, attn_impl="sdpa"):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.attn_impl = num_heads, attn_impl
         self.norms = nn.ModuleList(nn.LayerNorm(D, elementwise_affine=False, eps=1e-6) for _ in range(3))
         self.qkv_space, self.out_space = nn.Linear(D, 3 * D), nn.Linear(D, D)
         self.qkv_time, self.out_time = nn.Linear(D, 3 * D), nn.Linear(D, D)
@@ -36,7 +36,11 @@ class PeerBlock(nn.Module):
     def attend(self, x, qkv, out):
         """Full self-attention over the second axis of x (N, S, D)."""
         q, k, v = rearrange(qkv(x), "n s (three nh hd) -> three n nh s hd", three=3, nh=self.num_heads)
-        return out(rearrange(F.scaled_dot_product_attention(q, k, v), "n nh s hd -> n s (nh hd)"))
+        if self.attn_impl == "reference":  # softmax(q k^T / sqrt(hd)) v, written out: what SDPA computes
+            y = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
+        return out(rearrange(y, "n nh s hd -> n s (nh hd)"))
 
     def forward(self, x, c, num_frames):
         """x (B, F, L, D), c (B, D) -> (B, F, L, D); images (the frames after num_frames) attend only to themselves
@@ -66,7 +70,7 @@ class PeerTransformer(nn.Module):
         D, p = cfg.width, cfg.patch_size
         self.patch_embed = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
         self.t_embedder = dit.TimestepEmbedder(D)
-        self.blocks = nn.ModuleList(PeerBlock(D, cfg.num_heads) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(PeerBlock(D, cfg.num_heads, attn_impl=cfg.attn_impl) for _ in range(cfg.depth))
         self.final = dit.FinalLayer(D, p, cfg.in_channels)
         for layer in [b.adaLN[-1] for b in self.blocks] + [self.final.adaLN[-1], self.final.linear]:
             nn.init.zeros_(layer.weight)

@@ -33,3 +33,21 @@ def test_peer_starts_at_zero_and_keeps_images_out_of_the_video():
     out = net(moved, t, num_frames=3)
     assert (out[:, 2] - base[:, 2]).abs().max() > 1e-3  # temporal attention carries it along the video
     assert torch.allclose(out[:, 3:], base[:, 3:], rtol=0, atol=1e-6)
+
+
+def test_sdpa_matches_the_written_out_attention():
+    """The fast path (SDPA) against the reference softmax(q k^T / sqrt(hd)) v, forward and gradients."""
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 8, 8), torch.tensor([3, 700])
+    outs, grads = [], []
+    for impl in ("sdpa", "reference"):
+        net = randomised(peer.PeerTransformer(dit.make_config("tiny", attn_impl=impl)))
+        xi = x.clone().requires_grad_()
+        out = net(xi, t, num_frames=3)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append(torch.cat([xi.grad.flatten()] + [p.grad.flatten() for p in net.parameters()]))
+    err = (outs[0] - outs[1]).abs().max() / outs[1].abs().max()
+    gerr = (grads[0] - grads[1]).norm() / grads[1].norm()
+    print("relative error: output", float(err), "gradients", float(gerr))
+    assert err < 1e-5 and gerr < 1e-5
