@@ -273,15 +273,15 @@ def long_table(args, device):
                            pixel_frames=4 * (f - 1) + 1, ms=None, peak_gib=None)
                 tried = not out_of_memory
                 if tried:
+                    torch._dynamo.reset()  # the last row's graphs first, then its memory
                     free(device)
-                    torch._dynamo.reset()
                     model, net = build(args, mode, device, kind)
                     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
                     x = torch.randn(1, f, 16, args.size, args.size, device=device)
                     t = torch.randint(0, 1000, (1,), device=device)
                     try:
                         row["ms"] = time_call(train_step(net, opt, x, t, f, amp), args.repeat, device)
-                        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if amp else None
+                        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
                     except torch.OutOfMemoryError:
                         out_of_memory = True
                     del model, net, opt, x

@@ -261,7 +261,8 @@ def plot_losses(runs, path, width=720, height=360, window=20):
         to_px = lambda s, v: (left + s / x_hi * (right - left),  # noqa: E731
                               bottom - (math.log10(v) - lo) / (hi - lo) * (bottom - top))
         d.rectangle([left, top, right, bottom], outline="black")
-        for j, ((name, (steps, loss, diverged)), colour) in enumerate(zip(lines.items(), COLOURS)):
+        for j, (name, (steps, loss, diverged)) in enumerate(lines.items()):
+            colour = COLOURS[j % len(COLOURS)]  # every run gets a line, past the fourth too
             d.line([to_px(s, v) for s, v in zip(steps, loss)], fill=colour, width=2)
             cx, cy = to_px(steps[-1], loss[-1])
             if diverged:
