@@ -51,9 +51,13 @@ RECIPES = {  # train.py flags of each recipe
     "short": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16"],
     "short-b64": ["--lr", "1e-3", "1e-3", "--batch-size", "64", "64"],
     "short-align": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16", "--align"],  # + the flow alignment loss
-    # a candidate against the divergence of lr 1e-3 held for 1,000+ steps (README): the paper's drop to 1e-4,
-    # after 12 epochs (750 steps of the 1,000 synthetic clips) instead of 2, and batch 16 throughout
+    # candidates against the divergence of lr 1e-3 held for 1,000+ steps (README, "Training on a budget"):
+    # the paper's drop to 1e-4 after 12 epochs (750 steps of the 1,000 synthetic clips) instead of 2;
     "short-decay": ["--lr", "1e-3", "1e-4", "--batch-size", "16", "16", "--phase-epochs", "12"],
+    # AdamW's beta2 0.95: the second moment follows a sudden large gradient within ~20 steps, not ~1,000;
+    "short-b2": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16", "--betas", "0.9", "0.95"],
+    # gradients clipped from the first step at about their usual norm (0.05-0.1), so a burst is cut down
+    "short-clip": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16", "--clip-from-epoch", "0", "--clip-norm", "0.1"],
 }
 
 
@@ -126,7 +130,8 @@ def sample_record(folder):
     with open(path) as f:
         s = json.load(f)
     return {"max_abs_z": s["latents"]["absmax"], "outliers_pct": 100 * s["outliers"] if s["outliers"] is not None
-            else None, "saturated_pct": 100 * s["saturated"]}
+            else None, "saturated_pct": 100 * s["saturated"],
+            "bright_pct": 100 * s["bright"] if s.get("bright") is not None else None}
 
 
 def videos_in(folder):
@@ -281,6 +286,22 @@ def plot_losses(runs, path, width=720, height=360, window=20):
     os.replace(path + ".tmp.png", path)
 
 
+def stability(records, window=20, factor=2.0):
+    """How steady a train.py run was, from its log records (each the mean loss of --log-every steps):
+    spikes (records whose loss is over `factor` times the median of the `window` records before it), the
+    largest of them, the largest logged gradient norm, and whether it stopped on non-finite losses."""
+    losses = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), float)]
+    spikes = []
+    for i in range(window, len(losses)):
+        base = sorted(v for _, v in losses[i - window:i])[window // 2]
+        if losses[i][1] > factor * base:
+            spikes.append((losses[i][0], losses[i][1] / base))
+    norms = [r["grad_norm"] for r in records if isinstance(r.get("grad_norm"), float) and math.isfinite(r["grad_norm"])]
+    return {"steps": losses[-1][0] if losses else 0, "spikes": len(spikes),
+            "spike_steps": [s for s, _ in spikes], "worst_spike": max((x for _, x in spikes), default=None),
+            "max_grad_norm": max(norms, default=None), "non_finite_stop": any(r.get("error") for r in records)}
+
+
 def log_records(run_dir):
     """Every record of a train.py run's log.jsonl ([] when it has none)."""
     path = os.path.join(run_dir, "log.jsonl")
@@ -308,6 +329,9 @@ def main(argv=None):
     p.add_argument("--inception", default=None)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--eval-jobs", type=int, default=2, help="checkpoints sampled and evaluated at once")
+    p.add_argument("--eval-after-training", action="store_true",
+                   help="sample and evaluate the checkpoints only once this call's training has ended, so that "
+                        "the trainers have the GPU to themselves and every minute of training counts the same")
     p.add_argument("--train-flags", default="", help="more train.py flags for every recipe, e.g. \"--max-clips 64\"")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="start no training segment that would end later than this; finish the evaluations")
@@ -338,8 +362,11 @@ def main(argv=None):
             except Exception as e:  # reported at the end; the curve goes on
                 failures.append(f"{label}: {e}")
             queued.task_done()
-    for _ in range(args.eval_jobs):
-        threading.Thread(target=worker, daemon=True).start()
+    def start_workers():
+        for _ in range(args.eval_jobs):
+            threading.Thread(target=worker, daemon=True).start()
+    if not args.eval_after_training:
+        start_workers()
     submit = queued.put
 
     floor_files = {"train vs val": os.path.join(args.out, "floor_train.json"),
@@ -425,6 +452,9 @@ def main(argv=None):
             submit((f"clip-x0 {args.clip_x0:g}", lambda: sample_and_evaluate(at["ckpt"], clip["gen"], clip["result"],
                                                                             args, ["--clip-x0", str(args.clip_x0)])))
     submit_floors()
+    if args.eval_after_training:
+        print(f"{(time.perf_counter() - t0) / 60:.1f} min: training has ended in this call; evaluating", flush=True)
+        start_workers()
     queued.join()
 
     curves = {}
@@ -445,9 +475,11 @@ def main(argv=None):
     if got:
         clipped = {"recipe": clip["recipe"], "minutes": clip["minutes"], "clip_x0": args.clip_x0,
                    **measured(got, metrics), **sample_record(clip["gen"])}
+    steady = {r: stability(log_records(paths(r, args.points[0])["run"])) for r in args.recipes}
     wall = (time.perf_counter() - t0) / 60
     with open(os.path.join(args.out, "curve.json"), "w") as f:
-        json.dump({"recipes": {r: {"flags": RECIPES[r], "points": curves[r]} for r in args.recipes},
+        json.dump({"recipes": {r: {"flags": RECIPES[r], "points": curves[r], "stability": steady[r]}
+                               for r in args.recipes},
                    "floors": floors, "clipped": clipped, "steps": args.steps, "clips": args.clips,
                    "model": args.model, "wall_minutes_this_call": wall}, f, indent=1)
     plot(curves, floors, os.path.join(args.out, "curve.png"))
@@ -456,6 +488,10 @@ def main(argv=None):
     for recipe, points in curves.items():
         for row in points:
             print(recipe, "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    for recipe, st in steady.items():
+        print(f"{recipe}: {st['steps']} steps, {st['spikes']} loss spikes (over 2x the median of the 20 records "
+              f"before) at steps {st['spike_steps']}, largest gradient norm {st['max_grad_norm']}"
+              f"{', stopped on non-finite losses' if st['non_finite_stop'] else ''}")
     for k, v in floors.items():
         print(f"floor {k}: " + "  ".join(f"{m} {x:.1f}" for m, x in v.items()))
     if clipped:

@@ -60,18 +60,20 @@ def latent_stats(z):
             "absmax": float(z.abs().max()), "q9999": float(a.quantile(0.9999))}
 
 
-def saturated_fraction(videos):
-    """Fraction of pixels with a channel at 0 or 255 once written as 8-bit: (N, 3, F, H, W) in [-1, 1]."""
+def saturated_fraction(videos, levels=(0, 255)):
+    """Fraction of pixels with a channel at one of `levels` once written as 8-bit: (N, 3, F, H, W) in [-1, 1].
+    levels=(255,) counts only bright ones: the off-colour cells that latent outliers decode to, not a dark
+    lumen clipped at 0."""
     u = ((videos + 1) * 127.5).round().clamp(0, 255)
-    return float(((u == 0) | (u == 255)).any(dim=1).float().mean())
+    return float(sum(u == v for v in levels).bool().any(dim=1).float().mean())
 
 
-def sample_stats(gen_z, gen_saturated, data_stats=None, data_saturated=None):
+def sample_stats(gen_z, gen_saturated, data_stats=None, data_saturated=None, gen_bright=None):
     """Samples beside the data, as numbers: latent statistics, the fraction of latent values beyond the data's
-    largest |value| (None without data statistics), saturated pixels."""
+    largest |value| (None without data statistics), saturated pixels (and of them those at 255)."""
     outliers = None if data_stats is None else float((gen_z.abs() > data_stats["absmax"]).float().mean())
     return {"latents": latent_stats(gen_z), "outliers": outliers, "saturated": gen_saturated,
-            "data_latents": data_stats, "data_saturated": data_saturated}
+            "bright": gen_bright, "data_latents": data_stats, "data_saturated": data_saturated}
 
 
 def report(stats):
@@ -94,6 +96,8 @@ def report(stats):
     sat = f"saturated pixels (a channel at 0 or 255): {100 * stats['saturated']:.2f} %"
     if stats["data_saturated"] is not None:
         sat += f" (training clips: {100 * stats['data_saturated']:.2f} %)"
+    if stats.get("bright") is not None:
+        sat += f"; bright ones (a channel at 255): {100 * stats['bright']:.2f} %"
     lines.append(sat)
     return lines
 

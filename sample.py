@@ -88,7 +88,8 @@ def main(argv=None):
             data.save_frames(video, os.path.join(out, "frames", f"{j:06d}"))
             data.save_gif(video, os.path.join(out, "gif", f"{j:06d}.gif"), args.fps)
             mp4 = mp4 and data.save_mp4(video, os.path.join(out, "mp4", f"{j:06d}.mp4"), args.fps)
-            save_done(out, j, zj, pipeline.saturated_fraction(video[None]))
+            save_done(out, j, zj, pipeline.saturated_fraction(video[None]),
+                      pipeline.saturated_fraction(video[None], levels=(255,)))
     distributed.barrier(world)
     if rank == 0:
         shown = [os.path.join(out, "frames", f"{j:06d}") for j in range(min(16, args.num_videos))]
@@ -96,9 +97,9 @@ def main(argv=None):
         print(f"wrote {args.num_videos} videos to {out}: frames/, gif/, " + ("mp4/, " if mp4 else "") + "grid.png"
               + ("" if mp4 else " (no MP4: PyAV is not installed)"))
         # the numbers that tell samples in range from noise; under torchrun, of rank 0's share
-        z, saturated = zip(*(load_done(out, j) for j in mine))
+        z, saturated, bright = zip(*(load_done(out, j) for j in mine))
         stats = pipeline.sample_stats(torch.stack(z), sum(saturated) / len(mine), ckpt.get("latent_stats"),
-                                      ckpt.get("data_saturated"))
+                                      ckpt.get("data_saturated"), sum(bright) / len(mine))
         for line in pipeline.report(stats):
             print(line)
         path = os.path.join(out, "stats.json")  # written last and whole: curve.py takes it as "finished"
@@ -131,12 +132,12 @@ def done_file(out, j):
     return os.path.join(out, "done", f"{j:06d}.npz")
 
 
-def save_done(out, j, z, saturated):
-    """Mark video j finished (after its frames): its latents (f, C, h, w) and saturated fraction."""
+def save_done(out, j, z, saturated, bright):
+    """Mark video j finished (after its frames): its latents (f, C, h, w), saturated and bright fractions."""
     path = done_file(out, j)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "wb") as f:
-        np.savez(f, z=z.numpy(), saturated=np.float64(saturated))
+        np.savez(f, z=z.numpy(), saturated=np.float64(saturated), bright=np.float64(bright))
         f.flush()
         os.fsync(f.fileno())  # on disk before it is named: a crash leaves no empty record
     os.replace(path + ".tmp", path)
@@ -153,7 +154,7 @@ def is_done(out, j):
 
 def load_done(out, j):
     with np.load(done_file(out, j), allow_pickle=False) as d:
-        return torch.from_numpy(d["z"]), float(d["saturated"])
+        return torch.from_numpy(d["z"]), float(d["saturated"]), float(d["bright"])  # an older record: sampled again
 
 
 if __name__ == "__main__":

@@ -282,6 +282,9 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, nargs=2, default=(16, 2), help="per process, first phase, then the rest")
     p.add_argument("--phase-epochs", type=int, default=2, help="epochs of the first phase")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW's (beta1, beta2); a lower "
+                   "beta2 (0.95) keeps a sudden large gradient from making a burst of large steps (README, "
+                   "\"Training on a budget\")")
     p.add_argument("--ema", type=float, default=0.9999)
     p.add_argument("--clip-from-epoch", type=int, default=25)
     p.add_argument("--clip-norm", type=float, default=1.0)
@@ -326,6 +329,8 @@ def parse_args(argv):
                                     "max_minutes"), multiples={
         "num_frames": (8, "clips are 8k + 1 frames: the VAE's causal first frame, then groups of 4; e.g. 8 or 16"),
         "size": (16, "the VAE's 8x times the 2x2 patch; e.g. 64 or 128")})
+    if not all(0 <= b < 1 for b in args.betas):
+        p.error(f"--betas {args.betas[0]:g} {args.betas[1]:g}: each must be in [0, 1) (e.g. 0.9 0.95)")
     return args
 
 
@@ -426,12 +431,15 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = dit.MedSora(cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # never trained: eval mode, no attention dropout
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr[0], weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr[0], betas=tuple(args.betas),
+                            weight_decay=args.weight_decay)
     at = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "skipped": 0, "updates": 0, "latent_frames": f}
     if ckpt is not None:
         model.load_state_dict(checkpoint.check_finite(ckpt["model"], ckpt_path))
         ema.load_state_dict(checkpoint.check_finite(ckpt["ema"], ckpt_path, "EMA weights"))
         opt.load_state_dict(ckpt["optimizer"])
+        for group in opt.param_groups:  # the saved state holds the old options: this run's flags decide
+            group.update(betas=tuple(args.betas), weight_decay=args.weight_decay)
         at.update({k: ckpt[k] for k in ("step", "epoch", "samples_in_epoch", "skipped", "updates")})
         if ckpt["world"] == world:
             checkpoint.set_rng_state(ckpt["rng"][rank])

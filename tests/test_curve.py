@@ -135,7 +135,7 @@ def test_segments_resume_and_recipes(tmp_path, monkeypatch):
         assert [p["minutes"] for p in points] == [1, 3]
         assert [p["steps"] for p in points] == [100, 300]
         assert [round(p["fvd"]) for p in points] == [5000, 1667]  # each point sampled its own checkpoint
-        assert [(p["max_abs_z"], p["outliers_pct"], p["saturated_pct"]) for p in points] == [(9.0, 0.1, 0.2)] * 2
+        assert [(p["max_abs_z"], p["outliers_pct"], p["saturated_pct"], p["bright_pct"]) for p in points] == [(9.0, 0.1, 0.2, None)] * 2
     assert got["clipped"]["recipe"] == "short" and got["clipped"]["minutes"] == 3
     assert round(got["clipped"]["fvd"]) == 1667 and got["clipped"]["max_abs_z"] == 4.0
     assert got["floors"]["train vs val"]["fvd"] == 100.0
@@ -211,3 +211,35 @@ def test_evaluated_reads_evaluate_py_names(tmp_path):
     got = curve.evaluated(path, ["fvd", "fc_inception", "cdfvd", "fc"])
     assert got == {"fvd": 10.0, "fid": 2.0, "fc_inception": 92.5, "cdfvd": 7.0, "fc": 95.0, "is": None}
     assert curve.evaluated(path, ["fvd", "is"]) is None  # a metric without a value: evaluate again
+
+
+def test_evaluations_wait_for_the_training_when_asked(tmp_path, monkeypatch):
+    started = []
+    fake_scripts(monkeypatch, started)
+    out = str(tmp_path / "curve")
+    curve.main(["--out", out, "--recipes", "short", "short-b2", "--points", "1", "2", "3", "--clips", "1",
+                "--eval-jobs", "3", "--eval-after-training"])
+    kinds = [c[0] for c in started]
+    last_train = max(i for i, k in enumerate(kinds) if k == "train.py")
+    assert kinds.count("train.py") == 6 and kinds.count("sample.py") == 6
+    assert "sample.py" not in kinds[:last_train]  # no checkpoint is sampled while any recipe trains
+    b2 = [c for c in started if c[0] == "train.py" and os.path.join("short-b2", "") in c[c.index("--out") + 1]]
+    assert all(c[c.index("--betas") + 1:c.index("--betas") + 3] == ["0.9", "0.95"] for c in b2)
+    got = json.load(open(os.path.join(out, "curve.json")))
+    assert [p["minutes"] for p in got["recipes"]["short-b2"]["points"]] == [1, 2, 3]
+    assert got["recipes"]["short"]["stability"]["steps"] == 300
+
+
+def test_stability_counts_spikes_and_a_non_finite_stop():
+    steady = [{"step": 10 * i, "loss": 0.05 + 0.01 * (i % 3), "grad_norm": 0.08} for i in range(1, 60)]
+    got = curve.stability(steady)
+    assert got == {"steps": 590, "spikes": 0, "spike_steps": [], "worst_spike": None, "max_grad_norm": 0.08,
+                   "non_finite_stop": False}
+    spiky = [dict(r) for r in steady]
+    spiky[40].update(loss=0.3, grad_norm=0.5)  # 0.3 against a median of 0.06: a spike of 5x
+    spiky[41].update(loss=0.11)  # under 2x the median: not one
+    diverged = spiky + [{"step": 600, "loss": None, "grad_norm": float("nan")},
+                        {"step": 604, "error": "non-finite", "skipped": 5}]
+    got = curve.stability(diverged)
+    assert got["spikes"] == 1 and got["spike_steps"] == [410] and got["worst_spike"] == pytest.approx(5.0)
+    assert got["max_grad_norm"] == 0.5 and got["non_finite_stop"] and got["steps"] == 590

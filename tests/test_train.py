@@ -187,8 +187,21 @@ def test_sample_deterministic_and_layout(vae_ckpt, tmp_path):
     assert stats["clip_x0"] == 0 and stats["latents"]["absmax"] < 1e-6 and stats["outliers"] == 0
     stats = json.load(open(os.path.join(a, "stats.json")))
     assert stats["latents"]["absmax"] > 0 and len(stats["latents"]["std"]) == 16 and 0 <= stats["saturated"] <= 1
+    assert 0 <= stats["bright"] <= stats["saturated"]
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         sample.main(["--run", str(tmp_path / "empty")])
+
+
+def test_saturated_pixels_dark_and_bright():
+    video = torch.zeros(1, 3, 2, 4, 4)  # mid-grey: 8 pixels, none saturated
+    video[0, 0, 0, 0, 0] = 1.0  # one red channel at 255
+    video[0, :, 1, 2, 3] = -1.0  # one black pixel (a dark lumen clipped at 0)
+    video[0, 2, 1, 0, 0] = -0.999  # rounds to 0 as well
+    assert sample.pipeline.saturated_fraction(video) == 3 / 32
+    assert sample.pipeline.saturated_fraction(video, levels=(255,)) == 1 / 32
+    stats = sample.pipeline.sample_stats(torch.zeros(2, 1, 16, 2, 2), 3 / 32, gen_bright=1 / 32)
+    assert sample.pipeline.report(stats)[-1] == ("saturated pixels (a channel at 0 or 255): 9.38 %; "
+                                                 "bright ones (a channel at 255): 3.12 %")
 
 
 def test_sample_continues_a_stopped_run(vae_ckpt, tmp_path, monkeypatch):
@@ -228,6 +241,7 @@ def test_sample_continues_a_stopped_run(vae_ckpt, tmp_path, monkeypatch):
     (["--lr", "0", "1e-4"], "--lr 0.0 0.0001: both must be positive"),
     (["--max-steps", "0"], "--max-steps 0: it must be positive"),
     (["--num-images", "-1"], "--num-images -1: it must not be negative"),
+    (["--betas", "0.9", "1"], "--betas 0.9 1: each must be in [0, 1)"),
 ])
 def test_bad_arguments_exit_2_with_one_line(extra, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -235,6 +249,16 @@ def test_bad_arguments_exit_2_with_one_line(extra, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in err, err
+
+
+def test_betas_reach_adamw_and_a_resumed_run_takes_its_own(vae_ckpt, tmp_path):
+    out = tmp_path / "run"
+    run(vae_ckpt, out, "--max-steps", "2", "--betas", "0.9", "0.95")
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["optimizer"]["param_groups"]
+    assert all(tuple(g["betas"]) == (0.9, 0.95) for g in saved)
+    run(vae_ckpt, out, "--max-steps", "3", "--resume", "--betas", "0.8", "0.99", "--weight-decay", "0.01")
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["optimizer"]["param_groups"]
+    assert all(tuple(g["betas"]) == (0.8, 0.99) and g["weight_decay"] == 0.01 for g in saved)
 
 
 def test_resume_with_other_data_options_is_refused(vae_ckpt, tmp_path):
