@@ -22,8 +22,10 @@ Stages, each skipped when its result is already there, so that a curve split ove
        and each point's sample statistics (largest |latent|, values beyond the data's range, saturated pixels);
        OUT/losses.png: each recipe's training loss against step.
 
-The recipes (README, "Training on a budget"): `paper` is train.py's defaults (Sec. 4.1), the others keep lr 1e-3.
-Recipes that share the GPU slow each other a little: curve.json keeps each one's steps and clips/s.
+The recipes (README, "Training on a budget"): `paper` is train.py's defaults (Sec. 4.1), the others keep lr 1e-3;
+`short-b2` (AdamW's beta2 0.95) is the one README recommends for runs of minutes. Recipes that share the GPU slow
+each other a little: curve.json keeps each one's steps, clips/s and loss spikes. With --eval-after-training the
+sampling and evaluation wait until the call's training has ended (they slow the trainers several times over).
 """
 
 import argparse

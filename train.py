@@ -10,10 +10,11 @@ GPUs and gloo on CPU. Each step draws video latents (f frames) and n image laten
 (B, f + n, C, h, w); the model sees the images as one-frame clips of their own (joint training, Sec. 3.4),
 and learns the noise epsilon of the forward process (Eq. 1) at a random step t.
 
-Recipe (Sec. 4.1), each a flag: AdamW; lr 1e-3 with batch 16 for the first 2 epochs, then 1e-4 with batch 2
+Recipe (Sec. 4.1), each a flag: AdamW (betas 0.9, 0.999); lr 1e-3 with batch 16 for the first 2 epochs, then 1e-4 with batch 2
 (per process); EMA 0.9999; gradient clipping at norm 1.0 from epoch 25; linear schedule, 1000 steps;
 bf16 autocast on GPU (--precision fp32: none); on CUDA each block is compiled once (torch.compile; `--compile none`: eager, `--compile model`:
-the whole model).
+the whole model). For runs of minutes (README, "Training on a budget"): --lr 1e-3 1e-3 --batch-size 16 16
+--betas 0.9 0.95.
 
 Latents: a clip is encoded by the VAE as 17 frames -> f = 5 latent frames, each image as a single frame.
 With --latents cache (the default when training for more than 2 epochs, where it is faster: each clip is
