@@ -63,33 +63,42 @@ class Diffusion:
             raise ValueError(f"steps must be in [1, {self.num_steps}], got {steps}")
         return np.unique(np.round(np.linspace(0, self.num_steps - 1, steps)).astype(np.int64))[::-1]
 
-    def _schedule(self, steps, progress, desc):
-        """Yield (t, abar_t, abar_prev) along a respaced schedule; abar_prev = 1 on the last step (z_0)."""
+    def _schedule(self, steps, progress, desc, start=0, stop=None):
+        """Yield (t, abar_t, abar_prev) along a respaced schedule; abar_prev = 1 on the last step (z_0).
+        start, stop: only the steps ts[start:stop] of the grid (timesteps(steps))."""
         ts = self.timesteps(steps)
         abar_prev = np.append(self.abar[ts[1:]], 1.0)  # the next (smaller) step; 1 past the last step
-        for t, a, a_prev in tqdm(list(zip(ts, self.abar[ts], abar_prev)), desc=desc, disable=not progress):
+        todo = list(zip(ts, self.abar[ts], abar_prev))[start:stop]
+        for t, a, a_prev in tqdm(todo, desc=desc, disable=not progress):
             yield int(t), float(a), float(a_prev)
 
     @torch.no_grad()
     def ddim_sample(self, model, shape, steps=250, eta=0.0, generator=None, device="cpu", progress=False,
-                    noise=None, clip_x0=None, **model_kwargs):
+                    noise=None, clip_x0=None, start=0, stop=None, callback=None, **model_kwargs):
         """DDIM (Song et al. 2020): x_T ~ N(0, I), then x_{t'} from the predicted x_0 and epsilon.
 
         clip_x0: clamp the predicted x_0 to [-clip_x0, clip_x0] and re-derive epsilon from it. At t near T,
         x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) multiplies the error of eps by up to 1 / sqrt(abar_T) ~ 160;
         a model that is not yet well trained then walks off the data range and never returns.
+        start, stop: run only the steps ts[start:stop] of the grid ts = timesteps(steps): `noise` is then the
+        latent at ts[start], and the result the latent at ts[stop] (z_0 when stop is None). callback(t, x, output,
+        x_next) sees every step: the latent before it, the model's raw output and the latent after it (reuse.py).
         """
         x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.to(device)
-        for t, a, a_prev in self._schedule(steps, progress, "DDIM"):
-            eps = _eps_of(model(x, torch.full((shape[0],), t, device=device), **model_kwargs)).to(x.dtype)
+        for t, a, a_prev in self._schedule(steps, progress, "DDIM", start, stop):
+            output = model(x, torch.full((shape[0],), t, device=device), **model_kwargs)
+            eps = _eps_of(output).to(x.dtype)
             x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
                 eps = (x - a ** 0.5 * x0) / (1 - a) ** 0.5
             sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
-            x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
+            x_next = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
             if sigma > 0:
-                x = x + sigma * torch.randn(shape, generator=generator, device=device)
+                x_next = x_next + sigma * torch.randn(shape, generator=generator, device=device)
+            if callback is not None:
+                callback(t, x, output, x_next)
+            x = x_next
         return x
 
     @torch.no_grad()

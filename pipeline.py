@@ -22,10 +22,11 @@ from distributed import mix_seed
 
 @torch.no_grad()
 def generate(model, vae, indices, f, steps=250, seed=0, eta=0.0, device="cpu", amp=False, size=128,
-             progress=False, clip_x0=None, return_latents=False):
+             progress=False, clip_x0=None, return_latents=False, sampler=None):
     """The videos numbered `indices`: (B, 3, F, H, W) in [-1, 1] on the CPU (and the sampled latents
     (B, f, C, h, w) with return_latents). Video i starts from noise seeded by (seed, i) only; with eta > 0
-    the later noise depends on the batch's first index too."""
+    the later noise depends on the batch's first index too. sampler(eps, noise, steps, device, clip_x0) -> z
+    replaces plain DDIM (reuse.py's denoising reuse); eps(x, t, **kw) is the model under autocast."""
     C = model.cfg.in_channels
     h = w = size // vae.spatial_compression  # the VAE's 8x
     noise = torch.stack([torch.randn(f, C, h, w, generator=torch.Generator().manual_seed(mix_seed(seed, i)))
@@ -34,10 +35,14 @@ def generate(model, vae, indices, f, steps=250, seed=0, eta=0.0, device="cpu", a
 
     def eps(x, t, **kw):
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-            return model(x, t, **kw).float()
+            out = model(x, t, **kw)
+        return (out[0].float(), [s.float() for s in out[1]]) if isinstance(out, tuple) else out.float()
 
-    z = Diffusion().ddim_sample(eps, noise.shape, steps=steps, eta=eta, generator=gen, device=device,
-                                progress=progress, noise=noise, clip_x0=clip_x0, num_frames=f)
+    if sampler is not None:
+        z = sampler(eps, noise.to(device), steps, device, clip_x0)
+    else:
+        z = Diffusion().ddim_sample(eps, noise.shape, steps=steps, eta=eta, generator=gen, device=device,
+                                    progress=progress, noise=noise, clip_x0=clip_x0, num_frames=f)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         # the decoder's activations are large: 16 videos at a time
         video = torch.cat([vae.decode(part.transpose(1, 2), scaled=True).float().clamp(-1, 1).cpu()

@@ -12,8 +12,15 @@ the number of GPUs, up to float rounding (with eta = 0, DDIM is deterministic af
     mp4/<i:06d>.mp4              when PyAV is installed
     grid.png                     the first 16 videos, one per row, every other frame
     stats.json                   the samples' latent statistics and saturated pixels beside the data's
+    speed.json                   this invocation's sampling time, and what --reuse / --cache-threshold saved
     done/<i:06d>.npz             each finished video's latents and saturated pixels (written last)
     sample.json                  the settings the videos were sampled with
+
+Faster sampling (reuse.py): --reuse FILE denoises the first latent frames alone up to a transition step t* and
+moves them to the other frames there (Dr. Mo's denoising reuse; t* from its step selector, or --reuse-t);
+--cache-threshold reuses a block's output across steps while its input changes little (the training-free
+comparator). What they saved is printed at the end and kept in speed.json, with the time this invocation
+spent sampling.
 
 A stopped run continues where it stopped: run the same command again. Batches whose videos are all in done/
 are skipped, the others are sampled again from their start, so the result is the one an unstopped run gives.
@@ -23,8 +30,10 @@ Dimension names: B batch, f latent frames, C latent channels, h, w latent size, 
 """
 
 import argparse
+import contextlib
 import json
 import os
+import time
 import zipfile
 
 import numpy as np
@@ -35,6 +44,7 @@ from tqdm.auto import tqdm
 import data
 import distributed
 import pipeline
+import reuse
 
 
 def main(argv=None):
@@ -53,12 +63,26 @@ def main(argv=None):
     p.add_argument("--clip-x0", type=float, default=None,
                    help="clamp DDIM's predicted latents to +-VALUE (e.g. 4; latents have unit std): keeps an "
                         "undertrained model in range. Off by default, as in the paper")
+    p.add_argument("--num-frames", type=int, default=None, help="video frames (+1), a multiple of 8; default: "
+                   "the training clips'. Longer videos than the model was trained on work: its scans take any length")
+    p.add_argument("--reuse", default=None, help="denoising reuse with these networks (python reuse.py train)")
+    p.add_argument("--reuse-t", type=int, default=None, help="with --reuse: a fixed transition step t* instead of "
+                   "the step selector's (rounded down to the probes: 999, 899, ..., 99 by default)")
+    p.add_argument("--cache-threshold", type=float, default=None, help="reuse a block's output across steps while "
+                   "its input has moved less than this (relative L1; e.g. 0.05): the training-free comparator")
     args = p.parse_args(argv)
     # checked before the model loads; each failure is one line, exit status 2
-    distributed.check_args(p, args, positive=("num_videos", "batch_size", "fps"), non_negative=("eta", "clip_x0"),
-                           folder="out")
+    distributed.check_args(p, args, positive=("num_videos", "batch_size", "fps"),
+                           non_negative=("eta", "clip_x0", "reuse_t", "cache_threshold"), folder="out",
+                           multiples={"num_frames": (8, "clips are 8k + 1 frames")} if args.num_frames else None)
     if not 1 <= args.steps <= 1000:
         p.error(f"--steps {args.steps}: DDIM takes 1 to 1000 steps (the training schedule has 1000)")
+    if args.reuse_t is not None and args.reuse is None:
+        p.error("--reuse-t needs --reuse FILE (the motion networks that move the base frames)")
+    if args.reuse and args.cache_threshold is not None:
+        p.error("--reuse and --cache-threshold are two ways to sample faster: choose one")
+    if args.reuse and args.eta > 0:
+        p.error(f"--reuse needs deterministic DDIM (--eta 0, not {args.eta:g})")
 
     rank, world, device = distributed.setup()
     amp = device.type == "cuda"
@@ -67,11 +91,26 @@ def main(argv=None):
     model, vae = model.to(device), vae.to(device)
     out = args.out or os.path.join(args.run, "generated")
     f, size = ckpt["latent_frames"], ckpt["args"]["size"]
+    if args.num_frames:
+        f = args.num_frames // 4 + 1  # the VAE: the first frame alone, then 4 frames a latent frame
+    sampler = None
+    if args.reuse:
+        mtn, dss, state = reuse.load(args.reuse, device)
+        p = model.cfg.patch_size
+        reuse.check_model(mtn.cfg, model.cfg, (size // vae.spatial_compression // p,) * 2, args.reuse)
+        if state["ckpt_step"] != ckpt["step"] and rank == 0:
+            print(f"note: {args.reuse} was trained on step {state['ckpt_step']} of {state['ckpt']}, this is step "
+                  f"{ckpt['step']}")
+        sampler = reuse.ReuseSampler(mtn, dss, args.reuse_t)
+    cache_counts = {"run": 0, "reused": 0}  # --cache-threshold: block calls, over all batches
+    seconds = 0.0  # in pipeline.generate (denoising and decoding), over this invocation's batches
     if rank == 0:
         print(f"sampling {args.num_videos} videos from {ckpt_path} (step {ckpt['step']}, "
               f"{'raw' if args.no_ema else 'EMA'} weights), DDIM {args.steps} steps, {world} process(es) -> {out}")
     settings = {"ckpt": os.path.abspath(ckpt_path), "step": ckpt["step"], "seed": args.seed, "steps": args.steps,
-                "eta": args.eta, "clip_x0": args.clip_x0, "ema": not args.no_ema}
+                "eta": args.eta, "clip_x0": args.clip_x0, "ema": not args.no_ema, "latent_frames": f,
+                "reuse": args.reuse and os.path.abspath(args.reuse), "reuse_t": args.reuse_t,
+                "cache_threshold": args.cache_threshold}
     if args.eta > 0:  # then a batch's later noise depends on its first video: the batches must stay the same
         settings.update(batch_size=args.batch_size, world=world, num_videos=args.num_videos, device=device.type)
     check_settings(out, settings, rank, world)
@@ -82,8 +121,14 @@ def main(argv=None):
         print(f"continuing: {len(batches) - len(todo)} of {len(batches)} batches are already in {out}")
     mp4 = True
     for idx in tqdm(todo, disable=rank != 0, desc="sample"):
-        videos, z = pipeline.generate(model, vae, idx, f, args.steps, args.seed, args.eta, device, amp, size,
-                                      clip_x0=args.clip_x0, return_latents=True)
+        cache = reuse.BlockCache(model, args.cache_threshold) if args.cache_threshold is not None else None
+        started = time.perf_counter()
+        with cache or contextlib.nullcontext():
+            videos, z = pipeline.generate(model, vae, idx, f, args.steps, args.seed, args.eta, device, amp, size,
+                                          clip_x0=args.clip_x0, return_latents=True, sampler=sampler)
+        seconds += time.perf_counter() - started  # generate returns CPU tensors: the GPU work is done
+        if cache is not None:
+            cache_counts = {k: v + cache.counts[k] for k, v in cache_counts.items()}
         for j, video, zj in zip(idx, videos, z):
             data.save_frames(video, os.path.join(out, "frames", f"{j:06d}"))
             data.save_gif(video, os.path.join(out, "gif", f"{j:06d}.gif"), args.fps)
@@ -100,14 +145,37 @@ def main(argv=None):
         z, saturated, bright = zip(*(load_done(out, j) for j in mine))
         stats = pipeline.sample_stats(torch.stack(z), sum(saturated) / len(mine), ckpt.get("latent_stats"),
                                       ckpt.get("data_saturated"), sum(bright) / len(mine))
-        for line in pipeline.report(stats):
+        speed = speed_report(sampler, cache_counts, args, seconds, sum(len(idx) for idx in todo))
+        for line in pipeline.report(stats) + speed["lines"]:
             print(line)
         path = os.path.join(out, "stats.json")  # written last and whole: curve.py takes it as "finished"
         with open(path + ".tmp", "w") as f:
             json.dump({"ckpt": ckpt_path, "step": ckpt["step"], "steps": args.steps, "clip_x0": args.clip_x0,
                        **stats}, f, indent=1)
         os.replace(path + ".tmp", path)
+        if speed["videos"]:  # this invocation's time, apart: stats.json depends on the videos alone
+            with open(os.path.join(out, "speed.json"), "w") as f:
+                json.dump({k: v for k, v in speed.items() if k != "lines"}, f, indent=1)
     distributed.teardown(world)
+
+
+def speed_report(sampler, cache_counts, args, seconds, videos):
+    """This invocation's sampling time (under torchrun, rank 0's batches), and what the faster samplers saved."""
+    speed = {"videos": videos, "seconds": seconds,
+             "lines": [f"sampled {videos} videos in {seconds:.1f} s (denoising and decoding)"] if videos else []}
+    if sampler is not None and sampler.stats:
+        s = sampler.stats
+        ratio = sum(v["frame_steps"] for v in s) / sum(v["plain_frame_steps"] for v in s)
+        t_star = [v["t_star"] for v in s]
+        speed.update(t_star=t_star, frame_steps_ratio=ratio)
+        speed["lines"].append(f"denoising reuse: t* {min(t_star)}..{max(t_star)} (mean {np.mean(t_star):.0f}) over "
+                              f"{len(s)} videos; {100 * ratio:.1f} % of plain DDIM's frame-steps")
+    if args.cache_threshold is not None and sum(cache_counts.values()):
+        reused = cache_counts["reused"] / sum(cache_counts.values())
+        speed.update(cache_counts, reused_fraction=reused)
+        speed["lines"].append(f"block cache (threshold {args.cache_threshold:g}): {100 * reused:.1f} % of the "
+                              f"block calls reused")
+    return speed
 
 
 def check_settings(out, settings, rank, world):

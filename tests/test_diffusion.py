@@ -93,3 +93,18 @@ def test_clip_x0_keeps_a_bad_model_in_range_and_leaves_a_good_one_alone():
     held = d.ddim_sample(biased, noise.shape, steps=50, noise=noise, clip_x0=4.0)
     print(f"5 % biased epsilon: max |sample| {drift.abs().max():.2f} unclipped, {held.abs().max():.2f} clipped")
     assert drift.abs().max() > 6 and held.abs().max() <= 4 + 1e-9
+
+
+def test_ddim_split_at_any_step_is_the_whole_run():
+    """start / stop run a slice of the grid: two halves give the same result as the whole, and the callback sees
+    each step's latent before and after."""
+    d = Diffusion()
+    noise = torch.randn(50, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    whole = d.ddim_sample(oracle(d), noise.shape, steps=20, noise=noise)
+    seen = []
+    half = d.ddim_sample(oracle(d), noise.shape, steps=20, noise=noise, stop=7,
+                         callback=lambda t, x, out, x_next: seen.append((t, x, x_next)))
+    assert [t for t, _, _ in seen] == list(d.timesteps(20)[:7])
+    assert torch.equal(seen[0][1], noise) and torch.equal(seen[-1][2], half)
+    assert all(torch.equal(a[2], b[1]) for a, b in zip(seen, seen[1:]))  # each step starts where the last ended
+    assert torch.equal(d.ddim_sample(oracle(d), noise.shape, steps=20, noise=half, start=7), whole)
