@@ -26,7 +26,8 @@ def generate(model, vae, indices, f, steps=250, seed=0, eta=0.0, device="cpu", a
     """The videos numbered `indices`: (B, 3, F, H, W) in [-1, 1] on the CPU (and the sampled latents
     (B, f, C, h, w) with return_latents). Video i starts from noise seeded by (seed, i) only; with eta > 0
     the later noise depends on the batch's first index too. sampler(eps, noise, steps, device, clip_x0) -> z
-    replaces plain DDIM (reuse.py's denoising reuse); eps(x, t, **kw) is the model under autocast."""
+    replaces plain DDIM (reuse.py's denoising reuse, deterministic: eta and progress are then unused);
+    eps(x, t, **kw) is the model under autocast."""
     C = model.cfg.in_channels
     h = w = size // vae.spatial_compression  # the VAE's 8x
     noise = torch.stack([torch.randn(f, C, h, w, generator=torch.Generator().manual_seed(mix_seed(seed, i)))

@@ -1,7 +1,8 @@
 """
-Denoising reuse for MedSora (Dr. Mo, paper 002), and a training-free comparator that reuses block outputs.
+Denoising reuse for MedSora (Dr. Mo, paper 002): skip most frames' early denoising steps.
 
-Equation numbers in this file are Dr. Mo's (paper 002), not MedSora's.
+Equation numbers in this file are Dr. Mo's (paper 002), not MedSora's. The comparator, a training-free block
+cache, is cache.py.
 
 The idea (Dr. Mo Sec. III-IV). Early denoising steps lay down coarse structure, and how it moves from frame to frame
 stays the same over most steps. So most frames can skip those steps:
@@ -16,21 +17,22 @@ frames of a clip together (its temporal scans mix them). So here:
   2. At t*, each later latent frame n >= R is frame n - 1 moved by a predicted motion: z^n = W(z^{n-1}, M^{n-1,n}).
   3. All f latent frames are denoised together from t* to 0 with the same DDIM as plain sampling
      (t* = T is plain DDIM, exactly).
-The transition step is one of P probe steps (999, 899, ..., 99 by default): fixed (--reuse-t) or chosen per video
-by the step selector. It is rounded down to the sampler's DDIM grid, as the paper does with fast samplers: the
-later grid step, so more reuse.
+The transition step is one of P probe steps (899, 799, ..., 99 with the default 999 ... 99; probe 0, T itself, means
+no reuse). It is fixed (--reuse-t) or chosen per video by the step selector, and rounded down to the sampler's
+DDIM grid, as the paper does with fast samplers: the later grid step, so more reuse.
 
 Which frames are base frames. A 17-frame clip has f = 5 latent frames. The causal VAE encodes pixel frame 0
 alone as latent frame 0, and every 4 further pixel frames as latent frames 1-4. With R = 2 the base pair is latent
 frames 0 and 1. Their motion is the observed motion, and the ConvLSTM carries it on to the pairs (1, 2) ... (3, 4).
 
-What it gains. A fraction q of the steps come before t*, and those cost R / f of a full step. So a clip costs about
-(1 - q) + q R / f of plain DDIM, plus the motion network:
+What it gains. A fraction q of the steps come before t*; in those, only R of the f frames go through MedSora (plus
+one more R-frame step at t*, for its motion). So a clip costs about (1 - q) + q R / f of plain DDIM:
   - 17 frames (f = 5), q = 0.6: 0.64, i.e. 1.6x faster;
   - 65 frames (f = 17): 0.47, 2.1x;
   - 257 frames (f = 65): 0.42, 2.4x.
-So the gain grows with the video's length. With the step selector, the base frames also run on to the last probe,
-for the selector to see their whole motion sequence. That is R more frames for those steps, small beside f.
+So the gain grows with the video's length. The step selector decides as the probes arrive: after each probe it
+either picks a t* it has already passed (its latent was kept) or lets the base frames go on. So they run no further
+than the probe where it decides.
 
 The networks (Sec. IV-B, IV-C), all small and trained on a finished MedSora checkpoint:
   MotionNet (the MTN). Eq. 3's motion matrix of two frames holds the cosine similarity of every token pair. Here
@@ -39,24 +41,24 @@ The networks (Sec. IV-B, IV-C), all small and trained on a finished MedSora chec
   matrix, indexed by offset. A softmax over the offsets makes it a soft correspondence, and W moves the latent's
   patch tokens with it.
     g_phi1  a small conv net per MedSora block, on that block's spatial features of each frame   (Eq. 5)
-    g_phi2  an MLP over the blocks' cosine volumes, entry by entry -> motion logits              (Eq. 5)
+    g_phi2  a learned temperature on the blocks' mean cosine, plus an MLP over them, entry by entry  (Eq. 5)
     g_phi3  the surrogate: a weighted sum of the motion logits at the probes from T to t*, with the
             weights from an MLP of the step                                                        (Eq. 7)
     g_phi4  a ConvLSTM over consecutive pairs' surrogates, predicting the next pair's              (Eq. 9)
   Loss Eq. 11 = 0.9 Eq. 6 (motion of the step residuals) + 1 Eq. 8 (surrogate on the latents) + 0.05 Eq. 10
   (prediction of the next pair's surrogate).
-  StepSelector (the DSS). A bidirectional GRU and an MLP over the base pair's motion at the probes. It picks a
-  probe as t*, trained by cross-entropy against Eq. 12's t* = argmin_t log(beta t) L(t). Here L(t) is the error of
-  the whole reuse estimate of frames R..f-1 at t: chained warps with predicted motion, exactly what sampling does.
+  StepSelector (the DSS). A bidirectional GRU and an MLP over the base pair's motion at the probes seen so far.
+  The later probes are hidden at random in training, which is the paper's random mask. It picks t* among probes
+  1..P-1, trained by cross-entropy against Eq. 12's t* = argmin_t log(beta t) L(t), where L(t) is the error of the
+  whole reuse estimate of frames R..f-1 at t (chained warps with predicted motion, as sampling makes it).
 
-The comparator (training-free, the feature-caching family: FORA, Delta-DiT, TeaCache). A block is skipped when its
-modulated input has changed little since the block last ran: its last output change is reused instead. The
-measure is the relative L1 change, and --cache-threshold sets how little is little.
+Training data. `collect` runs each noise twice: all f frames together (plain DDIM, whose later frames are the
+targets) and the R base frames alone (what sampling runs before t*; their features and latents feed the base
+pair's motion, the selector and the estimate).
 
     python reuse.py train --run runs/medsora                # -> runs/medsora/reuse/reuse.pt
     python sample.py --reuse runs/medsora/reuse/reuse.pt    # t* chosen per video by the step selector
     python sample.py --reuse runs/medsora/reuse/reuse.pt --reuse-t 599   # a fixed t*
-    python sample.py --cache-threshold 0.05                 # the comparator
 
 Dimension names: B batch, P probes, f latent frames, R base frames, C latent channels, H, W latent size,
 h, w token grid, L = h w, D MedSora width, d motion feature width, K = (2 radius + 1)^2 offsets, t diffusion step.
@@ -67,6 +69,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -105,7 +108,12 @@ def offsets(radius):
 
 def offset_index(h, w, radius, device):
     """Where each offset leads: (K, L) flat source token index from each token (0 where it leaves the grid),
-    and (K, L) whether it stays on the grid."""
+    and (K, L) whether it stays on the grid. Built once per grid and device."""
+    return _offset_index(h, w, radius, str(torch.device(device)))
+
+
+@lru_cache(maxsize=None)
+def _offset_index(h, w, radius, device):
     y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     dy, dx = offsets(radius).T
     sy, sx = y.flatten()[None] + dy[:, None], x.flatten()[None] + dx[:, None]  # (K, L)
@@ -164,13 +172,16 @@ class ReuseConfig:
 
     def __post_init__(self):
         self.blocks, self.grid, self.probes = tuple(self.blocks), tuple(self.grid), tuple(int(t) for t in self.probes)
-        if self.radius < 0:
+        if self.radius == -1:
             self.radius = max(self.grid) - 1
-        if self.base_frames < 2:
-            raise ValueError(f"base_frames {self.base_frames}: the motion needs a pair of base frames (2 or more)")
-        if list(self.probes) != sorted(set(self.probes), reverse=True) or self.beta * min(self.probes) <= 1:
-            raise ValueError(f"probes {self.probes} must be distinct, largest first, with beta * t > 1 for each "
-                             f"(Eq. 12 weighs by log(beta t)); beta is {self.beta}")
+        if self.radius < 1 or self.base_frames < 2 or min(self.blocks, default=-1) < 0:
+            raise ValueError(f"radius {self.radius}, base_frames {self.base_frames}, blocks {self.blocks}: the radius "
+                             f"is -1 (the whole grid) or at least 1, the motion needs a pair of base frames (2 or more), "
+                             f"and blocks are indices from 0")
+        if (len(self.probes) < 2 or list(self.probes) != sorted(set(self.probes), reverse=True)
+                or self.beta * min(self.probes) <= 1):
+            raise ValueError(f"probes {self.probes} must be 2 or more, distinct, largest first, with beta * t > 1 for "
+                             f"each (Eq. 12 weighs by log(beta t)); beta is {self.beta}")
 
     @property
     def K(self):
@@ -205,7 +216,8 @@ class MotionNet(nn.Module):
         D, d, hid = cfg.width, cfg.feat_dim, cfg.hidden
         self.proj = nn.ModuleList(nn.Sequential(nn.Conv2d(D, d, 1), nn.GELU(), nn.Conv2d(d, d, 3, padding=1))
                                   for _ in cfg.blocks)  # g_phi1, one per block
-        self.mix = nn.Sequential(nn.Linear(len(cfg.blocks), hid), nn.GELU(), nn.Linear(hid, 1))  # g_phi2
+        # g_phi2: applied at every (offset, token) entry, so kept narrow (16): its activations are K L wide
+        self.mix = nn.Sequential(nn.Linear(len(cfg.blocks), 16), nn.GELU(), nn.Linear(16, 1))
         nn.init.zeros_(self.mix[-1].weight)
         nn.init.zeros_(self.mix[-1].bias)
         # at initialisation the logits are 10 x the blocks' mean cosine: a sharp correspondence from the start
@@ -259,24 +271,29 @@ class MotionNet(nn.Module):
 
 class StepSelector(nn.Module):
     """The Denoising Step Selector (Sec. IV-C, Fig. 6): a bidirectional GRU and an MLP over the base pair's motion
-    at the P probes -> logits over the probes as t*."""
+    at the probes seen so far -> logits over the probes as t* (probe 0, T itself, is never a choice)."""
 
     def __init__(self, cfg: ReuseConfig):
         super().__init__()
         self.cfg = cfg
         hid = cfg.hidden
-        self.inp = nn.Sequential(nn.Linear(cfg.K + 1 + 64, hid), nn.GELU())
+        self.inp = nn.Sequential(nn.Linear(cfg.K + 2 + 64, hid), nn.GELU())
         self.rnn = nn.GRU(hid, hid, batch_first=True, bidirectional=True)
         self.head = nn.Sequential(nn.Linear(2 * hid, hid), nn.GELU(), nn.Linear(hid, 1))
 
-    def forward(self, logits):
-        """logits (B, P, K, h, w): the base pair's motion at each probe -> (B, P)."""
+    def forward(self, logits, seen=None):
+        """logits (B, P, K, h, w): the base pair's motion at each probe; seen (B,): how many probes each video has
+        seen (the rest of its rows are ignored; default all) -> (B, P)."""
+        B, P = logits.shape[:2]
+        seen = torch.full((B,), P, device=logits.device) if seen is None else seen
+        shown = (torch.arange(P, device=logits.device)[None] < seen[:, None]).float()[..., None]  # (B, P, 1)
         probs = torch.softmax(logits, 2)
         where = probs.mean((3, 4))  # (B, P, K): how the tokens move, over the whole grid
         sure = probs.amax(2).mean((2, 3))[..., None]  # (B, P, 1): how sharp the correspondence is
-        steps = step_embedding(self.cfg.probes).to(logits.device).expand(len(logits), -1, -1)
-        y, _ = self.rnn(self.inp(torch.cat([where, sure, steps], -1)))
-        return self.head(y).squeeze(-1)
+        steps = step_embedding(self.cfg.probes).to(logits.device).expand(B, -1, -1)
+        y, _ = self.rnn(self.inp(torch.cat([where * shown, sure * shown, shown, steps], -1)))
+        out = self.head(y).squeeze(-1)
+        return out.masked_fill(torch.arange(P, device=out.device) == 0, -math.inf)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,24 +310,35 @@ def probe_grid(probes, ts):
     return index
 
 
-@torch.no_grad()
-def collect(eps, noise, steps, cfg, diffusion):
-    """Plain DDIM of all frames from `noise` (B, f, C, H, W), stopped after the last probe. At each probe it keeps
-    the latent before the step (z), the step's change (dz, Eq. 1's residual) and the features of cfg.blocks:
-    {"z": (B, P, f, C, H, W), "dz": (same), "feats": (B, P, f, k, L, D) in fp16}, on the CPU."""
-    ts = diffusion.timesteps(steps)
-    grid = probe_grid(cfg.probes, ts)
+def recorder(ts, grid, blocks):
+    """A ddim_sample callback, and the dict it fills: at each probe's grid step (grid: indices into ts), the latent
+    before the step, the step's change (Eq. 1's residual) and the spatial features of `blocks` (B, f, k, L, D)."""
     at = {int(ts[i]): n for n, i in enumerate(grid)}
     kept = {}
 
     def keep(t, x, out, x_next):
         if t in at:
-            feats = torch.stack([out[1][b] for b in cfg.blocks], 2)  # (B, f, k, L, D)
-            kept[at[t]] = (x.float().cpu(), (x_next - x).float().cpu(), feats.half().cpu())
-    diffusion.ddim_sample(eps, noise.shape, steps, noise=noise, device=noise.device, stop=grid[-1] + 1,
-                          callback=keep, num_frames=noise.shape[1], return_features=True)
-    z, dz, feats = (torch.stack([kept[n][i] for n in range(len(grid))], 1) for i in range(3))
-    return {"z": z, "dz": dz, "feats": feats}
+            kept[at[t]] = (x, x_next - x, torch.stack([out[1][b] for b in blocks], 2))
+    return keep, kept
+
+
+@torch.no_grad()
+def collect(eps, noise, steps, cfg, diffusion):
+    """Two DDIM runs of `noise` (B, f, C, H, W), each stopped after the last probe: all f frames together (plain
+    sampling), and the R base frames alone (what reuse runs before t*). At each probe, each keeps the latent
+    before the step (z), the step's change (dz) and the features of cfg.blocks (feats, bf16), on the CPU:
+    {"z", "dz": (B, P, f, C, H, W), "feats": (B, P, f, k, L, D), "base_z", "base_dz", "base_feats": the same, R frames}."""
+    ts = diffusion.timesteps(steps)
+    grid = probe_grid(cfg.probes, ts)
+    out = {}
+    for prefix, frames in (("", noise.shape[1]), ("base_", cfg.base_frames)):
+        keep, kept = recorder(ts, grid, cfg.blocks)
+        diffusion.ddim_sample(eps, (len(noise), frames, *noise.shape[2:]), steps, noise=noise[:, :frames],
+                              device=noise.device, stop=grid[-1] + 1, callback=keep, num_frames=frames,
+                              return_features=True)
+        for i, (key, dtype) in enumerate((("z", torch.float32), ("dz", torch.float32), ("feats", torch.bfloat16))):
+            out[prefix + key] = torch.stack([kept[n][i].to("cpu", dtype) for n in range(len(grid))], 1)
+    return out
 
 
 def pair_logits(mtn, feats):
@@ -333,22 +361,32 @@ def moved(mtn, z, logits):
 
 
 def motion_loss(mtn, batch, weights=(0.9, 1.0, 0.05), generator=None):
-    """Eq. 11 = alpha Eq. 6 + beta Eq. 8 + gamma Eq. 10 on a batch of trajectories (collect's keys). Each sample
-    takes one t* at random among the probes after the first. Returns (total, {term: value})."""
-    z, dz = batch["z"], batch["dz"]
+    """Eq. 11 = alpha Eq. 6 + beta Eq. 8 + gamma Eq. 10 on a batch of trajectories (collect's keys), over the pairs
+    of both runs. Each sample takes one t* at random among probes 1..P-1. Returns (total, {term: value})."""
+    z = batch["z"]
     B, P, f = z.shape[:3]
-    logits = pair_logits(mtn, batch["feats"])  # (B, P, f-1, K, h, w)
-    # Eq. 6: each step's residual of frame n, moved by that step's motion, is frame n+1's
-    residual = (moved(mtn, dz, logits) - dz[:, :, 1:]).abs().mean()
-    # Eq. 8: the surrogate over the probes T..t* moves the latents at t*
+    R = mtn.cfg.base_frames
+    runs = [(batch[p + "z"], batch[p + "dz"], pair_logits(mtn, batch[p + "feats"])) for p in ("", "base_")]
+
+    def l1(estimate, target):  # the summed error and the element count, so both runs weigh by their pairs
+        return (estimate - target).abs().sum(), target.numel()
     k = torch.randint(1, P, (B,), generator=generator).to(z.device)
-    surrogate = mtn.surrogate(logits, k)  # (B, f-1, K, h, w)
-    z_star = z[torch.arange(B), k]  # (B, f, C, H, W)
-    latent = (moved(mtn, z_star, surrogate) - z_star[:, 1:]).abs().mean()
-    # Eq. 10: the ConvLSTM predicts each pair's surrogate from the pairs before it (targets held fixed)
-    target = torch.softmax(surrogate.detach(), 2)
-    preds = mtn.predict(list(surrogate.detach().unbind(1)), 0)
-    motion = (torch.softmax(torch.stack(preds, 1), 2) - target[:, 1:]).abs().sum(2).mean() if preds else z.new_zeros(())
+    six, eight, surrogates = [], [], []
+    for zz, dz, logits in runs:
+        six.append(l1(moved(mtn, dz, logits), dz[:, :, 1:]))  # Eq. 6: each step's residual, moved by its motion
+        surrogate = mtn.surrogate(logits, k)  # (B, pairs, K, h, w): Eq. 7, over the probes T .. t*
+        z_star = zz[torch.arange(B), k]
+        eight.append(l1(moved(mtn, z_star, surrogate), z_star[:, 1:]))  # Eq. 8: it moves the latents at t*
+        surrogates.append(surrogate.detach())
+    residual, latent = (sum(v for v, _ in t) / sum(n for _, n in t) for t in (six, eight))
+    # Eq. 10: the ConvLSTM predicts each pair's surrogate from the pairs before it, as sampling chains them: the
+    # base pairs from the base run, the later pairs from the plain one (inputs and targets held fixed)
+    chain = list(surrogates[1].unbind(1)) + list(surrogates[0][:, R - 1:].unbind(1))
+    preds = mtn.predict(chain, 0)
+    motion = z.new_zeros(())
+    if preds:
+        target = torch.softmax(torch.stack(chain[1:], 1), 2)
+        motion = (torch.softmax(torch.stack(preds, 1), 2) - target).abs().sum(2).mean()
     a, b, g = weights
     return a * residual + b * latent + g * motion, {"eq6": residual.item(), "eq8": latent.item(), "eq10": motion.item()}
 
@@ -356,24 +394,24 @@ def motion_loss(mtn, batch, weights=(0.9, 1.0, 0.05), generator=None):
 @torch.no_grad()
 def reuse_errors(mtn, batch):
     """L(t) of Eq. 12 at every probe: the mean L1 error of the reuse estimate of frames R..f-1 at that t*, made as
-    sampling makes it (the base pairs' surrogate, the ConvLSTM's predictions, warps chained from frame R-1),
-    against the frames' true latents. (B, P); probe 0 estimates from the noise itself."""
-    z, logits = batch["z"], pair_logits(mtn, batch["feats"])
+    sampling makes it (the base run's latents and base-pair surrogate, the ConvLSTM's predictions, warps chained
+    from frame R-1), against those frames in the plain run. (B, P); probe 0 (T: no reuse) is infinite."""
+    z, base_z = batch["z"], batch["base_z"]
+    logits = pair_logits(mtn, batch["base_feats"])  # (B, P, R-1, K, h, w)
     B, P, f = z.shape[:3]
     R = mtn.cfg.base_frames
-    errors = []
-    for k in range(P):
-        upto = torch.full((B,), k, device=z.device)
-        base = mtn.surrogate(logits[:, :, :R - 1], upto)  # (B, R-1, K, h, w)
-        estimate = mtn.extend(z[:, k, :R], list(base.unbind(1)), f)
+    errors = [torch.full((B,), math.inf, device=z.device)]
+    for k in range(1, P):
+        base = mtn.surrogate(logits, torch.full((B,), k, device=z.device))  # (B, R-1, K, h, w)
+        estimate = mtn.extend(base_z[:, k], list(base.unbind(1)), f)
         errors.append((estimate[:, R:] - z[:, k, R:]).abs().flatten(1).mean(1))
     return torch.stack(errors, 1)
 
 
 def transition_labels(errors, cfg):
-    """Eq. 12: t* = argmin_t log(beta t) L(t) over the probes: errors (B, P) -> probe indices (B,)."""
+    """Eq. 12: t* = argmin_t log(beta t) L(t) over probes 1..P-1: errors (B, P) -> probe indices (B,)."""
     weight = torch.log(cfg.beta * torch.tensor(cfg.probes, dtype=errors.dtype, device=errors.device))
-    return (weight * errors).argmin(1)
+    return (weight * errors)[:, 1:].argmin(1) + 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -381,16 +419,17 @@ def transition_labels(errors, cfg):
 # ---------------------------------------------------------------------------------------------------------
 
 class ReuseSampler:
-    """pipeline.generate's sampler: denoising reuse (this file's header). t_star: a fixed transition step,
-    rounded down to the probes; None lets the step selector choose per video. self.stats gets one dict per
-    video: its t*, and the frame-steps it cost beside plain DDIM's (one frame through MedSora at one step)."""
+    """pipeline.generate's sampler: denoising reuse (this file's header). t_star: a fixed transition step, rounded
+    down to the probes (999 or more: plain DDIM); None lets the step selector choose per video. self.stats gets one
+    dict per video, in order: its t*, and the frame-steps it cost beside plain DDIM's (one latent frame through
+    MedSora at one step)."""
 
     def __init__(self, mtn, dss, t_star=None, diffusion=None):
         self.mtn, self.dss, self.t_star = mtn, dss, t_star
         self.cfg, self.diffusion, self.stats = mtn.cfg, diffusion or Diffusion(), []
 
     def probe_of(self, t_star):
-        """The probe index of a fixed t*: the first probe at or below it (t* = 999 or more: probe 0, no reuse)."""
+        """The probe of a fixed t*: the first at or below it (the lowest probe for anything under that)."""
         below = [n for n, t in enumerate(self.cfg.probes) if t <= t_star]
         return below[0] if below else len(self.cfg.probes) - 1
 
@@ -398,50 +437,59 @@ class ReuseSampler:
     def __call__(self, eps, noise, steps, device, clip_x0=None):
         B, f = noise.shape[:2]
         R, P = self.cfg.base_frames, len(self.cfg.probes)
-        ts = self.diffusion.timesteps(steps)
-        grid = probe_grid(self.cfg.probes, ts)
         ddim = dict(steps=steps, device=device, clip_x0=clip_x0)
         fixed = None if self.t_star is None else self.probe_of(self.t_star)
         if f <= R or fixed == 0:  # nothing to estimate, or t* = T: plain DDIM
-            self.stats += [{"t_star": int(ts[0]), "frame_steps": f * steps, "plain_frame_steps": f * steps}] * B
+            self.stats += [{"t_star": 999, "frame_steps": f * steps, "plain_frame_steps": f * steps}
+                           for _ in range(B)]
             return self.diffusion.ddim_sample(eps, noise.shape, noise=noise, num_frames=f, **ddim)
+        ts = self.diffusion.timesteps(steps)
+        grid = probe_grid(self.cfg.probes, ts)
 
-        # 1. the base frames alone, from T through the step of t* (or of the last probe, for the selector)
-        last = grid[fixed if fixed is not None else P - 1]
-        at = {int(ts[i]): n for n, i in enumerate(grid)}
-        seen = {}  # probe -> (latent before its step, its features)
+        # 1. the base frames alone, probe by probe, until every video's t* is known: fixed, or the selector's
+        # choice from the probes seen so far (a t* it has passed is fine: each probe's latent is kept)
+        x = noise[:, :R].clone()
+        latent, logits = [], []  # per probe: (B, R, C, H, W) and (B, R-1, K, h, w), for the videos still running
+        choice = torch.zeros(B, dtype=torch.long, device=noise.device)
+        base_steps = torch.zeros(B, dtype=torch.long)
+        active = torch.arange(B, device=noise.device)
+        for k in range(P):
+            start = grid[k - 1] + 1 if k else 0
+            keep, kept = recorder(ts, [grid[k]], self.cfg.blocks)
+            x[active] = self.diffusion.ddim_sample(eps, (len(active), R, *noise.shape[2:]), noise=x[active],
+                                                   start=start, stop=grid[k] + 1, callback=keep, num_frames=R,
+                                                   return_features=True, **ddim)
+            base_steps[active.cpu()] = grid[k] + 1
+            z_k, _, feats = kept[0]
+            latent.append(torch.zeros_like(x).index_copy_(0, active, z_k))
+            pair = pair_logits(self.mtn, feats[:, None])[:, 0]  # (n, R-1, K, h, w)
+            logits.append(pair.new_zeros(B, *pair.shape[1:]).index_copy_(0, active, pair))
+            if fixed is not None:
+                if k < fixed:
+                    continue
+                choice[active], active = k, active[:0]
+            elif k >= 1:
+                seen = torch.full((len(active),), k + 1, device=noise.device)
+                motion = torch.stack(logits + [torch.zeros_like(logits[0])] * (P - k - 1), 1)[active, :, 0]
+                pick = self.dss(motion, seen).argmax(1)
+                decided = pick <= k
+                choice[active[decided]] = pick[decided]
+                active = active[~decided]
+            if not len(active):
+                break
 
-        def keep(t, x, out, x_next):
-            if t in at:
-                seen[at[t]] = (x, [out[1][b] for b in self.cfg.blocks])
-        self.diffusion.ddim_sample(eps, (B, R, *noise.shape[2:]), noise=noise[:, :R], stop=last + 1, callback=keep,
-                                   num_frames=R, return_features=True, **ddim)
-        n_seen = len(seen)
-        feats = torch.stack([torch.stack(seen[n][1], 2) for n in range(n_seen)], 1)  # (B, n, R, k, L, D)
-        logits = pair_logits(self.mtn, feats)  # (B, n, R-1, K, h, w)
-
-        # 2. t*: fixed, or the selector's choice from the base pair's motion at every probe
-        if fixed is not None:
-            k = torch.full((B,), fixed, device=noise.device)
-        else:
-            k = self.dss(logits[:, :, 0]).argmax(1)
-        z0 = torch.empty_like(noise)
-        for kk in k.unique().tolist():  # videos that share a t* are denoised together
-            idx = (k == kk).nonzero().squeeze(1)
-            if kk == 0:  # the selector chose no reuse
-                z0[idx] = self.diffusion.ddim_sample(eps, (len(idx), *noise.shape[1:]), noise=noise[idx],
-                                                     num_frames=f, **ddim)
-                start = 0
-            else:
-                # 3. the later frames at t*, moved from the base frames; 4. all frames together from t*
-                base = self.mtn.surrogate(logits[idx], torch.full((len(idx),), kk, device=noise.device))
-                z_star = self.mtn.extend(seen[kk][0][idx], list(base.unbind(1)), f)
-                z0[idx] = self.diffusion.ddim_sample(eps, z_star.shape, noise=z_star, start=grid[kk], num_frames=f,
-                                                     **ddim)
-                start = grid[kk]
-            for _ in idx.tolist():
-                self.stats.append({"t_star": int(ts[start]), "frame_steps": R * (last + 1) + f * (steps - start),
-                                   "plain_frame_steps": f * steps})
+        # 2. the later frames at t*, moved from the base frames; 3. all frames together from t*
+        z0, record = torch.empty_like(noise), [None] * B
+        for k in choice.unique().tolist():  # videos that share a t* are denoised together
+            idx = (choice == k).nonzero().squeeze(1)
+            seq = torch.stack(logits[:k + 1], 1)[idx]  # (n, k+1, R-1, K, h, w)
+            base = self.mtn.surrogate(seq, torch.full((len(idx),), k, device=noise.device))
+            z_star = self.mtn.extend(latent[k][idx], list(base.unbind(1)), f)
+            z0[idx] = self.diffusion.ddim_sample(eps, z_star.shape, noise=z_star, start=grid[k], num_frames=f, **ddim)
+            for i in idx.tolist():
+                record[i] = {"t_star": int(ts[grid[k]]), "frame_steps": R * int(base_steps[i]) + f * (steps - grid[k]),
+                             "plain_frame_steps": f * steps}
+        self.stats += record
         return z0
 
 
@@ -464,49 +512,6 @@ def check_model(cfg, model_cfg, grid, path):
         raise ValueError(f"{path} was trained on a MedSora of width {cfg.width}, patch {cfg.patch_size}, token grid "
                          f"{cfg.grid}, blocks {cfg.blocks}; this one has width {ours[0]}, patch {ours[1]}, grid "
                          f"{ours[2]}, depth {model_cfg.depth}: train it again with python reuse.py train --ckpt ...")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The comparator: reuse a block's output change across steps while its input changes little
-# ---------------------------------------------------------------------------------------------------------
-
-class CachedBlock(nn.Module):
-    """A MedSora block that runs only when its modulated input (the attention branch's, which holds the step's
-    shift and scale) has moved by more than `threshold` (relative L1) since it last ran; otherwise it adds the
-    output change it made then. threshold 0: it always runs."""
-
-    def __init__(self, block, threshold, counts):
-        super().__init__()
-        self.block, self.threshold, self.counts, self.last = block, threshold, counts, None
-
-    def forward(self, x, c, num_frames, h, w, indices=None):
-        shift, scale = self.block.adaLN(c)[:, None, None].chunk(9, dim=-1)[:2]
-        probe = dit.modulate(self.block.norm1(x), shift, scale)
-        if self.last is not None and self.last[0].shape == probe.shape:
-            moved_by = (probe - self.last[0]).abs().mean() / self.last[0].abs().mean().clamp_min(1e-12)
-            if moved_by < self.threshold:
-                self.counts["reused"] += 1
-                return x + self.last[1], self.last[2]
-        y, s = self.block(x, c, num_frames, h, w, indices)
-        self.counts["run"] += 1
-        self.last = (probe, y - x, s)
-        return y, s
-
-
-class BlockCache:
-    """`with BlockCache(model, threshold) as cache:` sample as usual; the blocks are put back on exit, and
-    cache.counts says how many block calls ran and how many were reused. Use one per batch."""
-
-    def __init__(self, model, threshold):
-        self.model, self.threshold, self.counts = model, threshold, {"run": 0, "reused": 0}
-
-    def __enter__(self):
-        self.blocks = self.model.blocks
-        self.model.blocks = nn.ModuleList(CachedBlock(b, self.threshold, self.counts) for b in self.blocks)
-        return self
-
-    def __exit__(self, *exc):
-        self.model.blocks = self.blocks
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -542,6 +547,19 @@ def batches(data, batch_size, gen, device):
                 yield {k: v[idx].to(device).float() for k, v in data.items()}
 
 
+def decide(dss, motion):
+    """The step selector's choice as sampling makes it, probe by probe: motion (B, P, K, h, w) of the base pair ->
+    (t* probe (B,), probes seen when it decided (B,))."""
+    B, P = motion.shape[:2]
+    choice, seen = torch.zeros(B, dtype=torch.long), torch.full((B,), P)
+    undecided = torch.ones(B, dtype=torch.bool)
+    for k in range(1, P):
+        pick = dss(motion, torch.full((B,), k + 1, device=motion.device)).argmax(1).cpu()
+        now = undecided & (pick <= k)
+        choice[now], seen[now], undecided = pick[now], k + 1, undecided & ~now
+    return choice, seen
+
+
 def train(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = device.type == "cuda"
@@ -551,18 +569,19 @@ def train(args):
     f, latent_size = ckpt["latent_frames"], ckpt["args"]["size"] // vae.spatial_compression
     p = model.cfg.patch_size
     h = latent_size // p
-    probes = np.round(np.linspace(999, args.lowest_probe, args.probes)).astype(int)
     cfg = ReuseConfig(blocks=args.blocks or default_blocks(model.cfg.depth), width=model.cfg.width, grid=(h, h),
-                      patch_size=p, probes=tuple(probes), base_frames=args.base_frames, radius=args.radius,
+                      patch_size=p, probes=probe_steps(args), base_frames=args.base_frames, radius=args.radius,
                       beta=args.beta)
     if max(cfg.blocks) >= model.cfg.depth:
-        raise SystemExit(f"error: --blocks {' '.join(map(str, cfg.blocks))}: MedSora-{ckpt['args']['model']} has "
-                         f"blocks 0..{model.cfg.depth - 1}")
+        raise ValueError(f"--blocks {' '.join(map(str, cfg.blocks))}: MedSora-{ckpt['args']['model']} has blocks "
+                         f"0..{model.cfg.depth - 1}")
     if f <= cfg.base_frames:
-        raise SystemExit(f"error: the model makes {f} latent frames, no more than --base-frames {cfg.base_frames}: "
+        raise ValueError(f"{ckpt_path} makes {f} latent frames, no more than --base-frames {cfg.base_frames}: "
                          f"nothing would be reused")
-    # in a folder of its own: sample.py takes the newest *.pt of the run folder as the MedSora checkpoint
     out = args.out or os.path.join(os.path.dirname(ckpt_path), "reuse", "reuse.pt")
+    if os.path.dirname(os.path.abspath(out)) == os.path.dirname(os.path.abspath(ckpt_path)):
+        raise ValueError(f"--out {out}: not beside the checkpoint, where sample.py would take it for the newest "
+                         f"MedSora checkpoint; the default is {os.path.join(os.path.dirname(ckpt_path), 'reuse')}/")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     t0 = time.perf_counter()
     print(f"denoising reuse for {ckpt_path} (step {ckpt['step']}): {f} latent frames, base frames "
@@ -591,49 +610,54 @@ def train(args):
 
     # 2. Eq. 12's t* of every trajectory, and the step selector that predicts it from the base pair's motion
     def labelled(dataset):
-        errors = torch.cat([reuse_errors(mtn, {k: v[i:i + args.batch_size].to(device).float()
-                                               for k, v in dataset.items()})
-                            for i in range(0, len(dataset["z"]), args.batch_size)])
+        parts = [{k: v[i:i + args.batch_size].to(device).float() for k, v in dataset.items()}
+                 for i in range(0, len(dataset["z"]), args.batch_size)]
+        errors = torch.cat([reuse_errors(mtn, part) for part in parts])
         with torch.no_grad():
-            motion = torch.cat([pair_logits(mtn, dataset["feats"][i:i + args.batch_size].to(device).float())[:, :, 0]
-                                for i in range(0, len(dataset["z"]), args.batch_size)])
+            motion = torch.cat([pair_logits(mtn, part["base_feats"])[:, :, 0] for part in parts])
         return errors, motion, transition_labels(errors, cfg)
     train_err, train_motion, train_labels = labelled(train_set)
     val_err, val_motion, val_labels = labelled(val_set)
     dss = StepSelector(cfg).to(device)
     opt = torch.optim.AdamW(dss.parameters(), lr=args.lr)
+    P = len(cfg.probes)
     for it in tqdm(range(args.dss_iters), desc="step selector"):
         idx = torch.randint(0, len(train_labels), (min(args.batch_size * 4, len(train_labels)),), generator=gen)
-        x = train_motion[idx]
-        drop = torch.rand(x.shape[:2], generator=gen).to(device) < 0.1  # probes hidden at random (Sec. IV-C)
-        loss = F.cross_entropy(dss(x.masked_fill(drop[..., None, None, None], 0.0)), train_labels[idx])
+        seen = torch.randint(2, P + 1, (len(idx),), generator=gen).to(device)  # later probes hidden (Sec. IV-C)
+        loss = F.cross_entropy(dss(train_motion[idx], seen), train_labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     dss.eval()
     with torch.no_grad():
-        chosen = dss(val_motion).argmax(1)
+        chosen, seen = decide(dss, val_motion)
 
     # what the networks achieve on the validation trajectories
     probes_t = torch.tensor(cfg.probes)
-    summary = {"reuse_error_by_probe": dict(zip(map(int, cfg.probes), val_err.mean(0).tolist())),
-               "labels": torch.bincount(val_labels.cpu(), minlength=len(cfg.probes)).tolist(),
-               "selector_accuracy": float((chosen == val_labels).float().mean()),
-               "selector_mean_abs_step_error": float((probes_t[chosen.cpu()] - probes_t[val_labels.cpu()])
-                                                     .abs().float().mean()),
-               "minutes": (time.perf_counter() - t0) / 60}
+    labels = val_labels.cpu()
+    summary = {"reuse_error_by_probe": dict(zip(map(int, cfg.probes[1:]), val_err[:, 1:].mean(0).tolist())),
+               "labels": torch.bincount(labels, minlength=P).tolist(),
+               "selector_accuracy": float((chosen == labels).float().mean()),
+               "selector_mean_abs_step_error": float((probes_t[chosen] - probes_t[labels]).abs().float().mean()),
+               "selector_probes_seen": float(seen.float().mean()), "minutes": (time.perf_counter() - t0) / 60}
     print("t*      reuse error (L1, validation)   log(beta t) x error")
     for t, e in summary["reuse_error_by_probe"].items():
         print(f"{t:4d}    {e:.4f}                          {math.log(cfg.beta * t) * e:.4f}")
-    print(f"Eq. 12's t* of the validation videos, by probe: {summary['labels']}; the selector picks it for "
-          f"{100 * summary['selector_accuracy']:.0f} %, off by {summary['selector_mean_abs_step_error']:.0f} steps "
-          f"on average")
+    print(f"Eq. 12's t* of the validation videos, by probe {cfg.probes}: {summary['labels']}")
+    print(f"the selector, deciding as the probes arrive (after {summary['selector_probes_seen']:.1f} of {P} on "
+          f"average), picks that t* for {100 * summary['selector_accuracy']:.0f} % of them, "
+          f"{summary['selector_mean_abs_step_error']:.0f} steps off on average")
     checkpoint.save({"mtn": mtn.state_dict(), "dss": dss.state_dict(), "config": asdict(cfg),
                      "ckpt": os.path.abspath(ckpt_path), "ckpt_step": ckpt["step"], "steps": args.steps,
                      "summary": summary}, out)
     print(f"wrote {out} in {summary['minutes']:.1f} min; sample with: python sample.py --ckpt {ckpt_path} "
           f"--reuse {out}")
     return out
+
+
+def probe_steps(args):
+    """The probes: --probes steps from 999 down to --lowest-probe."""
+    return tuple(int(t) for t in np.round(np.linspace(999, args.lowest_probe, args.probes)))
 
 
 def main(argv=None):
@@ -659,10 +683,21 @@ def main(argv=None):
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    # checked before the model loads; each failure is one line, exit status 2
     distributed.check_args(p, args, positive=("videos", "val_videos", "steps", "probes", "lowest_probe", "iters",
-                                              "dss_iters", "batch_size", "lr", "beta"), folder=None)
+                                              "dss_iters", "batch_size", "lr", "beta"),
+                           non_negative=("blocks",), folder=None)
     if not args.lowest_probe < 999 or args.steps > 1000:
         p.error(f"--lowest-probe {args.lowest_probe} must be under 999, and --steps {args.steps} at most 1000")
+    if args.probes < 2 or args.base_frames < 2 or not (args.radius == -1 or args.radius >= 1):
+        p.error(f"--probes {args.probes}, --base-frames {args.base_frames}, --radius {args.radius}: at least 2 probes "
+                f"(T and one t*), 2 base frames (a pair has motion), and a radius of -1 (the whole grid) or 1 or more")
+    try:
+        probe_grid(probe_steps(args), Diffusion().timesteps(args.steps))
+    except ValueError as e:
+        p.error(f"--steps {args.steps}: {e}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("reuse.py train runs in one process: start it with python, not torchrun")
     return train(args)
 
 

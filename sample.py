@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 import data
 import distributed
+import cache as block_cache
 import pipeline
 import reuse
 
@@ -67,14 +68,16 @@ def main(argv=None):
                    "the training clips'. Longer videos than the model was trained on work: its scans take any length")
     p.add_argument("--reuse", default=None, help="denoising reuse with these networks (python reuse.py train)")
     p.add_argument("--reuse-t", type=int, default=None, help="with --reuse: a fixed transition step t* instead of "
-                   "the step selector's (rounded down to the probes: 999, 899, ..., 99 by default)")
+                   "the step selector's, rounded down to the probes (999, 899, ..., 99 by default; under the lowest, "
+                   "the lowest); 999 turns reuse off")
     p.add_argument("--cache-threshold", type=float, default=None, help="reuse a block's output across steps while "
                    "its input has moved less than this (relative L1; e.g. 0.05): the training-free comparator")
     args = p.parse_args(argv)
     # checked before the model loads; each failure is one line, exit status 2
     distributed.check_args(p, args, positive=("num_videos", "batch_size", "fps"),
                            non_negative=("eta", "clip_x0", "reuse_t", "cache_threshold"), folder="out",
-                           multiples={"num_frames": (8, "clips are 8k + 1 frames")} if args.num_frames else None)
+                           multiples={"num_frames": (8, "clips are 8k + 1 frames")} if args.num_frames is not None
+                           else None)
     if not 1 <= args.steps <= 1000:
         p.error(f"--steps {args.steps}: DDIM takes 1 to 1000 steps (the training schedule has 1000)")
     if args.reuse_t is not None and args.reuse is None:
@@ -91,13 +94,13 @@ def main(argv=None):
     model, vae = model.to(device), vae.to(device)
     out = args.out or os.path.join(args.run, "generated")
     f, size = ckpt["latent_frames"], ckpt["args"]["size"]
-    if args.num_frames:
-        f = args.num_frames // 4 + 1  # the VAE: the first frame alone, then 4 frames a latent frame
+    if args.num_frames is not None:  # the VAE's first frame alone, then one latent frame per group of frames
+        f = args.num_frames // vae.cfg.temporal_compression_ratio + 1
     sampler = None
     if args.reuse:
         mtn, dss, state = reuse.load(args.reuse, device)
-        p = model.cfg.patch_size
-        reuse.check_model(mtn.cfg, model.cfg, (size // vae.spatial_compression // p,) * 2, args.reuse)
+        grid = size // vae.spatial_compression // model.cfg.patch_size
+        reuse.check_model(mtn.cfg, model.cfg, (grid, grid), args.reuse)
         if state["ckpt_step"] != ckpt["step"] and rank == 0:
             print(f"note: {args.reuse} was trained on step {state['ckpt_step']} of {state['ckpt']}, this is step "
                   f"{ckpt['step']}")
@@ -108,7 +111,7 @@ def main(argv=None):
         print(f"sampling {args.num_videos} videos from {ckpt_path} (step {ckpt['step']}, "
               f"{'raw' if args.no_ema else 'EMA'} weights), DDIM {args.steps} steps, {world} process(es) -> {out}")
     settings = {"ckpt": os.path.abspath(ckpt_path), "step": ckpt["step"], "seed": args.seed, "steps": args.steps,
-                "eta": args.eta, "clip_x0": args.clip_x0, "ema": not args.no_ema, "latent_frames": f,
+                "eta": args.eta, "clip_x0": args.clip_x0, "ema": not args.no_ema, "num_frames": args.num_frames,
                 "reuse": args.reuse and os.path.abspath(args.reuse), "reuse_t": args.reuse_t,
                 "cache_threshold": args.cache_threshold}
     if args.eta > 0:  # then a batch's later noise depends on its first video: the batches must stay the same
@@ -121,7 +124,7 @@ def main(argv=None):
         print(f"continuing: {len(batches) - len(todo)} of {len(batches)} batches are already in {out}")
     mp4 = True
     for idx in tqdm(todo, disable=rank != 0, desc="sample"):
-        cache = reuse.BlockCache(model, args.cache_threshold) if args.cache_threshold is not None else None
+        cache = block_cache.BlockCache(model, args.cache_threshold) if args.cache_threshold is not None else None
         started = time.perf_counter()
         with cache or contextlib.nullcontext():
             videos, z = pipeline.generate(model, vae, idx, f, args.steps, args.seed, args.eta, device, amp, size,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import cache
 import dit
 import reuse
 import sample
@@ -76,7 +77,9 @@ def translation_trajectories(cfg, n_videos=8, f=4, seed=0):
     dz = clip(0.1 * torch.randn(n_videos, P, 16, h * p, w * p, generator=g), step=p)
     feats = clip(torch.randn(n_videos, P, k, D, h, w, generator=g))  # (N, P, f, k, D, h, w)
     feats = feats.flatten(-2).transpose(-1, -2)  # (N, P, f, k, L, D)
-    return {"z": z, "dz": dz, "feats": feats}
+    R = cfg.base_frames  # the base frames run alone move the same way here
+    return {"z": z, "dz": dz, "feats": feats, "base_z": z[:, :, :R], "base_dz": dz[:, :, :R],
+            "base_feats": feats[:, :, :R]}
 
 
 def test_motion_network_learns_a_translation_and_predicts_it_onwards():
@@ -104,7 +107,7 @@ def test_motion_network_learns_a_translation_and_predicts_it_onwards():
     masks = [m.repeat_interleave(2, 0).repeat_interleave(2, 1) for m in (one, two)]  # tokens -> latent pixels
     assert one.sum() == 20 and two.sum() == 8
     with torch.no_grad():
-        logits = reuse.pair_logits(mtn.eval(), data["feats"])
+        logits = reuse.pair_logits(mtn.eval(), data["base_feats"])
         for k in range(1, len(cfg.probes)):
             base = mtn.surrogate(logits[:, :, :1], torch.full((4,), k))
             estimate = mtn.extend(z[:, k, :2], list(base.unbind(1)), 4)
@@ -118,8 +121,9 @@ def test_motion_network_learns_a_translation_and_predicts_it_onwards():
 def test_transition_labels_follow_eq_12():
     cfg = make_cfg(beta=1.0)
     errors = torch.tensor([[1.0, 0.5, 0.3, 0.9],   # log(t) * L: 6.91, 3.25, 1.74, 4.14 -> probe 2
-                           [1.0, 0.2, 0.9, 1.0]])  # 6.91, 1.30, 5.23, 4.60 -> probe 1
-    assert reuse.transition_labels(errors, cfg).tolist() == [2, 1]
+                           [1.0, 0.2, 0.9, 1.0],   # 6.91, 1.30, 5.23, 4.60 -> probe 1
+                           [0.0, 0.9, 0.9, 0.1]])  # probe 0 (T: no reuse) is never a t*, whatever its error -> 3
+    assert reuse.transition_labels(errors, cfg).tolist() == [2, 1, 3]
     with pytest.raises(ValueError, match="beta \\* t > 1"):
         make_cfg(beta=0.005)  # log(beta t) < 0 at t = 99 would turn Eq. 12's minimum into a maximum
 
@@ -154,6 +158,10 @@ def test_transition_at_T_is_plain_ddim_exactly():
     sampler = reuse.ReuseSampler(*reuse_nets(model), t_star=999)
     assert torch.equal(sampler(eps_of(model), noise, 12, "cpu"), plain)
     assert [s["frame_steps"] for s in sampler.stats] == [60, 60]
+    two = noise[:, :2]  # no more frames than the base frames: nothing to estimate, plain DDIM
+    sampler = reuse.ReuseSampler(*reuse_nets(model), t_star=300)
+    assert torch.equal(sampler(eps_of(model), two, 12, "cpu"),
+                       Diffusion().ddim_sample(eps_of(model), two.shape, steps=12, noise=two, num_frames=2))
 
 
 def test_a_transition_in_between_runs_the_base_frames_alone_then_all_frames():
@@ -185,13 +193,49 @@ def test_the_step_selector_chooses_a_probe_on_the_grid():
     model = tiny_medsora()
     d, steps = Diffusion(), 12
     noise = torch.randn(3, 5, 16, 16, 16, generator=torch.Generator().manual_seed(5))
-    for seed in range(3):  # three random selectors: whatever they choose must be a probe's grid step
-        sampler = reuse.ReuseSampler(*reuse_nets(model, seed))
+    ts = d.timesteps(steps)
+    for seed in range(3):  # three random selectors: whatever they choose must be a probe's grid step, never T
+        mtn, dss = reuse_nets(model, seed)
+        logits = dss(torch.randn(4, 4, mtn.cfg.K, 8, 8), torch.tensor([2, 3, 4, 4]))
+        assert logits[:, 0].eq(-math.inf).all() and torch.isfinite(logits[:, 1:]).all()
+        sampler = reuse.ReuseSampler(mtn, dss)
         out = sampler(eps_of(model), noise, steps, "cpu")
-        ts = d.timesteps(steps)
-        allowed = {int(ts[g]) for g in reuse.probe_grid(sampler.cfg.probes, ts)}
+        allowed = {int(ts[g]) for g in reuse.probe_grid(sampler.cfg.probes, ts)[1:]}
         assert len(sampler.stats) == 3 and all(s["t_star"] in allowed for s in sampler.stats)
         assert torch.isfinite(out).all() and out.shape == noise.shape
+
+
+class ScriptedSelector(torch.nn.Module):
+    """A step selector that picks, at each probe k, the t* probes listed for the videos still undecided."""
+
+    def __init__(self, picks):
+        super().__init__()
+        self.picks, self.calls = picks, []
+
+    def forward(self, motion, seen):
+        k = int(seen[0]) - 1
+        self.calls.append((k, len(motion)))
+        return torch.nn.functional.one_hot(torch.tensor(self.picks[k]), motion.shape[1]).float()
+
+
+def test_videos_of_one_batch_may_take_different_transition_steps():
+    model = tiny_medsora()
+    mtn, _ = reuse_nets(model)
+    d, steps, f, R = Diffusion(), 12, 5, 2
+    noise = torch.randn(2, f, 16, 16, 16, generator=torch.Generator().manual_seed(7))
+    ts = d.timesteps(steps)
+    grid = reuse.probe_grid(mtn.cfg.probes, ts)
+    # probe 1: video 0 takes probe 1, video 1 waits; probes 2 and 3: video 1 takes probe 3 once it has seen it
+    selector = ScriptedSelector({1: [1, 3], 2: [3], 3: [3]})
+    sampler = reuse.ReuseSampler(mtn, selector)
+    both = sampler(eps_of(model), noise, steps, "cpu")
+    assert selector.calls == [(1, 2), (2, 1), (3, 1)]  # the decided video left the base run
+    for i, probe in ((0, 1), (1, 3)):
+        alone = reuse.ReuseSampler(mtn, None, t_star=mtn.cfg.probes[probe])(eps_of(model), noise[i:i + 1], steps,
+                                                                           "cpu")
+        assert torch.allclose(both[i:i + 1], alone, rtol=1e-5, atol=1e-4), (i, (both[i:i + 1] - alone).abs().max())
+    assert sampler.stats == [{"t_star": int(ts[grid[p]]), "frame_steps": R * (grid[p] + 1) + f * (steps - grid[p]),
+                              "plain_frame_steps": f * steps} for p in (1, 3)]  # in video order
 
 
 def test_too_few_steps_for_the_probes_are_refused():
@@ -203,17 +247,32 @@ def test_block_cache_threshold_zero_is_plain_and_a_large_one_runs_the_first_step
     model = tiny_medsora()
     noise = torch.randn(1, 5, 16, 16, 16, generator=torch.Generator().manual_seed(6))
     plain = Diffusion().ddim_sample(eps_of(model), noise.shape, steps=6, noise=noise, num_frames=5)
-    with reuse.BlockCache(model, 0.0) as cache:
+    with cache.BlockCache(model, 0.0) as blocks:
         again = Diffusion().ddim_sample(eps_of(model), noise.shape, steps=6, noise=noise, num_frames=5)
-    assert torch.equal(again, plain) and cache.counts == {"run": 12, "reused": 0}
+    assert torch.equal(again, plain) and blocks.counts == {"run": 12, "reused": 0}
     assert all(isinstance(b, dit.MedSoraBlock) for b in model.blocks)  # put back
-    with reuse.BlockCache(model, 1e9) as cache:
+    with cache.BlockCache(model, 1e9) as blocks:
         lazy = Diffusion().ddim_sample(eps_of(model), noise.shape, steps=6, noise=noise, num_frames=5)
-    assert cache.counts == {"run": 2, "reused": 10} and not torch.equal(lazy, plain)
-    with reuse.BlockCache(model, 0.3) as cache:
+    assert blocks.counts == {"run": 2, "reused": 10} and not torch.equal(lazy, plain)
+    with cache.BlockCache(model, 0.3) as blocks:
         Diffusion().ddim_sample(eps_of(model), noise.shape, steps=6, noise=noise, num_frames=5)
-    print("threshold 0.3:", cache.counts)
-    assert 2 < cache.counts["run"] < 12
+    print("threshold 0.3:", blocks.counts)
+    assert 2 < blocks.counts["run"] < 12
+
+
+def test_block_cache_decides_per_video():
+    """A video's result must not depend on the other videos of its batch."""
+    model = tiny_medsora()
+    noise = torch.randn(2, 5, 16, 16, 16, generator=torch.Generator().manual_seed(8))
+    noise[1] *= 3  # a very different neighbour
+    runs = {}
+    for name, x in (("alone", noise[:1]), ("batched", noise)):
+        with cache.BlockCache(model, 0.3) as blocks:
+            runs[name] = Diffusion().ddim_sample(eps_of(model), x.shape, steps=10, noise=x, num_frames=5)
+        runs[name + " counts"] = dict(blocks.counts)
+    print(runs["alone counts"], runs["batched counts"])
+    assert 0 < runs["alone counts"]["reused"] and runs["batched counts"]["run"] > runs["alone counts"]["run"]
+    assert torch.allclose(runs["batched"][:1], runs["alone"], rtol=1e-5, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -230,15 +289,13 @@ def run_dir(tmp_path_factory):
     return out
 
 
-def test_train_then_sample_with_reuse_and_with_the_cache(run_dir, tmp_path, capsys):
+def test_train_then_sample_with_reuse_and_with_the_cache(run_dir, tmp_path):
     path = reuse.main(["train", "--run", str(run_dir), "--videos", "4", "--val-videos", "2", "--steps", "20",
                        "--iters", "3", "--dss-iters", "3", "--batch-size", "2", "--probes", "5"])
     assert path == str(run_dir / "reuse" / "reuse.pt") and os.path.exists(path)
     mtn, dss, state = reuse.load(path)
     assert mtn.cfg.probes == (999, 774, 549, 324, 99) and mtn.cfg.grid == (4, 4) and state["ckpt_step"] == 2
     assert len(state["summary"]["labels"]) == 5 and sum(state["summary"]["labels"]) == 2
-    printed = capsys.readouterr().out
-    assert "the selector picks it for" in printed
 
     common = ["--run", str(run_dir), "--num-videos", "2", "--steps", "20", "--batch-size", "2"]
     for extra in (["--reuse", path], ["--reuse", path, "--reuse-t", "500"], ["--cache-threshold", "0.2"]):
@@ -247,18 +304,20 @@ def test_train_then_sample_with_reuse_and_with_the_cache(run_dir, tmp_path, caps
         assert len(os.listdir(os.path.join(out, "frames", "000001"))) == 17
         speed = json.load(open(os.path.join(out, "speed.json")))
         print(extra[::2], speed)
-        assert speed["videos"] == 2 and speed["seconds"] > 0
-        if "--reuse-t" in extra:  # 500 -> probe 324: 2 base frames for the steps down to it, then 5 frames
-            assert speed["t_star"][0] <= 324 and 0.5 < speed["frame_steps_ratio"] < 1
-        elif "--reuse" in extra:
-            assert len(speed["t_star"]) == 2 and speed["frame_steps_ratio"] > 0
+        assert speed["videos"] == 2
+        if "--reuse-t" in extra:  # 500 -> probe 324 -> grid step 13 (t 315): 2 frames for 14 steps, 5 for 7
+            assert speed["t_star"] == [315, 315] and speed["frame_steps_ratio"] == (2 * 14 + 5 * 7) / (5 * 20)
+        elif "--reuse" in extra:  # the selector: some probe after T, on the grid of 20 steps
+            assert len(speed["t_star"]) == 2 and all(t < 999 for t in speed["t_star"])
         else:
-            assert speed["run"] + speed["reused"] == 2 * 20  # 2 blocks, 20 steps, one batch
+            assert speed["run"] + speed["reused"] == 2 * 2 * 20  # 2 videos, 2 blocks, 20 steps
     # a longer video than the model was trained on: 33 frames, 9 latent frames, 7 of them estimated
     out = str(tmp_path / "long")
     sample.main(common + ["--out", out, "--reuse", path, "--reuse-t", "300", "--num-frames", "32"])
     assert len(os.listdir(os.path.join(out, "frames", "000000"))) == 33
     assert json.load(open(os.path.join(out, "speed.json")))["frame_steps_ratio"] < 0.8
+    with pytest.raises(ValueError, match=r"other settings \(reuse_t: 300 -> 500\)"):
+        sample.main(common + ["--out", out, "--reuse", path, "--reuse-t", "500", "--num-frames", "32"])
 
 
 @pytest.mark.parametrize("extra, message", [
