@@ -347,3 +347,22 @@ def test_reuse_files_are_checked(run_dir, tmp_path):
         reuse.check_model(make_cfg(width=128), tiny, (4, 4), other)
     with pytest.raises(ValueError, match="depth 2"):
         reuse.check_model(make_cfg(width=128, blocks=(0, 5)), tiny, (8, 8), other)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--probes", "1"], "at least 2 probes"),
+    (["--base-frames", "1"], "2 base frames"),
+    (["--radius", "-3"], "a radius of -1"),
+    (["--blocks", "-1"], "--blocks -1: it must not be negative"),
+    (["--steps", "5"], "--steps 5: 5 DDIM steps are too few for the 10 probes"),
+])
+def test_bad_reuse_training_options_exit_2(extra, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        reuse.main(["train", *extra])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_reuse_networks_are_not_written_beside_the_checkpoint(run_dir):
+    with pytest.raises(ValueError, match="not beside the checkpoint"):
+        reuse.main(["train", "--run", str(run_dir), "--out", str(run_dir / "nets.pt"), "--videos", "1",
+                    "--val-videos", "1", "--steps", "20"])
