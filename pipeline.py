@@ -20,6 +20,23 @@ from diffusion import Diffusion
 from distributed import mix_seed
 
 
+def video_noise(indices, f, C, size, seed, *salt):
+    """The starting noise (B, f, C, size, size) of the videos numbered `indices`: video i's from (seed, i, *salt)
+    alone, so it does not depend on the batch. A salt gives other uses (reuse.py's training) noise of their own."""
+    return torch.stack([torch.randn(f, C, size, size, generator=torch.Generator().manual_seed(mix_seed(seed, i, *salt)))
+                        for i in indices])
+
+
+def autocast_model(model, device, amp):
+    """The model as the samplers call it, eps(x, t, **kw): under bf16 autocast when amp, outputs in fp32 (with
+    return_features, the features too)."""
+    def eps(x, t, **kw):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x, t, **kw)
+        return (out[0].float(), [s.float() for s in out[1]]) if isinstance(out, tuple) else out.float()
+    return eps
+
+
 @torch.no_grad()
 def generate(model, vae, indices, f, steps=250, seed=0, eta=0.0, device="cpu", amp=False, size=128,
              progress=False, clip_x0=None, return_latents=False, sampler=None):
@@ -28,17 +45,9 @@ def generate(model, vae, indices, f, steps=250, seed=0, eta=0.0, device="cpu", a
     the later noise depends on the batch's first index too. sampler(eps, noise, steps, device, clip_x0) -> z
     replaces plain DDIM (reuse.py's denoising reuse, deterministic: eta and progress are then unused);
     eps(x, t, **kw) is the model under autocast."""
-    C = model.cfg.in_channels
-    h = w = size // vae.spatial_compression  # the VAE's 8x
-    noise = torch.stack([torch.randn(f, C, h, w, generator=torch.Generator().manual_seed(mix_seed(seed, i)))
-                         for i in indices])  # (B, f, C, h, w)
+    noise = video_noise(indices, f, model.cfg.in_channels, size // vae.spatial_compression, seed)  # the VAE's 8x
     gen = torch.Generator(device).manual_seed(mix_seed(seed, indices[0], 1))
-
-    def eps(x, t, **kw):
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-            out = model(x, t, **kw)
-        return (out[0].float(), [s.float() for s in out[1]]) if isinstance(out, tuple) else out.float()
-
+    eps = autocast_model(model, device, amp)
     if sampler is not None:
         z = sampler(eps, noise.to(device), steps, device, clip_x0)
     else:

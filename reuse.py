@@ -526,15 +526,11 @@ def default_blocks(depth):
 def trajectories(model, f, latent_size, n, first, steps, cfg, device, amp, batch_size, seed, desc):
     """Trajectories (collect) of n videos, numbered first .. first + n - 1, in batches. Video i starts from noise
     seeded by (seed, i, 2): never the noise sample.py draws for a video (seeded by (seed, i))."""
-    def eps(x, t, **kw):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out, feats = model(x, t, **kw)
-        return out.float(), [s.float() for s in feats]
+    eps = pipeline.autocast_model(model, device, amp)
     parts = []
     for start in tqdm(range(first, first + n, batch_size), desc=desc):
-        noise = torch.stack([torch.randn(f, model.cfg.in_channels, latent_size, latent_size,
-                                         generator=torch.Generator().manual_seed(distributed.mix_seed(seed, i, 2)))
-                             for i in range(start, min(start + batch_size, first + n))])
+        idx = range(start, min(start + batch_size, first + n))
+        noise = pipeline.video_noise(idx, f, model.cfg.in_channels, latent_size, seed, 2)
         parts.append(collect(eps, noise.to(device), steps, cfg, Diffusion()))
     return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
 
