@@ -58,25 +58,31 @@ def time_step(forward, dtype, repeat, device):
     return time_call(step, repeat, device)
 
 
-def time_call(fn, repeat, device, warmup=3):
+def time_call(fn, repeat, device, warmup=3, host=False):
     """Median ms of fn() over `repeat` calls after `warmup` (kernel compilation, autotuning, the allocator);
-    CUDA events on GPU."""
+    CUDA events on GPU. host=True: also the median ms until fn() returns, before the GPU has finished (the time
+    the CPU needs to issue the work: when it is close to the whole, the GPU waits for the CPU)."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, issued = [], []
     for _ in range(repeat):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
             start.record()
             fn()
             end.record()
+            issued.append(1000 * (time.perf_counter() - t0))
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
             fn()
             times.append(1000 * (time.perf_counter() - t0))
-    return sorted(times)[len(times) // 2]
+            issued.append(times[-1])
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return (median(times), median(issued)) if host else median(times)
 
 
 def profile_step(forward, dtype, device):
@@ -167,8 +173,8 @@ def build(args, mode, device, kind="medsora"):
     torch.manual_seed(0)
     cfg = dit.make_config(args.model, scan="chunked")
     model = (peer.PeerTransformer(cfg) if kind == "peer" else dit.MedSora(cfg)).to(device).train()
-    if mode == "blocks":
-        dit.compile_blocks(model)
+    if mode in ("blocks", "graphs"):  # graphs: the compiled blocks replayed as CUDA graphs
+        dit.compile_blocks(model, **({"mode": "reduce-overhead"} if mode == "graphs" else {}))
         return model, model
     return model, (torch.compile(model) if mode == "model" else model)
 
@@ -188,9 +194,12 @@ def name_of(args, kind):
     return f"the peer at MedSora-{args.model}'s size" if kind == "peer" else f"MedSora-{args.model}"
 
 
-def train_step(net, opt, x, t, num_frames, amp):
-    """train.py's step on random latents, as a callable: forward under bf16 autocast (on GPU), backward, AdamW."""
+def train_step(net, opt, x, t, num_frames, amp, graphs=False):
+    """train.py's step on random latents, as a callable: forward under bf16 autocast (on GPU), backward, AdamW.
+    graphs: CUDA graphs are replayed, and each step must say that a new one begins."""
     def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.mse_loss(net(x, t, num_frames=num_frames).float(), x)
         opt.zero_grad(set_to_none=True)
@@ -208,8 +217,8 @@ def train_step_table(args, device, kind="medsora", peak=None):
     print(f"\ntraining step of {name_of(args, kind)} (forward, backward, AdamW; bf16 autocast: {amp}), latents "
           f"({args.frames} + {args.images}) x 16 x {args.size} x {args.size}; matrix-multiply peak measured: "
           f"{peak:.3g} TFLOP/s")
-    print(f"{'compile':8s} {'batch':>5s} {'ms/step':>8s} {'clips/s':>8s} {'TFLOP/step':>10s} {'% peak':>7s} "
-          f"{'peak GiB':>8s} {'first step s':>12s}")
+    print(f"{'compile':8s} {'batch':>5s} {'ms/step':>8s} {'host ms':>8s} {'clips/s':>8s} {'TFLOP/step':>10s} "
+          f"{'% peak':>7s} {'peak GiB':>8s} {'first step s':>12s}   (AdamW: {args.adamw})")
     flops, rows = {}, []
     for mode in args.compile:
         for batch in args.batches:
@@ -222,30 +231,38 @@ def train_step_table(args, device, kind="medsora", peak=None):
             free(device)  # and the count's memory is not in this row's peak
             t_build = time.perf_counter()
             model, net = build(args, mode, device, kind)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            step = train_step(net, opt, x, t, args.frames, amp)
+            opt = adamw(model, args.adamw)
+            step = train_step(net, opt, x, t, args.frames, amp, graphs=mode == "graphs")
             try:
                 step()
                 sync(device)
                 first = time.perf_counter() - t_build
-                ms = time_call(step, args.repeat, device)
+                ms, host_ms = time_call(step, args.repeat, device, host=True)
                 kernels = kernel_table(step, device) if args.profile else None
-            except torch.OutOfMemoryError:
-                print(f"{mode:8s} {batch:5d} out of memory")
-                rows.append(dict(table="train step", model=name_of(args, kind), compile=mode, batch=batch, ms=None))
+            except Exception as e:  # out of memory, or a mode this torch cannot run: the other rows go on
+                print(f"{mode:8s} {batch:5d} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                rows.append(dict(table="train step", model=name_of(args, kind), compile=mode, batch=batch, ms=None,
+                                 error=type(e).__name__))
                 continue
             mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
             achieved = flops[batch] / ms / 1e9  # TFLOP/s
-            print(f"{mode:8s} {batch:5d} {ms:8.1f} {batch / ms * 1000:8.1f} {flops[batch] / 1e12:10.2f} "
+            print(f"{mode:8s} {batch:5d} {ms:8.1f} {host_ms:8.1f} {batch / ms * 1000:8.1f} {flops[batch] / 1e12:10.2f} "
                   f"{100 * achieved / peak:6.1f}% {mem:8.2f} {first:12.1f}", flush=True)
             if kernels:
                 print(kernels, flush=True)
             rows.append(dict(table="train step", model=name_of(args, kind), compile=mode, batch=batch, ms=ms,
-                             clips_per_s=batch / ms * 1000, tflop=flops[batch] / 1e12, peak_fraction=achieved / peak,
+                             host_ms=host_ms, adamw=args.adamw, clips_per_s=batch / ms * 1000,
+                             tflop=flops[batch] / 1e12, peak_fraction=achieved / peak,
                              peak_gib=mem if mem == mem else None, first_step_s=first))
     del model, net, opt, step
     free(device)
     return rows
+
+
+def adamw(model, impl):
+    """AdamW as benchmarked: "foreach" (torch's default on CUDA, a few kernels per group of tensors) or "fused"
+    (one kernel for all of them; CUDA only)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if impl == "fused" else {}))
 
 
 def free(device):
@@ -449,16 +466,23 @@ def sample_table(args, device, kind="medsora", videos=16):
         model, net = build(args, mode, device, kind)
         model.eval()
 
-        def eps(z, t, **kw):
+        def eps(z, t, graphs=mode == "graphs", **kw):
+            if graphs:  # every model call is a new replay; .float() copies the output out of the graph's memory
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 return net(z, t, **kw).float()
         run = lambda steps: Diffusion().ddim_sample(eps, shape, steps=steps, device=device,  # noqa: E731
                                                     generator=torch.Generator(device).manual_seed(0),
                                                     num_frames=args.frames)
-        run(2)
-        sync(device)
-        first = time.perf_counter() - t_build
-        ms = time_call(lambda: run(args.sample_steps), 1, device, warmup=0)
+        try:
+            run(2)
+            sync(device)
+            first = time.perf_counter() - t_build
+            ms = time_call(lambda: run(args.sample_steps), 1, device, warmup=0)
+        except Exception as e:  # the other modes go on
+            print(f"{mode:8s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            del model, net
+            continue
         print(f"{mode:8s} {ms / 1000:8.2f} {videos / ms * 1000:9.2f} {first:12.1f}", flush=True)
         rows.append(dict(table="DDIM sampling", model=name_of(args, kind), compile=mode, videos=videos,
                          steps=args.sample_steps, s=ms / 1000, first_call_s=first))
@@ -487,7 +511,9 @@ def main():
     parser.add_argument("--train-step", action="store_true", help="time train.py's step (forward, backward, "
                         "AdamW) for each --compile mode and --batches, instead of the --paths table")
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 2])
-    parser.add_argument("--compile", nargs="+", default=["eager", "blocks"], choices=["eager", "blocks", "model"])
+    parser.add_argument("--compile", nargs="+", default=["eager", "blocks"], choices=["eager", "blocks", "graphs",
+                        "model"], help="graphs: the compiled blocks with CUDA graphs (mode reduce-overhead)")
+    parser.add_argument("--adamw", default="foreach", choices=["foreach", "fused"], help="the optimizer's kernels")
     parser.add_argument("--sample", action="store_true", help="with --train-step: also time DDIM sampling")
     parser.add_argument("--sample-videos", type=int, nargs="+", default=[16], help="one table per count")
     parser.add_argument("--peer", action="store_true", help="with --train-step and --sample: the same tables for a "

@@ -15,11 +15,11 @@ def test_train_step_and_sample_tables(monkeypatch, capsys):
                                       "2", "--sample", "--sample-videos", "2", "--sample-steps", "3"])
     benchmark.main()
     out = capsys.readouterr().out
-    steps = re.findall(r"^eager\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s+([\d.]+)%", out, re.M)
+    steps = re.findall(r"^eager\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s+([\d.]+)%", out, re.M)
     assert [int(b) for b, *_ in steps] == [2, 1], out
-    for batch, ms, clips, pct in steps:  # clips/s is the batch over the measured step time
+    for batch, ms, host, clips, pct in steps:  # clips/s is the batch over the measured step time
         assert float(ms) > 0 and abs(float(clips) - int(batch) / float(ms) * 1000) < 0.1 + 0.01 * float(clips)
-        assert 0 < float(pct) < 100
+        assert 0 < float(host) and 0 < float(pct) < 100
     assert re.search(r"^eager\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out.split("DDIM sampling")[1], re.M), out
 
 
@@ -55,7 +55,7 @@ def test_flops_are_never_counted_on_the_compiled_model(monkeypatch, capsys):
         def get_total_flops(self):
             return 10 ** 9
 
-    def compile_blocks(model):  # stands in for torch.compile: records whether the counter is on at each call
+    def compile_blocks(model, **kwargs):  # stands in for torch.compile: records whether the counter is on
         forward = model.forward
         model.forward = lambda *a, **k: (compiled_calls.append(bool(counting)), forward(*a, **k))[1]
         return model
@@ -67,8 +67,32 @@ def test_flops_are_never_counted_on_the_compiled_model(monkeypatch, capsys):
     benchmark.main()
     out = capsys.readouterr().out
     assert compiled_calls and not any(compiled_calls)
-    assert re.search(r"^blocks\s+2\s+[\d.]+\s+[\d.]+\s+0\.00\s", out, re.M), out  # 1e9 FLOPs = 0.00 TFLOP
+    assert re.search(r"^blocks\s+2\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+0\.00\s", out, re.M), out  # 1e9 FLOPs: 0.00 TFLOP
     assert "Self CPU time total" in out  # the profile of the step
+
+
+def test_graphs_mode_replays_the_compiled_blocks_as_cuda_graphs(monkeypatch, capsys):
+    """--compile graphs: the blocks compiled with mode "reduce-overhead", and every step and every sampling call
+    begins a new replay (without it, a step would read outputs the last one overwrote). fused AdamW is asked for."""
+    modes, begins, fused = [], [], []
+    monkeypatch.setattr(benchmark.dit, "compile_blocks", lambda model, **kw: (modes.append(kw.get("mode")), model)[1])
+    monkeypatch.setattr(benchmark.torch.compiler, "cudagraph_mark_step_begin", lambda: begins.append(1))
+    adamw = torch.optim.AdamW
+
+    def record_adamw(params, **kw):
+        fused.append(kw.get("fused", False))
+        return adamw(params, **{k: v for k, v in kw.items() if k != "fused"})  # fused needs CUDA
+    monkeypatch.setattr(benchmark.torch.optim, "AdamW", record_adamw)
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--train-step", "--model", "tiny", "--size", "4", "--frames",
+                                      "2", "--images", "1", "--batches", "2", "--compile", "graphs", "--repeat", "2",
+                                      "--adamw", "fused", "--sample", "--sample-videos", "1", "--sample-steps", "3"])
+    benchmark.main()
+    out = capsys.readouterr().out
+    assert modes == ["reduce-overhead", "reduce-overhead"]  # the step's model and the sampling's
+    assert re.search(r"^graphs\s+2\s+[\d.]+\s+[\d.]+", out, re.M) and "AdamW: fused" in out, out
+    assert fused == [True]
+    # the step: 1 first + 3 warm-up + 2 timed; sampling: 2 + 3 DDIM steps, one model call each
+    assert len(begins) == 1 + 3 + 2 + 2 + 3, len(begins)
 
 
 def test_long_video_table_json_and_plot(monkeypatch, tmp_path, capsys):
