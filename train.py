@@ -223,8 +223,7 @@ def phase(args, epoch):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)  # few kernels
 
 
 def ema_decay(args, updates):
@@ -296,10 +295,12 @@ def parse_args(argv):
     p.add_argument("--latents", default="auto", choices=["auto", "cache", "online"])
     p.add_argument("--cache-dir", default=None, help="the latent cache (default OUT/latents); checked against "
                    "the VAE and data options, so runs may share one")
-    p.add_argument("--compile", nargs="?", const="blocks", default="auto", choices=["auto", "blocks", "model", "none"],
+    p.add_argument("--compile", nargs="?", const="blocks", default="auto", choices=["auto", "blocks", "graphs", "model", "none"],
                    help="torch.compile: 'blocks' (what a bare --compile means) compiles the repeated block once "
-                        "(dit.compile_blocks); 'model' the whole unrolled model, which compiles for much longer; "
-                        "'none' runs eager; 'auto' (the default) is 'blocks' on CUDA and 'none' on the CPU")
+                        "(dit.compile_blocks); 'graphs' the same, replayed as CUDA graphs (mode reduce-overhead; "
+                        "README, Measured: fastest in benchmark.py, not yet the default); 'model' the whole unrolled "
+                        "model, which compiles for much longer; 'none' runs eager; 'auto' (the default) is 'blocks' "
+                        "on CUDA and 'none' on the CPU")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="on CUDA: bf16 autocast (the "
                    "default) or fp32 throughout; the CPU always runs fp32")
     p.add_argument("--align", action="store_true", help="add the optical-flow representation alignment loss "
@@ -453,8 +454,8 @@ def main(argv=None):
         torch.manual_seed(distributed.mix_seed(args.seed, rank))  # each rank draws its own t and noise
     net = model  # compiled before DDP wraps it; the state dict keeps its names either way
     compiled = compile_mode(args.compile, device)
-    if compiled == "blocks":
-        dit.compile_blocks(model)
+    if compiled in ("blocks", "graphs"):
+        dit.compile_blocks(model, **({"mode": "reduce-overhead"} if compiled == "graphs" else {}))
     elif compiled == "model":
         net = torch.compile(model)
     if world > 1:
@@ -490,6 +491,8 @@ def main(argv=None):
             if mode == "online":
                 b = {**encode_batch(vae, b, device, amp), **(align(align.flow_of(b)) if align else {})}
             max_norm = args.clip_norm if epoch >= args.clip_from_epoch else math.inf
+            if compiled == "graphs":  # a new step: the graphs' outputs of the last one may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             loss, aligned, grad_norm, updated = train_step(
                 net, opt, b, diffusion, scale=scale, num_frames=f, max_norm=max_norm, world=world, device=device,
                 amp=amp, align=align, alpha=args.align_alpha, margin=args.align_margin)

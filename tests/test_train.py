@@ -282,6 +282,19 @@ def test_compiled_blocks_are_the_default_on_cuda_only(vae_ckpt, tmp_path, monkey
     assert compiled == ["blocks"]
 
 
+def test_graphs_replay_the_compiled_blocks_and_each_step_begins_a_replay(vae_ckpt, tmp_path, monkeypatch):
+    """--compile graphs: the blocks compiled with CUDA graphs, and every step tells the graphs that a new one begins
+    (before the step's first forward), so no step reads outputs that the next replay overwrites."""
+    events = []
+    monkeypatch.setattr(train.dit, "compile_blocks", lambda model, **kw: events.append(kw.get("mode")))
+    monkeypatch.setattr(train.torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("begin"))
+    training_loss = train.Diffusion.training_loss
+    monkeypatch.setattr(train.Diffusion, "training_loss",
+                        lambda *a, **k: (events.append("forward"), training_loss(*a, **k))[1])
+    run(vae_ckpt, tmp_path / "graphs", "--max-steps", "3", "--compile", "graphs")
+    assert events == ["reduce-overhead"] + ["begin", "forward"] * 3
+
+
 @pytest.fixture(scope="module")
 def dino_ckpt(tmp_path_factory):
     """A DINO S/16 file with random weights: these tests check the plumbing, not the features."""
