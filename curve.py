@@ -60,6 +60,8 @@ RECIPES = {  # train.py flags of each recipe
     "short-b2": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16", "--betas", "0.9", "0.95"],
     # gradients clipped from the first step at about their usual norm (0.05-0.1), so a burst is cut down
     "short-clip": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16", "--clip-from-epoch", "0", "--clip-norm", "0.1"],
+    # the flow alignment ablation on the stable recipe: short-b2 with and without the loss
+    "short-b2-align": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16", "--betas", "0.9", "0.95", "--align"],
 }
 
 
