@@ -103,8 +103,8 @@ def test_long_video_table_json_and_plot(monkeypatch, tmp_path, capsys):
     def fake_time_call(fn, repeat, device, warmup=3):
         fn()  # one real step, so that the model is built and runs at that length
         frames = timed_frames[-1]  # the length of the latents the row made last
-        if frames >= 9 and timed_kind[-1] == "peer":
-            raise torch.OutOfMemoryError("fake")
+        if frames >= 9 and timed_kind[-1] == "peer":  # as Inductor raises it while compiling: wrapped
+            raise RuntimeError("backend compiler failed") from torch.OutOfMemoryError("fake")
         timed.append(frames)
         return float(frames)
     timed_frames, timed_kind = [], []
@@ -133,6 +133,23 @@ def test_long_video_table_json_and_plot(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("out of memory") == 1 and out.count("not tried") == 1
     assert Image.open(out_png).size == (720, 360)
+
+
+def test_out_of_memory_is_found_behind_the_errors_that_wrap_it():
+    def raised(make):
+        try:
+            make()
+        except Exception as e:
+            return e
+    assert benchmark.out_of_memory_error(torch.OutOfMemoryError("direct"))
+
+    def wrapped():
+        try:
+            raise torch.OutOfMemoryError("inside")
+        except torch.OutOfMemoryError:
+            raise RuntimeError("while handling it")  # __context__, not __cause__
+    assert benchmark.out_of_memory_error(raised(wrapped))
+    assert not benchmark.out_of_memory_error(raised(lambda: 1 / 0))  # any other error is raised on
 
 
 def test_medsora_trains_and_samples_at_65_latent_frames():
