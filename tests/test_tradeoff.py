@@ -1,0 +1,88 @@
+"""tradeoff.py: each sampler setting sampled and timed by sample.py, scored, compared with plain DDIM, and drawn;
+a second call finds everything done; bad settings are refused before any work."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import curve
+import train
+import tradeoff
+import vae
+
+REUSE_FLAGS = "--videos 4 --val-videos 2 --steps 20 --iters 3 --dss-iters 3 --batch-size 2 --probes 5"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny MedSora checkpoint of 17-frame 64 x 64 clips (5 latent frames of 8 x 8)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tradeoff")
+    path = str(root / "vae.pt")
+    torch.save({"model": vae.VideoVAE(vae.MODELS["tiny"]).state_dict(),
+                "config": dataclasses.asdict(vae.MODELS["tiny"])}, path)
+    train.main(["--size", "64", "--num-frames", "16", "--num-images", "1", "--max-clips", "4", "--batch-size", "2",
+                "2", "--workers", "0", "--sample-every", "0", "--max-steps", "2", "--vae", path, "--out",
+                str(root / "run")])
+    return str(root / "run" / "ckpt.pt")
+
+
+def test_settings_are_sampled_timed_scored_and_compared(ckpt, tmp_path, monkeypatch, capsys):
+    fvd = {"plain": 100.0, "reuse-t500": 105.0, "cache0.2": 130.0}
+    evaluated = []
+
+    def fake_evaluate(fake, out, args):  # evaluate.py's result file, without the I3D
+        evaluated.append(os.path.basename(fake))
+        with open(out, "w") as f:
+            json.dump({"metrics": {"FVD": fvd[os.path.basename(fake)], "FID": 50.0}}, f)
+    monkeypatch.setattr(curve, "evaluate", fake_evaluate)
+    out = str(tmp_path / "t")
+    argv = ["--ckpt", ckpt, "--out", out, "--settings", "plain", "reuse-t500", "cache0.2", "--clips", "2",
+            "--steps", "20", "--batch-size", "2", "--workers", "0", "--reuse-flags", REUSE_FLAGS]
+    rows = {r["setting"]: r for r in tradeoff.main(argv)}  # reuse.py train and sample.py run for real
+
+    assert os.path.exists(os.path.join(out, "reuse.pt")) and sorted(evaluated) == sorted(fvd)
+    for name, r in rows.items():
+        assert r["frames"] == 17 and r["videos"] == 2 and r["timed_videos"] == 2 and r["s_per_video"] > 0
+        assert abs(r["fvd_change"] - (fvd[name] / 100 - 1)) < 1e-9
+        assert len(os.listdir(os.path.join(out, "F17", name, "frames", "000001"))) == 17
+        assert os.path.exists(os.path.join(out, "F17", name + ".png"))
+    assert rows["plain"]["speedup"] == 1.0 and "frame_steps_ratio" not in rows["plain"]
+    # t* 500 -> probe 324 -> DDIM grid step 13 (t 315): 2 base frames for 14 steps, all 5 for 7 (as test_reuse)
+    assert rows["reuse-t500"]["t_star_mean"] == 315
+    assert rows["reuse-t500"]["frame_steps_ratio"] == (2 * 14 + 5 * 7) / (5 * 20)
+    assert 0 <= rows["cache0.2"]["cache_reused"] <= 1
+    saved = json.load(open(os.path.join(out, "tradeoff.json")))
+    assert [r["setting"] for r in saved["rows"]] == ["plain", "reuse-t500", "cache0.2"]
+    assert Image.open(os.path.join(out, "tradeoff.png")).size == (720, 420)
+    assert "+5.0%" in capsys.readouterr().out
+
+    # a second call: nothing is trained, sampled or evaluated again, and the table is the same
+    started = []
+    monkeypatch.setattr(curve, "run", lambda cmd, log: started.append(cmd))
+    again = tradeoff.main(argv)
+    assert started == [] and len(evaluated) == 3
+    assert [r["fvd"] for r in again] == [r["fvd"] for r in saved["rows"]]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--settings", "plain", "fast"], "unknown setting(s) fast"),
+    (["--num-frames", "12"], "multiple of 8"),
+    (["--clips", "0"], "--clips must be positive"),
+    (["--reuse", "missing.pt"], "--reuse missing.pt: no such file"),
+])
+def test_bad_options_exit_2_before_any_work(ckpt, tmp_path, monkeypatch, extra, message, capsys):
+    monkeypatch.setattr(curve, "run", lambda cmd, log: pytest.fail(f"ran {cmd}"))
+    with pytest.raises(SystemExit) as e:
+        tradeoff.main(["--ckpt", ckpt, "--out", str(tmp_path / "t"), *extra])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_missing_checkpoint_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        tradeoff.main(["--ckpt", str(tmp_path / "none.pt")])
+    assert e.value.code == 2 and "none.pt: no such file" in capsys.readouterr().err

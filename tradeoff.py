@@ -1,0 +1,203 @@
+"""
+Speed against quality of the samplers on one MedSora checkpoint: plain DDIM, denoising reuse (reuse.py, Dr. Mo)
+with its step selector or a fixed transition step t*, and the training-free block cache (cache.py). Every setting
+samples the same seeds with sample.py, is timed there (speed.json), and is scored by evaluate.py against the
+validation split; the result is a table, OUT/tradeoff.json and OUT/tradeoff.png (FVD against the speed-up over
+plain DDIM of the same video length).
+
+    python tradeoff.py --ckpt runs/curve/short-b2/ckpts/min8.5.pt --out runs/tradeoff \\
+        --settings plain reuse reuse-t799 reuse-t599 reuse-t399 cache0.05 cache0.2 --num-frames 16 64
+
+Settings: `plain`; `reuse` (t* per video from the step selector); `reuse-tN` (t* = N, rounded to the DDIM grid);
+`cacheX` (block cache at threshold X). --num-frames takes sample.py's lengths (16: 17-frame videos, the training
+length; 64: 65 frames, 17 latent frames). Generated videos longer than 16 frames are scored on 16-frame windows
+at random places (evaluate.py's rule for folders), so a late drift counts.
+
+Stages, each skipped when its result is already there, so a measurement split over several calls goes on where
+the last one stopped:
+    1. the reuse networks: `reuse.py train` on the checkpoint (unless --reuse FILE gives them);
+    2. each length and setting: sample.py (--clips videos, DDIM --steps), one at a time, so that no two timings
+       share the GPU; then 3 of the videos as OUT/F<frames>/<setting>.png;
+    3. the evaluations, --eval-jobs at once, after all sampling;
+    4. the table, tradeoff.json and tradeoff.png.
+Times are sample.py's, denoising and VAE decoding of whole batches, per video; a setting whose sampling was
+stopped and resumed is timed on the videos of its last call.
+"""
+
+import argparse
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image, ImageDraw
+
+import curve
+import data
+
+SETTING = re.compile(r"^(plain|reuse|reuse-t(\d+)|cache(\d*\.?\d+))$")
+COLOURS = [(30, 80, 200), (200, 40, 40), (0, 130, 130), (120, 40, 160)]
+
+
+def sampler_flags(setting, reuse_file):
+    """sample.py's flags for a setting name (SETTING)."""
+    m = SETTING.match(setting)
+    if setting == "plain":
+        return []
+    if m.group(2):
+        return ["--reuse", reuse_file, "--reuse-t", m.group(2)]
+    if setting == "reuse":
+        return ["--reuse", reuse_file]
+    return ["--cache-threshold", m.group(3)]
+
+
+def folder(args, frames, setting):
+    return os.path.join(args.out, f"F{frames + 1}", setting)
+
+
+def row_of(args, frames, setting):
+    """One setting's measurements: its speed.json and its evaluate.py result."""
+    gen = folder(args, frames, setting)
+    speed = {"videos": 0}  # none when the call that sampled the last videos stopped before writing it
+    if os.path.exists(os.path.join(gen, "speed.json")):
+        with open(os.path.join(gen, "speed.json")) as f:
+            speed = json.load(f)
+    got = curve.evaluated(gen + ".json", []) or {}
+    row = {"setting": setting, "frames": frames + 1, "videos": curve.videos_in(gen), "timed_videos": speed["videos"],
+           **curve.measured(got, args.metrics.split(","))}
+    if speed["videos"]:
+        row["s_per_video"] = speed["seconds"] / speed["videos"]
+    if "frame_steps_ratio" in speed:  # reuse: how much of plain DDIM's work it did, and where it switched
+        row.update(frame_steps_ratio=speed["frame_steps_ratio"], t_star_mean=sum(speed["t_star"]) / len(speed["t_star"]))
+    if "reused_fraction" in speed:
+        row["cache_reused"] = speed["reused_fraction"]
+    return row
+
+
+def compare(rows):
+    """Each row's speed-up and FVD change against plain DDIM at the same length (when plain was measured)."""
+    plain = {r["frames"]: r for r in rows if r["setting"] == "plain"}
+    for r in rows:
+        base = plain.get(r["frames"])
+        if base and "s_per_video" in base and "s_per_video" in r:
+            r["speedup"] = base["s_per_video"] / r["s_per_video"]
+        if base and "fvd" in r and "fvd" in base:
+            r["fvd_change"] = r["fvd"] / base["fvd"] - 1
+    return rows
+
+
+def print_table(rows):
+    print(f"\n{'frames':>6s} {'setting':14s} {'s/video':>8s} {'speed-up':>8s} {'frame-steps':>11s} {'t* mean':>7s} "
+          f"{'reused':>6s} {'FVD':>8s} {'vs plain':>8s} {'FID':>7s}")
+    for r in rows:
+        cell = lambda key, fmt: format(r[key], fmt) if key in r else "-".rjust(int(fmt.split(".")[0]))  # noqa: E731
+        print(f"{r['frames']:6d} {r['setting']:14s} {cell('s_per_video', '8.3f')} {cell('speedup', '8.2f')} "
+              f"{cell('frame_steps_ratio', '11.2f')} {cell('t_star_mean', '7.0f')} {cell('cache_reused', '6.2f')} "
+              f"{cell('fvd', '8.1f')} {format(100 * r['fvd_change'], '+7.1f') + '%' if 'fvd_change' in r else '-':>8s} "
+              f"{cell('fid', '7.1f')}")
+
+
+def plot(rows, path, width=720, height=420):
+    """FVD against the speed-up over plain DDIM, one colour per video length, each point named; the band up to
+    10 % over plain's FVD dashed (the quality a faster sampler should keep)."""
+    pts = [r for r in rows if "speedup" in r and "fvd" in r]
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 70, width - 20, 30, height - 45
+    d.rectangle([left, top, right, bottom], outline="black")
+    d.text((left, 8), "FVD (lower is better) against the speed-up over plain DDIM of the same length", fill="black")
+    if pts:
+        x_hi = max(2.2, max(r["speedup"] for r in pts) * 1.1)
+        y_hi = max(r["fvd"] for r in pts) * 1.15
+        to_px = lambda x, y: (left + x / x_hi * (right - left), bottom - y / y_hi * (bottom - top))  # noqa: E731
+        for x in range(1, int(x_hi) + 1):
+            px = to_px(x, 0)[0]
+            d.line([px, bottom, px, bottom + 4], fill="black")
+            d.text((px - 8, bottom + 8), f"{x}x", fill="black")
+        d.text((8, top), f"{y_hi:,.0f}", fill="black")
+        d.text((8, bottom - 10), "0", fill="black")
+        for k, frames in enumerate(sorted({r["frames"] for r in pts})):
+            colour = COLOURS[k % len(COLOURS)]
+            mine = [r for r in pts if r["frames"] == frames]
+            plain = [r for r in mine if r["setting"] == "plain"]
+            if plain:  # the 10 % band over plain's FVD, dashed
+                y = to_px(0, plain[0]["fvd"] * 1.1)[1]
+                for x0 in range(left, right, 12):
+                    d.line([x0, y, x0 + 6, y], fill=colour)
+            for r in mine:
+                x, y = to_px(r["speedup"], r["fvd"])
+                d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+                d.text((x + 6, y - 6), r["setting"], fill=colour)
+            d.text((right - 150, top + 8 + 14 * k), f"{frames} frames", fill=colour)
+    img.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint")
+    p.add_argument("--out", default="runs/tradeoff")
+    p.add_argument("--settings", nargs="+", default=["plain", "reuse", "reuse-t799", "reuse-t599", "reuse-t399",
+                                                     "cache0.05", "cache0.2"])
+    p.add_argument("--num-frames", type=int, nargs="+", default=[16], help="sample.py's video lengths")
+    p.add_argument("--clips", type=int, default=512, help="videos per setting, and real clips of every FVD")
+    p.add_argument("--steps", type=int, default=250, help="DDIM steps")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", default=None, help="trained reuse networks (default: reuse.py train into OUT/reuse.pt)")
+    p.add_argument("--reuse-flags", default="", help="more reuse.py train flags, e.g. \"--videos 128\"")
+    p.add_argument("--metrics", default="fvd,fid")
+    p.add_argument("--i3d", default=None)
+    p.add_argument("--inception", default=None)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--eval-jobs", type=int, default=2, help="evaluations at once (after all sampling)")
+    args = p.parse_args(argv)
+    bad = [s for s in args.settings if not SETTING.match(s)]
+    if bad:
+        p.error(f"unknown setting(s) {', '.join(bad)}: use plain, reuse, reuse-tN or cacheX")
+    if not os.path.isfile(args.ckpt):
+        p.error(f"--ckpt {args.ckpt}: no such file")
+    if any(f <= 0 or f % 8 for f in args.num_frames):
+        p.error("--num-frames: each must be a positive multiple of 8 (16: 17-frame videos)")
+    for name in ("clips", "steps", "batch_size", "eval_jobs"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    os.makedirs(args.out, exist_ok=True)
+
+    reuse_file = args.reuse or os.path.join(args.out, "reuse.pt")
+    if any(s.startswith("reuse") for s in args.settings) and not os.path.exists(reuse_file):
+        if args.reuse:
+            p.error(f"--reuse {args.reuse}: no such file")
+        print("training the reuse networks on the checkpoint", flush=True)
+        curve.run(["reuse.py", "train", "--ckpt", args.ckpt, "--out", reuse_file, *args.reuse_flags.split()],
+                  os.path.join(args.out, "reuse.log"))
+
+    done = []
+    for frames in args.num_frames:
+        for setting in args.settings:
+            gen = folder(args, frames, setting)
+            if curve.videos_in(gen) < args.clips or not os.path.exists(os.path.join(gen, "speed.json")):
+                print(f"sampling {args.clips} videos of {frames + 1} frames: {setting}", flush=True)
+                curve.run(["sample.py", "--ckpt", args.ckpt, "--num-videos", str(args.clips), "--steps",
+                           str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+                           "--num-frames", str(frames), "--out", gen, *sampler_flags(setting, reuse_file)],
+                          gen + "_sample.log")  # evaluate.py's log is gen + ".log"
+            data.save_grid([os.path.join(gen, "frames", f"{j:06d}") for j in range(min(3, args.clips))], gen + ".png")
+            done.append((frames, setting))
+
+    todo = [gen for gen in (folder(args, f, s) for f, s in done)
+            if curve.evaluated(gen + ".json", args.metrics.split(",")) is None]
+    with ThreadPoolExecutor(args.eval_jobs) as pool:  # an evaluation that fails raises here, naming its log
+        list(pool.map(lambda gen: curve.evaluate(gen, gen + ".json", args), todo))
+
+    rows = compare([row_of(args, f, s) for f, s in done])
+    print_table(rows)
+    with open(os.path.join(args.out, "tradeoff.json.tmp"), "w") as f:
+        json.dump({"ckpt": args.ckpt, "steps": args.steps, "clips": args.clips, "rows": rows}, f, indent=1)
+    os.replace(os.path.join(args.out, "tradeoff.json.tmp"), os.path.join(args.out, "tradeoff.json"))
+    plot(rows, os.path.join(args.out, "tradeoff.png"))
+    print(f"\n{os.path.join(args.out, 'tradeoff.json')} and tradeoff.png written")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
