@@ -273,6 +273,54 @@ def free(device):
         torch.cuda.reset_peak_memory_stats()
 
 
+def component_table(args, device):
+    """Forward + backward of one MedSora block and of each of its three branches (with its norm), at the training
+    shapes of the first --batches batch, for each --compile mode: where a step's GPU time goes, which the
+    profile of compiled blocks cannot say (their kernels mix the branches). Returns the rows."""
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    cfg = dit.make_config(args.model, scan="chunked")
+    B, F_, f, h, D = args.batches[0], args.frames + args.images, args.frames, args.size // cfg.patch_size, cfg.width
+    torch.manual_seed(0)
+    block = dit.MedSoraBlock(cfg, 0).to(device).train()
+    x = torch.randn(B, F_, h * h, D, device=device, requires_grad=True)  # (B, F, L, D)
+    c = torch.randn(B, D, device=device)
+    idx = dit.block_indices(cfg, f, h, h, device)[0]
+    parts = {
+        "attention": lambda: block.attn(block.norm1(x).reshape(B * F_, h * h, D), idx["mask"]),
+        "spatial Mamba": lambda: dit.per_clip(lambda v, kind: block.spatial(v, h, h, idx[kind]), block.norm2(x), f),
+        "temporal Mamba": lambda: dit.per_clip(lambda v, kind: block.temporal(v, idx[kind + "_time"]),
+                                               block.norm3(x), f),
+        "whole block": lambda: block(x, c, f, h, h, idx)[0],
+    }
+    print(f"\none MedSora-{args.model} block and its branches, forward + backward ({dtype}), x ({B}, {F_}, {h * h}, "
+          f"{D}): ms")
+    print(f"{'part':16s} " + " ".join(f"{m:>9s}" for m in args.compile))
+    rows = []
+    for name, fn in parts.items():
+        ms = {}
+        for mode in args.compile:
+            torch._dynamo.reset()
+            run = fn if mode == "eager" else torch.compile(fn, **({"mode": "reduce-overhead"} if mode == "graphs"
+                                                                   else {}))
+
+            def forward(run=run, graphs=mode == "graphs"):
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                return run()
+            try:
+                ms[mode] = time_step(forward, dtype, args.repeat, device)
+            except Exception as e:  # the other parts and modes go on
+                print(f"{name} ({mode}) failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                ms[mode] = None
+            block.zero_grad(set_to_none=True)
+            x.grad = None
+        print(f"{name:16s} " + " ".join(f"{ms[m]:9.2f}" if ms[m] is not None else f"{'-':>9s}" for m in args.compile),
+              flush=True)
+        rows.append(dict(table="block parts", model=f"MedSora-{args.model}", part=name, batch=B,
+                         **{f"ms_{m}": ms[m] for m in args.compile}))
+    return rows
+
+
 def out_of_memory_error(e):
     """Whether e is, or was raised from, running out of GPU memory: while compiling, Inductor wraps the
     OutOfMemoryError of its benchmarking runs in an error of its own."""
@@ -544,6 +592,8 @@ def main():
     parser.add_argument("--plot", default=None, help="with --long: draw its rows to this PNG")
     parser.add_argument("--sample-steps", type=int, default=250)
     parser.add_argument("--align", action="store_true", help="with --train-step: also time the flow alignment")
+    parser.add_argument("--components", action="store_true", help="with --train-step: also time one block and each "
+                        "of its branches (attention, spatial Mamba, temporal Mamba) for each --compile mode")
     parser.add_argument("--align-nets", nargs="+", default=["inception", "S/8"], help="'inception' and/or DINO "
                         "architectures (S/8, S/16, B/8, B/16)")
     parser.add_argument("--dino", default=None, help="DINO weights (default: random ones of the same cost)")
@@ -569,6 +619,8 @@ def main():
                         rows += sample_table(args, device, kind, videos)
             if args.align:
                 align_table(args, device)
+            if args.components:
+                rows += component_table(args, device)
         if args.end_to_end:
             rows += end_to_end_table(args, device)
         if args.long:

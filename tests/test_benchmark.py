@@ -206,3 +206,33 @@ def test_end_to_end_runs_train_py_both_ways(monkeypatch, tmp_path, capsys):
     assert all(r["clips_per_s"] > 0 and r["wall_s"] > 0 for r in rows)
     ratio = float(re.search(r"ours / authors' feeding, clips/s: ([\d.]+)x", capsys.readouterr().out).group(1))
     assert abs(ratio - ours["clips_per_s"] / theirs["clips_per_s"]) < 0.05 + 0.01 * ratio
+
+
+def test_component_table_times_each_branch_and_the_block(monkeypatch, capsys, tmp_path):
+    out_json = tmp_path / "b.json"
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--train-step", "--model", "tiny", "--size", "8", "--frames",
+                                      "3", "--images", "2", "--batches", "2", "--compile", "eager", "--repeat", "2",
+                                      "--components", "--json", str(out_json)])
+    benchmark.main()
+    out = capsys.readouterr().out.split("one MedSora-tiny block")[1]
+    assert "x (2, 5, 16, 128)" in out, out  # batch 2, 3 + 2 frames, a 4 x 4 token grid, width 128
+    rows = [r for r in json.load(open(out_json))["rows"] if r["table"] == "block parts"]
+    assert [r["part"] for r in rows] == ["attention", "spatial Mamba", "temporal Mamba", "whole block"]
+    assert all(r["ms_eager"] > 0 and r["batch"] == 2 for r in rows)
+
+
+def test_component_table_compiles_each_part_and_replays_graphs(monkeypatch, capsys):
+    """Each part is compiled on its own (mode reduce-overhead for graphs), and every graphs call begins a replay."""
+    modes, begins = [], []
+    monkeypatch.setattr(benchmark.dit, "compile_blocks", lambda model, **kw: model)  # the step table: not under test
+    monkeypatch.setattr(benchmark.torch, "compile", lambda fn, **kw: (modes.append(kw.get("mode", "default")), fn)[1])
+    monkeypatch.setattr(benchmark.torch.compiler, "cudagraph_mark_step_begin", lambda: begins.append(1))
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--train-step", "--model", "tiny", "--size", "4", "--frames",
+                                      "2", "--images", "1", "--batches", "1", "--compile", "blocks", "graphs",
+                                      "--repeat", "1", "--components"])
+    benchmark.main()
+    out = capsys.readouterr().out.split("one MedSora-tiny block")[1]
+    assert modes == ["default", "reduce-overhead"] * 4
+    assert re.search(r"^whole block\s+[\d.]+\s+[\d.]+$", out, re.M), out
+    begins_in_step_table = 1 + 3 + 1  # first step, warm-up, one timed (graphs rows of the step table)
+    assert len(begins) == begins_in_step_table + 4 * (3 + 1)  # 4 parts x (3 warm-up + 1 timed) in graphs mode
