@@ -90,6 +90,26 @@ def test_compiled_blocks_match_eager_on_gpu():
     compare("MedSora-B compiled blocks vs eager", run(fast, x, bf16, t, 5), run(eager, x, bf16, t, 5), bf16)
 
 
+def test_cuda_graphs_of_the_compiled_blocks_match_eager_on_gpu():
+    """train.py --compile graphs (the compiled blocks replayed as CUDA graphs) against the eager model: the third
+    call, a replay of recorded graphs, in forward and gradients, bf16; then a replay on new input gives a new output
+    (the input reaches the graphs' memory)."""
+    eager = medsora_b("chunked")
+    fast = dit.MedSora(dit.make_config("B", scan="chunked", attn_dropout=0.0)).cuda()
+    fast.load_state_dict(eager.state_dict())
+    dit.compile_blocks(fast, mode="reduce-overhead")
+    x = torch.randn(4, 13, 16, 16, 16, device="cuda")
+    t = torch.tensor([10, 300, 600, 900], device="cuda")
+    bf16 = torch.bfloat16
+    for _ in range(3):  # warm-up, recording, replay
+        torch.compiler.cudagraph_mark_step_begin()
+        got = run(fast, x, bf16, t, 5)
+    compare("MedSora-B CUDA graphs vs eager", got, run(eager, x, bf16, t, 5), bf16)
+    torch.compiler.cudagraph_mark_step_begin()
+    other = run(fast, torch.randn_like(x), bf16, t, 5)
+    assert not torch.equal(other[0], got[0])
+
+
 def test_metric_networks_on_gpu_match_cpu():
     """evaluate.py's networks give the same features on the GPU (fp32, TF32 off, as evaluate.py runs them)."""
     import evaluate
