@@ -2,7 +2,6 @@
 the reuse sampler (t* = T is plain DDIM exactly; a t* in between runs the base frames alone, then all frames),
 the step selector's choice, the block cache, and `reuse.py train` -> `sample.py --reuse` end to end."""
 
-import dataclasses
 import json
 import math
 import os
@@ -15,8 +14,6 @@ import cache
 import dit
 import reuse
 import sample
-import train
-import vae
 from diffusion import Diffusion
 
 SHIFT = (1, -2)  # tokens: frame j's token (y, x) is frame i's token (y - 1, x + 2)
@@ -275,29 +272,15 @@ def test_block_cache_decides_per_video():
     assert torch.allclose(runs["batched"][:1], runs["alone"], rtol=1e-5, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A tiny MedSora checkpoint of 17-frame 64 x 64 clips (5 latent frames of 8 x 8: a 4 x 4 token grid)."""
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("reuse")
-    path = str(root / "vae.pt")
-    torch.save({"model": vae.VideoVAE(vae.MODELS["tiny"]).state_dict(),
-                "config": dataclasses.asdict(vae.MODELS["tiny"])}, path)
-    out = root / "run"
-    train.main(["--size", "64", "--num-frames", "16", "--num-images", "1", "--max-clips", "4", "--batch-size", "2",
-                "2", "--workers", "0", "--sample-every", "0", "--max-steps", "2", "--vae", path, "--out", str(out)])
-    return out
-
-
-def test_train_then_sample_with_reuse_and_with_the_cache(run_dir, tmp_path):
-    path = reuse.main(["train", "--run", str(run_dir), "--videos", "4", "--val-videos", "2", "--steps", "20",
+def test_train_then_sample_with_reuse_and_with_the_cache(tiny_run, tmp_path):
+    path = reuse.main(["train", "--run", str(tiny_run), "--videos", "4", "--val-videos", "2", "--steps", "20",
                        "--iters", "3", "--dss-iters", "3", "--batch-size", "2", "--probes", "5"])
-    assert path == str(run_dir / "reuse" / "reuse.pt") and os.path.exists(path)
+    assert path == str(tiny_run / "reuse" / "reuse.pt") and os.path.exists(path)
     mtn, dss, state = reuse.load(path)
     assert mtn.cfg.probes == (999, 774, 549, 324, 99) and mtn.cfg.grid == (4, 4) and state["ckpt_step"] == 2
     assert len(state["summary"]["labels"]) == 5 and sum(state["summary"]["labels"]) == 2
 
-    common = ["--run", str(run_dir), "--num-videos", "2", "--steps", "20", "--batch-size", "2"]
+    common = ["--run", str(tiny_run), "--num-videos", "2", "--steps", "20", "--batch-size", "2"]
     for extra in (["--reuse", path], ["--reuse", path, "--reuse-t", "500"], ["--cache-threshold", "0.2"]):
         out = str(tmp_path / "_".join(e.strip("-") for e in extra[::2]))
         sample.main(common + ["--out", out] + extra)
@@ -332,7 +315,7 @@ def test_bad_sampling_options_exit_2(extra, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_reuse_files_are_checked(run_dir, tmp_path):
+def test_reuse_files_are_checked(tiny_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="no denoising-reuse networks"):
         reuse.load(str(tmp_path / "missing.pt"))
     other = str(tmp_path / "other.pt")
@@ -362,7 +345,7 @@ def test_bad_reuse_training_options_exit_2(extra, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_reuse_networks_are_not_written_beside_the_checkpoint(run_dir):
+def test_reuse_networks_are_not_written_beside_the_checkpoint(tiny_run):
     with pytest.raises(ValueError, match="not beside the checkpoint"):
-        reuse.main(["train", "--run", str(run_dir), "--out", str(run_dir / "nets.pt"), "--videos", "1",
+        reuse.main(["train", "--run", str(tiny_run), "--out", str(tiny_run / "nets.pt"), "--videos", "1",
                     "--val-videos", "1", "--steps", "20"])

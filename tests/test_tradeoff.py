@@ -1,34 +1,21 @@
 """tradeoff.py: each sampler setting sampled and timed by sample.py, scored, compared with plain DDIM, and drawn;
 a second call finds everything done; bad settings are refused before any work."""
 
-import dataclasses
 import json
 import os
 
 import pytest
-import torch
 from PIL import Image
 
 import curve
-import train
 import tradeoff
-import vae
 
 REUSE_FLAGS = "--videos 4 --val-videos 2 --steps 20 --iters 3 --dss-iters 3 --batch-size 2 --probes 5"
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny MedSora checkpoint of 17-frame 64 x 64 clips (5 latent frames of 8 x 8)."""
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("tradeoff")
-    path = str(root / "vae.pt")
-    torch.save({"model": vae.VideoVAE(vae.MODELS["tiny"]).state_dict(),
-                "config": dataclasses.asdict(vae.MODELS["tiny"])}, path)
-    train.main(["--size", "64", "--num-frames", "16", "--num-images", "1", "--max-clips", "4", "--batch-size", "2",
-                "2", "--workers", "0", "--sample-every", "0", "--max-steps", "2", "--vae", path, "--out",
-                str(root / "run")])
-    return str(root / "run" / "ckpt.pt")
+@pytest.fixture
+def ckpt(tiny_run):
+    return str(tiny_run / "ckpt.pt")
 
 
 def test_settings_are_sampled_timed_scored_and_compared(ckpt, tmp_path, monkeypatch, capsys):
