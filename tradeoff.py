@@ -68,7 +68,8 @@ def row_of(args, frames, setting):
     if speed["videos"]:
         row["s_per_video"] = speed["seconds"] / speed["videos"]
     if "frame_steps_ratio" in speed:  # reuse: how much of plain DDIM's work it did, and where it switched
-        row.update(frame_steps_ratio=speed["frame_steps_ratio"], t_star_mean=sum(speed["t_star"]) / len(speed["t_star"]))
+        row.update(frame_steps_ratio=speed["frame_steps_ratio"],
+                   t_star_mean=sum(speed["t_star"]) / len(speed["t_star"]))
     if "reused_fraction" in speed:
         row["cache_reused"] = speed["reused_fraction"]
     return row

@@ -295,7 +295,8 @@ def parse_args(argv):
     p.add_argument("--latents", default="auto", choices=["auto", "cache", "online"])
     p.add_argument("--cache-dir", default=None, help="the latent cache (default OUT/latents); checked against "
                    "the VAE and data options, so runs may share one")
-    p.add_argument("--compile", nargs="?", const="blocks", default="auto", choices=["auto", "blocks", "graphs", "model", "none"],
+    p.add_argument("--compile", nargs="?", const="blocks", default="auto",
+                   choices=["auto", "blocks", "graphs", "model", "none"],
                    help="torch.compile: 'blocks' (what a bare --compile means) compiles the repeated block once "
                         "(dit.compile_blocks); 'graphs' the same, replayed as CUDA graphs (mode reduce-overhead; "
                         "README, Measured: fastest in benchmark.py, not yet the default); 'model' the whole unrolled "
