@@ -233,6 +233,28 @@ def test_sample_continues_a_stopped_run(vae_ckpt, tmp_path, monkeypatch):
         sample.main(cmd[:5] + ["4"] + cmd[6:])
 
 
+def test_sample_writes_in_the_background_and_a_failed_write_stops_it(vae_ckpt, tmp_path, monkeypatch):
+    """Videos are written while the next batch is sampled; a write that fails (a full disk) stops the run one batch
+    later with that error, and the video it was writing has no done record, so a rerun samples it again."""
+    run_dir = tmp_path / "run"
+    run(vae_ckpt, run_dir, "--max-steps", "1")
+    out = str(tmp_path / "gen")
+    sampled = []
+    generate, save_frames = sample.pipeline.generate, sample.data.save_frames
+    monkeypatch.setattr(sample.pipeline, "generate", lambda m, v, idx, *a, **k: sampled.append(idx) or
+                        generate(m, v, idx, *a, **k))
+
+    def full_disk(video, folder):
+        if folder.endswith("000001"):
+            raise OSError(28, "No space left on device")
+        save_frames(video, folder)
+    monkeypatch.setattr(sample.data, "save_frames", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        sample.main(["--run", str(run_dir), "--num-videos", "5", "--steps", "2", "--batch-size", "1", "--out", out])
+    assert sampled == [[0], [1], [2]]  # video 1's failure is seen once batch 2 is sampled
+    assert sample.is_done(out, 0) and not sample.is_done(out, 1) and not sample.is_done(out, 2)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--num-frames", "10"], "--num-frames 10: it must be a positive multiple of 8 (clips are 8k + 1 frames"),
     (["--num-frames", "6"], "--num-frames 6: it must be a positive multiple of 8 (clips are 8k + 1 frames"),
