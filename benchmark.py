@@ -173,6 +173,7 @@ def build(args, mode, device, kind="medsora"):
     torch.manual_seed(0)
     cfg = dit.make_config(args.model, scan="chunked")
     model = (peer.PeerTransformer(cfg) if kind == "peer" else dit.MedSora(cfg)).to(device).train()
+    model.recompute = getattr(args, "recompute", False)  # the peer ignores it
     if mode in ("blocks", "graphs"):  # graphs: the compiled blocks replayed as CUDA graphs
         dit.compile_blocks(model, **({"mode": "reduce-overhead"} if mode == "graphs" else {}))
         return model, model
@@ -218,7 +219,7 @@ def train_step_table(args, device, kind="medsora", peak=None):
           f"({args.frames} + {args.images}) x 16 x {args.size} x {args.size}; matrix-multiply peak measured: "
           f"{peak:.3g} TFLOP/s")
     print(f"{'compile':8s} {'batch':>5s} {'ms/step':>8s} {'host ms':>8s} {'clips/s':>8s} {'TFLOP/step':>10s} "
-          f"{'% peak':>7s} {'peak GiB':>8s} {'first step s':>12s}   (AdamW: {args.adamw})")
+          f"{'% peak':>7s} {'peak GiB':>8s} {'first step s':>12s}   (AdamW: {args.adamw}; recompute: {args.recompute})")
     flops, rows = {}, []
     for mode in args.compile:
         for batch in args.batches:
@@ -251,7 +252,8 @@ def train_step_table(args, device, kind="medsora", peak=None):
             if kernels:
                 print(kernels, flush=True)
             rows.append(dict(table="train step", model=name_of(args, kind), compile=mode, batch=batch, ms=ms,
-                             host_ms=host_ms, adamw=args.adamw, clips_per_s=batch / ms * 1000,
+                             host_ms=host_ms, adamw=args.adamw, recompute=args.recompute,
+                             clips_per_s=batch / ms * 1000,
                              tflop=flops[batch] / 1e12, peak_fraction=achieved / peak,
                              peak_gib=mem if mem == mem else None, first_step_s=first))
     del model, net, opt, step
@@ -575,6 +577,8 @@ def main():
     parser.add_argument("--compile", nargs="+", default=["eager", "blocks"], choices=["eager", "blocks", "graphs",
                         "model"], help="graphs: the compiled blocks with CUDA graphs (mode reduce-overhead)")
     parser.add_argument("--adamw", default="foreach", choices=["foreach", "fused"], help="the optimizer's kernels")
+    parser.add_argument("--recompute", action="store_true", help="MedSora's blocks recompute their activations in "
+                        "the backward pass (train.py --recompute)")
     parser.add_argument("--sample", action="store_true", help="with --train-step: also time DDIM sampling")
     parser.add_argument("--sample-videos", type=int, nargs="+", default=[16], help="one table per count")
     parser.add_argument("--peer", action="store_true", help="with --train-step and --sample: the same tables for a "

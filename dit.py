@@ -25,6 +25,7 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from attention import LocalAttention, band_mask
 from ssm import Mamba2, bidirectional, spiral, SPIRALS
@@ -277,6 +278,7 @@ class MedSora(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.blocks = nn.ModuleList(MedSoraBlock(cfg, i) for i in range(cfg.depth))
         self.final = FinalLayer(D, p, cfg.in_channels)
+        self.recompute = False  # True: each block keeps only its inputs and recomputes the rest in the backward pass
         self._init_weights()
 
     def _init_weights(self):
@@ -313,7 +315,10 @@ class MedSora(nn.Module):
         c = self.t_embedder(t)  # (B, D)
         features = []
         for block, indices in zip(self.blocks, block_indices(self.cfg, f, h, w, x.device)):
-            x, s = block(x, c, f, h, w, indices)
+            if self.recompute and torch.is_grad_enabled():  # activation memory for compute (train.py --recompute)
+                x, s = checkpoint(block, x, c, f, h, w, indices, use_reentrant=False)  # same dropout masks again
+            else:
+                x, s = block(x, c, f, h, w, indices)
             features.append(s)
         out = self.final(x, c)  # (B, F, L, p*p*C)
         out = rearrange(out, "b f (h w) (p q c) -> b f c (h p) (w q)", h=h, p=p, q=p)

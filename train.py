@@ -302,6 +302,8 @@ def parse_args(argv):
                         "README, Measured: fastest in benchmark.py, not yet the default); 'model' the whole unrolled "
                         "model, which compiles for much longer; 'none' runs eager; 'auto' (the default) is 'blocks' "
                         "on CUDA and 'none' on the CPU")
+    p.add_argument("--recompute", action="store_true", help="keep only each block's inputs and recompute its "
+                   "activations in the backward pass: less memory for about a third more compute")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="on CUDA: bf16 autocast (the "
                    "default) or fp32 throughout; the CPU always runs fp32")
     p.add_argument("--align", action="store_true", help="add the optical-flow representation alignment loss "
@@ -433,6 +435,7 @@ def main(argv=None):
     # the model, its EMA copy, the optimiser, and where training stands
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = dit.MedSora(cfg).to(device)
+    model.recompute = args.recompute
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # never trained: eval mode, no attention dropout
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr[0], betas=tuple(args.betas),
                             weight_decay=args.weight_decay)

@@ -144,3 +144,35 @@ def test_compiled_blocks_share_one_graph_and_match_eager():
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, ref_grads[n], atol=1e-5), n
     torch._dynamo.reset()
+
+
+def test_recompute_gives_the_same_gradients_and_saves_far_less():
+    """model.recompute (train.py --recompute): the blocks keep only their inputs for the backward pass and run
+    again there, with the same attention-dropout masks, so the output and every gradient are the ones without it."""
+    torch.manual_seed(0)
+    model = dit.MedSora(dit.make_config("tiny")).train()  # attention dropout 0.1 is on
+    for p in model.parameters():  # adaLN-Zero starts every branch at zero: give the branches gradients
+        p.data += 0.02 * torch.randn_like(p)
+    x, t = torch.randn(2, 5, 16, 8, 8), torch.tensor([10, 700])
+
+    def step(recompute):
+        model.recompute = recompute
+        model.zero_grad()
+        saved = []
+
+        def pack(tensor):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out, features = model(x, t, num_frames=3, return_features=True)
+        (out.square().mean() + sum(s.square().mean() for s in features)).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved), torch.rand(1)
+    out, grads, saved, rng = step(False)
+    out_r, grads_r, saved_r, rng_r = step(True)
+    assert torch.allclose(out_r, out, rtol=0, atol=1e-6)
+    for name in grads:
+        assert torch.allclose(grads_r[name], grads[name], rtol=1e-5, atol=1e-7), name
+    assert torch.equal(rng_r, rng)  # the random stream goes on as it would without recomputing (exact resume)
+    print(f"saved for the backward pass: {saved / 2 ** 20:.2f} MiB, with recompute {saved_r / 2 ** 20:.2f} MiB")
+    assert saved_r < 0.25 * saved

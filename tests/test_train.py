@@ -304,6 +304,18 @@ def test_compiled_blocks_are_the_default_on_cuda_only(vae_ckpt, tmp_path, monkey
     assert compiled == ["blocks"]
 
 
+def test_recompute_trains_as_without_it(vae_ckpt, tmp_path):
+    """--recompute changes memory, not the run: the same losses at every step, and the same weights."""
+    plain, recomputed = tmp_path / "plain", tmp_path / "recompute"
+    run(vae_ckpt, plain, "--max-steps", "4")
+    run(vae_ckpt, recomputed, "--max-steps", "4", "--recompute")
+    a, b = logged(plain), logged(recomputed)
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-6 * abs(a[k]) for k in a), (a, b)
+    wa = torch.load(os.path.join(plain, "ckpt.pt"), weights_only=True)["model"]
+    wb = torch.load(os.path.join(recomputed, "ckpt.pt"), weights_only=True)["model"]
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+
+
 def test_graphs_replay_the_compiled_blocks_and_each_step_begins_a_replay(vae_ckpt, tmp_path, monkeypatch):
     """--compile graphs: the blocks compiled with CUDA graphs, and every step tells the graphs that a new one begins
     (before the step's first forward), so no step reads outputs that the next replay overwrites."""
