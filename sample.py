@@ -22,8 +22,9 @@ moves them to the other frames there (Dr. Mo's denoising reuse; t* from its step
 comparator). What they saved is printed at the end and kept in speed.json, with the time this invocation
 spent sampling.
 
-A batch's videos are written by --save-threads threads while the GPU samples the next batch, so writing PNGs,
-GIFs and MP4s costs the GPU no time; a failed write (a full disk) stops the run one batch later, naming the error.
+A batch's videos are written by --save-threads threads while the GPU samples the next batch, so the GPU does not
+wait for PNGs, GIFs and MP4s; a failed write (a full disk) stops the run one batch later, naming the error. The
+writers share the CPU with the sampling loop: for timings, --save-threads 0 writes after each batch, untimed.
 
 A stopped run continues where it stopped: run the same command again. Batches whose videos are all in done/
 are skipped, the others are sampled again from their start, so the result is the one an unstopped run gives.
@@ -66,7 +67,7 @@ def main(argv=None):
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
     p.add_argument("--fps", type=int, default=6)
     p.add_argument("--save-threads", type=int, default=4, help="threads writing the videos while the next batch "
-                   "is sampled")
+                   "is sampled; 0: written after each batch, outside the timed sampling (tradeoff.py's timings)")
     p.add_argument("--clip-x0", type=float, default=None,
                    help="clamp DDIM's predicted latents to +-VALUE (e.g. 4; latents have unit std): keeps an "
                         "undertrained model in range. Off by default, as in the paper")
@@ -80,8 +81,8 @@ def main(argv=None):
                    "its input has moved less than this (relative L1; e.g. 0.05): the training-free comparator")
     args = p.parse_args(argv)
     # checked before the model loads; each failure is one line, exit status 2
-    distributed.check_args(p, args, positive=("num_videos", "batch_size", "fps", "save_threads"),
-                           non_negative=("eta", "clip_x0", "reuse_t", "cache_threshold"), folder="out",
+    distributed.check_args(p, args, positive=("num_videos", "batch_size", "fps"),
+                           non_negative=("eta", "clip_x0", "reuse_t", "cache_threshold", "save_threads"), folder="out",
                            multiples={"num_frames": (8, "clips are 8k + 1 frames")} if args.num_frames is not None
                            else None)
     if not 1 <= args.steps <= 1000:
@@ -128,8 +129,8 @@ def main(argv=None):
     todo = [idx for idx in batches if not all(is_done(out, j) for j in idx)]
     if rank == 0 and len(todo) < len(batches):
         print(f"continuing: {len(batches) - len(todo)} of {len(batches)} batches are already in {out}")
-    # a batch's videos are written by threads while the GPU samples the next batch
-    saver, writing = ThreadPoolExecutor(args.save_threads), []
+    # a batch's videos are written by threads while the GPU samples the next batch (0 threads: after it, untimed)
+    saver, writing = ThreadPoolExecutor(args.save_threads) if args.save_threads else None, []
     for idx in tqdm(todo, disable=rank != 0, desc="sample"):
         cache = block_cache.BlockCache(model, args.cache_threshold) if args.cache_threshold is not None else None
         started = time.perf_counter()
@@ -139,11 +140,16 @@ def main(argv=None):
         seconds += time.perf_counter() - started  # generate returns CPU tensors: the GPU work is done
         if cache is not None:
             cache_counts = {k: v + cache.counts[k] for k, v in cache_counts.items()}
+        if saver is None:
+            writing = [save_video(out, j, video, zj, args.fps) for j, video, zj in zip(idx, videos, z)]
+            continue
         for job in writing:  # the batch before is written by now (an error, such as a full disk, stops here)
             job.result()
         writing = [saver.submit(save_video, out, j, video, zj, args.fps) for j, video, zj in zip(idx, videos, z)]
-    mp4 = all(job.result() for job in writing)
-    saver.shutdown()
+    if saver is not None:
+        writing = [job.result() for job in writing]  # every one: an error is never left unseen
+        saver.shutdown()
+    mp4 = all(writing)
     distributed.barrier(world)
     if rank == 0:
         shown = [os.path.join(out, "frames", f"{j:06d}") for j in range(min(16, args.num_videos))]

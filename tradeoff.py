@@ -20,8 +20,9 @@ the last one stopped:
        share the GPU; then 3 of the videos as OUT/F<frames>/<setting>.png;
     3. the evaluations, --eval-jobs at once, after all sampling;
     4. the table, tradeoff.json and tradeoff.png.
-Times are sample.py's, denoising and VAE decoding of whole batches, per video; a setting whose sampling was
-stopped and resumed is timed on the videos of its last call.
+Times are sample.py's, denoising and VAE decoding of whole batches, per video (the videos are written after each
+batch, untimed: --save-threads 0); a setting whose sampling was stopped and resumed is timed on the videos of its
+last call. Each setting's first batch also pays the process's start on the GPU, alike for all.
 """
 
 import argparse
@@ -73,6 +74,14 @@ def row_of(args, frames, setting):
     if "reused_fraction" in speed:
         row["cache_reused"] = speed["reused_fraction"]
     return row
+
+
+def scored(path, args):
+    """Whether evaluate.py's result at `path` has every metric asked for, over --clips clips."""
+    if curve.evaluated(path, args.metrics.split(",")) is None:
+        return False
+    with open(path) as f:
+        return json.load(f)["args"]["num_clips"] == args.clips
 
 
 def compare(rows):
@@ -152,6 +161,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--eval-jobs", type=int, default=2, help="evaluations at once (after all sampling)")
     args = p.parse_args(argv)
+    args.settings = list(dict.fromkeys(args.settings))  # each once, in the order given
     bad = [s for s in args.settings if not SETTING.match(s)]
     if bad:
         p.error(f"unknown setting(s) {', '.join(bad)}: use plain, reuse, reuse-tN or cacheX")
@@ -176,21 +186,32 @@ def main(argv=None):
     for frames in args.num_frames:
         for setting in args.settings:
             gen = folder(args, frames, setting)
-            if curve.videos_in(gen) < args.clips or not os.path.exists(os.path.join(gen, "speed.json")):
+            if curve.videos_in(gen) < args.clips:
                 print(f"sampling {args.clips} videos of {frames + 1} frames: {setting}", flush=True)
+                if os.path.exists(gen + ".json"):  # the score of fewer videos
+                    os.remove(gen + ".json")
+                # --save-threads 0: the videos are written after each batch, outside the time sample.py measures
                 curve.run(["sample.py", "--ckpt", args.ckpt, "--num-videos", str(args.clips), "--steps",
                            str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-                           "--num-frames", str(frames), "--out", gen, *sampler_flags(setting, reuse_file)],
-                          gen + "_sample.log")  # evaluate.py's log is gen + ".log"
+                           "--num-frames", str(frames), "--save-threads", "0", "--out", gen,
+                           *sampler_flags(setting, reuse_file)], gen + "_sample.log")  # evaluate's: gen + ".log"
+            if not os.path.exists(os.path.join(gen, "speed.json")):
+                print(f"note: {gen} has no time (the call that sampled its last videos stopped before writing "
+                      f"speed.json); delete the folder to sample and time it again", flush=True)
             data.save_grid([os.path.join(gen, "frames", f"{j:06d}") for j in range(min(3, args.clips))], gen + ".png")
             done.append((frames, setting))
 
-    todo = [gen for gen in (folder(args, f, s) for f, s in done)
-            if curve.evaluated(gen + ".json", args.metrics.split(",")) is None]
+    todo = [gen for gen in (folder(args, f, s) for f, s in done) if not scored(gen + ".json", args)]
+    if todo:  # the first alone: it caches the real clips' features, which the others then share
+        curve.evaluate(todo[0], todo[0] + ".json", args)
     with ThreadPoolExecutor(args.eval_jobs) as pool:  # an evaluation that fails raises here, naming its log
-        list(pool.map(lambda gen: curve.evaluate(gen, gen + ".json", args), todo))
+        list(pool.map(lambda gen: curve.evaluate(gen, gen + ".json", args), todo[1:]))
 
-    rows = compare([row_of(args, f, s) for f, s in done])
+    # plain DDIM is the baseline of each length, also when it was measured by an earlier call and not listed now
+    baselines = [(f, "plain") for f in args.num_frames if "plain" not in args.settings
+                 and os.path.exists(os.path.join(folder(args, f, "plain"), "speed.json"))]
+    rows = compare([row_of(args, f, s) for f, s in baselines + done])
+    rows = [r for r in rows if (r["frames"] - 1, r["setting"]) in done]
     print_table(rows)
     with open(os.path.join(args.out, "tradeoff.json.tmp"), "w") as f:
         json.dump({"ckpt": args.ckpt, "steps": args.steps, "clips": args.clips, "rows": rows}, f, indent=1)

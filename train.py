@@ -336,6 +336,9 @@ def parse_args(argv):
         "size": (16, "the VAE's 8x times the 2x2 patch; e.g. 64 or 128")})
     if not all(0 <= b < 1 for b in args.betas):
         p.error(f"--betas {args.betas[0]:g} {args.betas[1]:g}: each must be in [0, 1) (e.g. 0.9 0.95)")
+    if args.recompute and args.compile == "graphs":  # pytorch/pytorch#154306: CUDA graphs in a recomputed region
+        p.error("--recompute with --compile graphs: CUDA graphs inside recomputed blocks are not supported; "
+                "use --compile blocks with --recompute")
     return args
 
 

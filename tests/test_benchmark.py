@@ -3,6 +3,7 @@ import json
 import re
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
@@ -236,3 +237,16 @@ def test_component_table_compiles_each_part_and_replays_graphs(monkeypatch, caps
     assert re.search(r"^whole block\s+[\d.]+\s+[\d.]+$", out, re.M), out
     begins_in_step_table = 1 + 3 + 1  # first step, warm-up, one timed (graphs rows of the step table)
     assert len(begins) == begins_in_step_table + 4 * (3 + 1)  # 4 parts x (3 warm-up + 1 timed) in graphs mode
+
+
+def test_recompute_rows_count_one_steps_flops_and_refuse_cuda_graphs(monkeypatch, capsys):
+    """--recompute runs each block's forward twice; the FLOPs (and so % of peak) stay those of one step."""
+    args = type("Args", (), {"model": "tiny", "frames": 2, "recompute": False})()
+    x, t = torch.randn(1, 3, 16, 4, 4), torch.tensor([5])
+    plain = benchmark.count_flops(args, x, t, torch.device("cpu"), False)
+    args.recompute = True
+    assert benchmark.count_flops(args, x, t, torch.device("cpu"), False) == plain
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--train-step", "--recompute", "--compile", "graphs"])
+    with pytest.raises(SystemExit) as e:
+        benchmark.main()
+    assert e.value.code == 2 and "--recompute with --compile graphs" in capsys.readouterr().err

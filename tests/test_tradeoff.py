@@ -25,11 +25,12 @@ def test_settings_are_sampled_timed_scored_and_compared(ckpt, tmp_path, monkeypa
     def fake_evaluate(fake, out, args):  # evaluate.py's result file, without the I3D
         evaluated.append(os.path.basename(fake))
         with open(out, "w") as f:
-            json.dump({"metrics": {"FVD": fvd[os.path.basename(fake)], "FID": 50.0}}, f)
+            json.dump({"metrics": {"FVD": fvd[os.path.basename(fake)], "FID": 50.0},
+                       "args": {"num_clips": args.clips}}, f)
     monkeypatch.setattr(curve, "evaluate", fake_evaluate)
     out = str(tmp_path / "t")
-    argv = ["--ckpt", ckpt, "--out", out, "--settings", "plain", "reuse-t500", "cache0.2", "--clips", "2",
-            "--steps", "20", "--batch-size", "2", "--workers", "0", "--reuse-flags", REUSE_FLAGS]
+    argv = ["--ckpt", ckpt, "--out", out, "--settings", "plain", "reuse-t500", "cache0.2", "plain", "--clips", "2",
+            "--steps", "20", "--batch-size", "2", "--workers", "0", "--reuse-flags", REUSE_FLAGS]  # plain twice: once
     rows = {r["setting"]: r for r in tradeoff.main(argv)}  # reuse.py train and sample.py run for real
 
     assert os.path.exists(os.path.join(out, "reuse.pt")) and sorted(evaluated) == sorted(fvd)
@@ -50,10 +51,18 @@ def test_settings_are_sampled_timed_scored_and_compared(ckpt, tmp_path, monkeypa
 
     # a second call: nothing is trained, sampled or evaluated again, and the table is the same
     started = []
-    monkeypatch.setattr(curve, "run", lambda cmd, log: started.append(cmd))
+    run = curve.run
+    monkeypatch.setattr(curve, "run", lambda cmd, log: started.append(cmd) or run(cmd, log))
     again = tradeoff.main(argv)
     assert started == [] and len(evaluated) == 3
     assert [r["fvd"] for r in again] == [r["fvd"] for r in saved["rows"]]
+    # one setting alone: plain, measured before, is still its baseline
+    alone = tradeoff.main(argv[:5] + ["cache0.2"] + argv[9:])
+    assert [r["setting"] for r in alone] == ["cache0.2"] and alone[0]["speedup"] == rows["cache0.2"]["speedup"]
+    # more videos: each setting samples the one more, and its score of two videos is not kept
+    more = tradeoff.main(argv[:10] + ["3"] + argv[11:])
+    assert [c[0] for c in started] == ["sample.py"] * 3 and len(evaluated) == 6
+    assert all(r["videos"] == 3 and r["timed_videos"] == 1 for r in more)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -316,6 +316,12 @@ def test_recompute_trains_as_without_it(vae_ckpt, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
 
 
+def test_recompute_with_cuda_graphs_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--vae", "v.pt", "--recompute", "--compile", "graphs"])
+    assert e.value.code == 2 and "--recompute with --compile graphs" in capsys.readouterr().err
+
+
 def test_graphs_replay_the_compiled_blocks_and_each_step_begins_a_replay(vae_ckpt, tmp_path, monkeypatch):
     """--compile graphs: the blocks compiled with CUDA graphs, and every step tells the graphs that a new one begins
     (before the step's first forward), so no step reads outputs that the next replay overwrites."""
