@@ -31,6 +31,7 @@ Dimension names: N clips, F frames, H, W pixels, D feature width.
 """
 
 import argparse
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -319,6 +320,18 @@ def extract(source, extractor, n, batch_size, cache, rank, world, workers, save_
             return dict(np.load(final)), None
         return None, None
     part = os.path.join(cache, f"{name}.part{rank}of{world}.npz")
+    # one extraction of a part at a time: evaluations run side by side (curve.py, tradeoff.py) share the real clips
+    with open(os.path.join(cache, f"{name}.lock{rank}of{world}"), "w") as lock:  # left in place: removing it races
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on a crash
+        if world == 1 and os.path.exists(final):  # another process made it while this one waited
+            print(f"{source.spec}: features from the cache {final}")
+            return dict(np.load(final)), None
+        return extract_part(source, extractor, n, batch_size, cache, rank, world, workers, save_every, name, part,
+                            final)
+
+
+def extract_part(source, extractor, n, batch_size, cache, rank, world, workers, save_every, name, part, final):
+    """extract's work once it holds the part's lock: resume the part, extract the rest, merge on rank 0."""
     mine = list(range(rank, n, world))
     done = dict(np.load(part)) if os.path.exists(part) else {}
     start = len(done.get("index", []))

@@ -364,3 +364,30 @@ def test_data_root_applies_to_the_named_data_set_only(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     names = sorted(os.listdir(tmp_path / "cache"))
     assert len(names) == 2 and names[0].startswith("kvasir-") and "_gen-" in names[1], names  # not kvasir twice
+
+
+def test_a_second_extraction_of_the_same_clips_waits_and_takes_the_first_ones_cache(tmp_path):
+    """Evaluations run side by side (curve.py, tradeoff.py) extract the same real clips: the second waits for the
+    first's lock, then reads its cache instead of writing the same partial file."""
+    import fcntl
+    import threading
+    for v in range(2):
+        write_counting_video(tmp_path / "real" / f"video{v}", 40)
+    src = evaluate.Source(str(tmp_path / "real"), frames=8, stride=2, size=16)
+    cache = str(tmp_path / "cache")
+    first, _ = evaluate.extract(src, MeanPixel(), 6, 2, cache, 0, 1, 0)
+    final = [f for f in os.listdir(cache) if f.endswith(".npz")]
+    lock_file = [f for f in os.listdir(cache) if ".lock" in f]
+    assert len(final) == 1 and len(lock_file) == 1
+    os.rename(os.path.join(cache, final[0]), str(tmp_path / "made.npz"))  # as if still being made
+    second, got = MeanPixel(), {}
+    with open(os.path.join(cache, lock_file[0]), "w") as held:  # the first evaluation, still extracting
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=lambda: got.update(r=evaluate.extract(src, second, 6, 2, cache, 0, 1, 0)))
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive()  # blocked on the lock
+        os.rename(str(tmp_path / "made.npz"), os.path.join(cache, final[0]))  # the first finishes its cache
+    waiting.join(timeout=30)
+    assert not waiting.is_alive() and second.calls == 0  # nothing extracted twice
+    assert np.array_equal(got["r"][0]["i3d"], first["i3d"])
