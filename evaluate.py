@@ -31,6 +31,7 @@ Dimension names: N clips, F frames, H, W pixels, D feature width.
 """
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -321,13 +322,18 @@ def extract(source, extractor, n, batch_size, cache, rank, world, workers, save_
         return None, None
     part = os.path.join(cache, f"{name}.part{rank}of{world}.npz")
     # one extraction of a part at a time: evaluations run side by side (curve.py, tradeoff.py) share the real clips
-    with open(os.path.join(cache, f"{name}.lock{rank}of{world}"), "w") as lock:  # left in place: removing it races
+    lock_path = os.path.join(cache, f"{name}.lock{rank}of{world}")
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on a crash
         if world == 1 and os.path.exists(final):  # another process made it while this one waited
             print(f"{source.spec}: features from the cache {final}")
             return dict(np.load(final)), None
-        return extract_part(source, extractor, n, batch_size, cache, rank, world, workers, save_every, name, part,
-                            final)
+        result = extract_part(source, extractor, n, batch_size, cache, rank, world, workers, save_every, name, part,
+                              final)
+        # the cache exists now, and every later extraction reads it before it looks for a lock: the lock can go
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock_path)
+        return result
 
 
 def extract_part(source, extractor, n, batch_size, cache, rank, world, workers, save_every, name, part, final):

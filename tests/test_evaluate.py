@@ -376,12 +376,11 @@ def test_a_second_extraction_of_the_same_clips_waits_and_takes_the_first_ones_ca
     src = evaluate.Source(str(tmp_path / "real"), frames=8, stride=2, size=16)
     cache = str(tmp_path / "cache")
     first, _ = evaluate.extract(src, MeanPixel(), 6, 2, cache, 0, 1, 0)
-    final = [f for f in os.listdir(cache) if f.endswith(".npz")]
-    lock_file = [f for f in os.listdir(cache) if ".lock" in f]
-    assert len(final) == 1 and len(lock_file) == 1
+    final = os.listdir(cache)
+    assert len(final) == 1 and final[0].endswith(".npz")  # the lock file is gone once the cache is there
     os.rename(os.path.join(cache, final[0]), str(tmp_path / "made.npz"))  # as if still being made
     second, got = MeanPixel(), {}
-    with open(os.path.join(cache, lock_file[0]), "w") as held:  # the first evaluation, still extracting
+    with open(os.path.join(cache, final[0][:-len(".npz")] + ".lock0of1"), "w") as held:  # the first, extracting
         fcntl.flock(held, fcntl.LOCK_EX)
         waiting = threading.Thread(target=lambda: got.update(r=evaluate.extract(src, second, 6, 2, cache, 0, 1, 0)))
         waiting.start()
