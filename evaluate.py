@@ -304,6 +304,17 @@ def label(spec):
 FEATURES_VERSION = 1  # part of the cache key: raise it when preprocessing or a network changes
 
 
+@contextlib.contextmanager
+def taking_turns(path):
+    """Hold an exclusive lock on the file `path` (released when it closes, also on a crash); on a normal exit the
+    features' cache exists, which every later caller finds before it extracts anything, so the file can go."""
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
 def extract(source, extractor, n, batch_size, cache, rank, world, workers, save_every=20):
     """Features of clips 0..n-1 of `source`, cached in `cache` -> (dict of arrays, clips/s or None when
     cached) on rank 0, (None, None) on the other ranks."""
@@ -312,75 +323,61 @@ def extract(source, extractor, n, batch_size, cache, rank, world, workers, save_
     name = f"{label(source.spec)}-{source.split}-{key}"
     os.makedirs(cache, exist_ok=True)
     final = os.path.join(cache, f"{name}.npz")
-    hit = torch.tensor([float(os.path.exists(final))], device=extractor.device)
-    if world > 1:
-        dist.broadcast(hit, 0)                                            # rank 0 decides for everyone
-    if hit.item():
+    # one process at a time per part: evaluations side by side (curve.py, tradeoff.py) share the real clips, and
+    # the second one then reads the first one's cache instead of writing the same partial file
+    with taking_turns(os.path.join(cache, f"{name}.lock{rank}of{world}")):
+        hit = torch.tensor([float(os.path.exists(final))], device=extractor.device)
+        if world > 1:
+            dist.broadcast(hit, 0)                                            # rank 0 decides for everyone
+        if hit.item():
+            if rank == 0:
+                print(f"{source.spec}: features from the cache {final}")
+                return dict(np.load(final)), None
+            return None, None
+        part = os.path.join(cache, f"{name}.part{rank}of{world}.npz")
+        mine = list(range(rank, n, world))
+        done = dict(np.load(part)) if os.path.exists(part) else {}
+        start = len(done.get("index", []))
+        loader = torch.utils.data.DataLoader(ClipSet(source, mine[start:]), batch_size=batch_size, num_workers=workers)
+        chunks = {k: [v] for k, v in done.items() if k != "skipped"}
+        skipped = int(done.get("skipped", 0))
+
+        def save():
+            save_npz(part, {**{k: np.concatenate(v) for k, v in chunks.items()}, "skipped": np.asarray(skipped)})
+
+        bar = tqdm(total=len(mine), initial=start, desc=f"{label(source.spec)} ({source.split})", unit="clip",
+                   disable=rank != 0)
+        t0, count = time.time(), 0
+        for step, (clips, attempts) in enumerate(loader):
+            feats = extractor(clips)
+            feats["index"] = np.asarray(mine[start + count: start + count + len(clips)])
+            for k, v in feats.items():
+                chunks.setdefault(k, []).append(v)
+            count += len(clips)
+            skipped += int((attempts > 0).sum())
+            bar.update(len(clips))
+            if (step + 1) % save_every == 0:                                 # progress survives a crash
+                save()
+        bar.close()
+        elapsed = time.time() - t0
+        save()
+        speed = torch.tensor([count / max(elapsed, 1e-9)], dtype=torch.float64, device=extractor.device)
+        if world > 1:
+            dist.all_reduce(speed)                                            # the processes run side by side
+        merged = None
         if rank == 0:
-            print(f"{source.spec}: features from the cache {final}")
-            return dict(np.load(final)), None
-        return None, None
-    part = os.path.join(cache, f"{name}.part{rank}of{world}.npz")
-    # one extraction of a part at a time: evaluations run side by side (curve.py, tradeoff.py) share the real clips
-    lock_path = os.path.join(cache, f"{name}.lock{rank}of{world}")
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on a crash
-        if world == 1 and os.path.exists(final):  # another process made it while this one waited
-            print(f"{source.spec}: features from the cache {final}")
-            return dict(np.load(final)), None
-        result = extract_part(source, extractor, n, batch_size, cache, rank, world, workers, save_every, name, part,
-                              final)
-        # the cache exists now, and every later extraction reads it before it looks for a lock: the lock can go
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(lock_path)
-        return result
-
-
-def extract_part(source, extractor, n, batch_size, cache, rank, world, workers, save_every, name, part, final):
-    """extract's work once it holds the part's lock: resume the part, extract the rest, merge on rank 0."""
-    mine = list(range(rank, n, world))
-    done = dict(np.load(part)) if os.path.exists(part) else {}
-    start = len(done.get("index", []))
-    loader = torch.utils.data.DataLoader(ClipSet(source, mine[start:]), batch_size=batch_size, num_workers=workers)
-    chunks = {k: [v] for k, v in done.items() if k != "skipped"}
-    skipped = int(done.get("skipped", 0))
-
-    def save():
-        save_npz(part, {**{k: np.concatenate(v) for k, v in chunks.items()}, "skipped": np.asarray(skipped)})
-
-    bar = tqdm(total=len(mine), initial=start, desc=f"{label(source.spec)} ({source.split})", unit="clip",
-               disable=rank != 0)
-    t0, count = time.time(), 0
-    for step, (clips, attempts) in enumerate(loader):
-        feats = extractor(clips)
-        feats["index"] = np.asarray(mine[start + count: start + count + len(clips)])
-        for k, v in feats.items():
-            chunks.setdefault(k, []).append(v)
-        count += len(clips)
-        skipped += int((attempts > 0).sum())
-        bar.update(len(clips))
-        if (step + 1) % save_every == 0:                                 # progress survives a crash
-            save()
-    bar.close()
-    elapsed = time.time() - t0
-    save()
-    speed = torch.tensor([count / max(elapsed, 1e-9)], dtype=torch.float64, device=extractor.device)
-    if world > 1:
-        dist.all_reduce(speed)                                            # the processes run side by side
-    merged = None
-    if rank == 0:
-        parts = [dict(np.load(os.path.join(cache, f"{name}.part{r}of{world}.npz"))) for r in range(world)]
-        with_clips = [p for p in parts if "index" in p]                   # a rank may have had no clip at all
-        merged = {k: np.concatenate([p[k] for p in with_clips]) for k in with_clips[0] if k != "skipped"}
-        order = np.argsort(merged["index"], kind="stable")
-        merged = {k: v[order] for k, v in merged.items()}
-        merged["skipped"] = np.asarray(sum(int(p["skipped"]) for p in parts))
-        save_npz(final, merged)
-        for r in range(world):
-            os.remove(os.path.join(cache, f"{name}.part{r}of{world}.npz"))
-    if world > 1:
-        dist.barrier()                                                    # the cache is complete for everyone
-    return (merged, float(speed) if count else None) if rank == 0 else (None, None)
+            parts = [dict(np.load(os.path.join(cache, f"{name}.part{r}of{world}.npz"))) for r in range(world)]
+            with_clips = [p for p in parts if "index" in p]                   # a rank may have had no clip at all
+            merged = {k: np.concatenate([p[k] for p in with_clips]) for k in with_clips[0] if k != "skipped"}
+            order = np.argsort(merged["index"], kind="stable")
+            merged = {k: v[order] for k, v in merged.items()}
+            merged["skipped"] = np.asarray(sum(int(p["skipped"]) for p in parts))
+            save_npz(final, merged)
+            for r in range(world):
+                os.remove(os.path.join(cache, f"{name}.part{r}of{world}.npz"))
+        if world > 1:
+            dist.barrier()                                                    # the cache is complete for everyone
+        return (merged, float(speed) if count else None) if rank == 0 else (None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------
