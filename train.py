@@ -12,8 +12,8 @@ and learns the noise epsilon of the forward process (Eq. 1) at a random step t.
 
 Recipe (Sec. 4.1), each a flag: AdamW (betas 0.9, 0.999); lr 1e-3 with batch 16 for the first 2 epochs, then 1e-4 with batch 2
 (per process); EMA 0.9999; gradient clipping at norm 1.0 from epoch 25; linear schedule, 1000 steps;
-bf16 autocast on GPU (--precision fp32: none); on CUDA each block is compiled once (torch.compile; `--compile none`: eager, `--compile model`:
-the whole model). For runs of minutes (README, "Training on a budget"): --lr 1e-3 1e-3 --batch-size 16 16
+bf16 autocast on GPU (--precision fp32: none); on CUDA each block is compiled once and, in one process, replayed as
+CUDA graphs (`--compile none`: eager, `--compile blocks`: no graphs, `--compile model`: the whole model). For runs of minutes (README, "Training on a budget"): --lr 1e-3 1e-3 --batch-size 16 16
 --betas 0.9 0.95.
 
 Latents: a clip is encoded by the VAE as 17 frames -> f = 5 latent frames, each image as a single frame.
@@ -299,9 +299,9 @@ def parse_args(argv):
                    choices=["auto", "blocks", "graphs", "model", "none"],
                    help="torch.compile: 'blocks' (what a bare --compile means) compiles the repeated block once "
                         "(dit.compile_blocks); 'graphs' the same, replayed as CUDA graphs (mode reduce-overhead; "
-                        "README, Measured: fastest in benchmark.py, not yet the default); 'model' the whole unrolled "
-                        "model, which compiles for much longer; 'none' runs eager; 'auto' (the default) is 'blocks' "
-                        "on CUDA and 'none' on the CPU")
+                        "README, Speed); 'model' the whole unrolled model, which compiles for much longer; 'none' "
+                        "runs eager; 'auto' (the default) is 'graphs' in one CUDA process, 'blocks' under torchrun or "
+                        "with --recompute, and 'none' on the CPU")
     p.add_argument("--recompute", action="store_true", help="keep only each block's inputs and recompute its "
                    "activations in the backward pass: less memory for about a third more compute")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="on CUDA: bf16 autocast (the "
@@ -347,12 +347,18 @@ def autocast_on(args, device):
     return device.type == "cuda" and args.precision == "bf16"
 
 
-def compile_mode(choice, device):
-    """What --compile means on this device. On CUDA the compiled blocks are the default: on one H200, MedSora-B at
-    batch 16 took 131 ms per step against 351 eager, after 45 s to the first step. On the CPU compiling costs
-    more than it gives back in a short run (tiny model: 101 s to the first step, then 52 against 66 ms)."""
+def compile_mode(choice, device, world=1, recompute=False):
+    """What --compile means here. On CUDA, one process: the compiled blocks replayed as CUDA graphs. On one H200,
+    MedSora-B took 121 ms per step at batch 16 and 36 at batch 2, against 382 and 481 eager and 210 and 187 with
+    the compiled blocks alone, which wait for the CPU (README, "Speed"); a train.py run's losses matched eager's.
+    Under torchrun, or with --recompute, the compiled blocks without graphs: CUDA graphs beside DDP's gradient
+    hooks have not been run here, and recomputed regions cannot hold them (pytorch/pytorch#154306). On the CPU
+    compiling costs more than it gives back in a short run (tiny model: 101 s to the first step, then 52 against
+    66 ms)."""
     if choice == "auto":
-        return "blocks" if device.type == "cuda" else "none"
+        if device.type != "cuda":
+            return "none"
+        return "graphs" if world == 1 and not recompute else "blocks"
     return choice
 
 
@@ -460,7 +466,7 @@ def main(argv=None):
     else:
         torch.manual_seed(distributed.mix_seed(args.seed, rank))  # each rank draws its own t and noise
     net = model  # compiled before DDP wraps it; the state dict keeps its names either way
-    compiled = compile_mode(args.compile, device)
+    compiled = compile_mode(args.compile, device, world, args.recompute)
     if compiled in ("blocks", "graphs"):
         dit.compile_blocks(model, **({"mode": "reduce-overhead"} if compiled == "graphs" else {}))
     elif compiled == "model":

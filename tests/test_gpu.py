@@ -110,6 +110,32 @@ def test_cuda_graphs_of_the_compiled_blocks_match_eager_on_gpu():
     assert not torch.equal(other[0], got[0])
 
 
+def test_cuda_graphs_with_block_features_match_eager_on_gpu():
+    """train.py --align under CUDA graphs: the blocks' spatial outputs (the alignment's features) are graph outputs
+    that the loss reads after the graphs ran; forward and gradients through them as eager's, bf16."""
+    eager = medsora_b("chunked")
+    fast = dit.MedSora(dit.make_config("B", scan="chunked", attn_dropout=0.0)).cuda()
+    fast.load_state_dict(eager.state_dict())
+    dit.compile_blocks(fast, mode="reduce-overhead")
+
+    class WithFeatures(torch.nn.Module):  # the output, and a loss term on every block's features
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, t, f):
+            out, features = self.model(x, t, num_frames=f, return_features=True)
+            return out + sum(feat.float().square().mean() for feat in features)
+
+    x = torch.randn(4, 13, 16, 16, 16, device="cuda")
+    t = torch.tensor([10, 300, 600, 900], device="cuda")
+    bf16 = torch.bfloat16
+    for _ in range(3):  # warm-up, recording, replay
+        torch.compiler.cudagraph_mark_step_begin()
+        got = run(WithFeatures(fast), x, bf16, t, 5)
+    compare("MedSora-B CUDA graphs vs eager, with features", got, run(WithFeatures(eager), x, bf16, t, 5), bf16)
+
+
 def test_recomputed_compiled_blocks_match_eager_on_gpu():
     """train.py --recompute with the compiled blocks: the blocks run again in the backward pass, compiled; output
     and gradients as eager's, bf16; and the peak memory of the step is lower."""

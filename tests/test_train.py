@@ -292,7 +292,11 @@ def test_resume_with_other_data_options_is_refused(vae_ckpt, tmp_path):
 
 
 def test_compiled_blocks_are_the_default_on_cuda_only(vae_ckpt, tmp_path, monkeypatch):
-    assert train.compile_mode("auto", torch.device("cuda", 0)) == "blocks"
+    cuda = torch.device("cuda", 0)
+    assert train.compile_mode("auto", cuda) == "graphs"  # one process
+    assert train.compile_mode("auto", cuda, world=4) == "blocks"  # torchrun: no graphs beside DDP's hooks
+    assert train.compile_mode("auto", cuda, recompute=True) == "blocks"  # graphs cannot sit in recomputed blocks
+    assert train.compile_mode("blocks", cuda) == "blocks"
     assert train.compile_mode("auto", torch.device("cpu")) == "none"
     assert train.compile_mode("none", torch.device("cuda", 0)) == "none"  # the flag that turns it off
     assert train.parse_args([]).compile == "auto" and train.parse_args(["--compile"]).compile == "blocks"
