@@ -307,6 +307,10 @@ def component_table(args, device):
                                                                    else {}))
 
             def forward(run=run, graphs=mode == "graphs"):
+                # as train.py's zero_grad(set_to_none=True): gradients accumulated into the last step's would read
+                # graph outputs that the next replay overwrites
+                block.zero_grad(set_to_none=True)
+                x.grad = None
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 return run()
