@@ -408,8 +408,8 @@ def end_to_end_table(args, device):
     free(device)
     print(f"\nend to end, train.py --model {args.model} --align, {args.e2e_steps} steps each; flow of both: "
           f"{'RAFT-large' + (' (random weights, same cost)' if not args.raft else '') if raft else 'OpenCV DIS'}")
-    print("(train.py's defaults: compiled blocks and bf16 autocast on CUDA, eager fp32 on the CPU; set-up is the wall "
-          "time less the steps at the median speed: start, cache, compilation)")
+    print("(train.py's defaults: compiled blocks as CUDA graphs and bf16 autocast on CUDA, eager fp32 on the CPU; "
+          "set-up is the wall time less the steps at the median speed: start, cache, compilation)")
     print(f"{'run':72s} {'clips/s':>8s} {'set-up s':>9s} {'wall s':>7s}")
     rows = []
     for i, (name, flags) in enumerate(runs.items()):
