@@ -13,8 +13,8 @@ and learns the noise epsilon of the forward process (Eq. 1) at a random step t.
 Recipe (Sec. 4.1), each a flag: AdamW (betas 0.9, 0.999); lr 1e-3 with batch 16 for the first 2 epochs, then 1e-4 with batch 2
 (per process); EMA 0.9999; gradient clipping at norm 1.0 from epoch 25; linear schedule, 1000 steps;
 bf16 autocast on GPU (--precision fp32: none); on CUDA each block is compiled once and, in one process, replayed as
-CUDA graphs (`--compile none`: eager, `--compile blocks`: no graphs, `--compile model`: the whole model). For runs of minutes (README, "Training on a budget"): --lr 1e-3 1e-3 --batch-size 16 16
---betas 0.9 0.95.
+CUDA graphs (`--compile none`: eager, `--compile blocks`: no graphs, `--compile model`: the whole model).
+For runs of minutes (README, "Training on a budget"): --lr 1e-3 1e-3 --batch-size 16 16 --betas 0.9 0.95.
 
 Latents: a clip is encoded by the VAE as 17 frames -> f = 5 latent frames, each image as a single frame.
 With --latents cache (the default when training for more than 2 epochs, where it is faster: each clip is
@@ -349,7 +349,7 @@ def autocast_on(args, device):
 
 def compile_mode(choice, device, world=1, recompute=False):
     """What --compile means here. On CUDA, one process: the compiled blocks replayed as CUDA graphs. On one H200,
-    MedSora-B took 121 ms per step at batch 16 and 36 at batch 2, against 382 and 481 eager and 210 and 187 with
+    MedSora-B took 103 ms per step at batch 16 and 38 at batch 2, against 358 and 363 eager and 108 and 90 with
     the compiled blocks alone, which wait for the CPU (README, "Speed"); a train.py run's losses matched eager's.
     Under torchrun, or with --recompute, the compiled blocks without graphs: CUDA graphs beside DDP's gradient
     hooks have not been run here, and recomputed regions cannot hold them (pytorch/pytorch#154306). On the CPU
