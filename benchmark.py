@@ -585,6 +585,12 @@ def sample_table(args, device, kind="medsora", videos=16):
     return rows
 
 
+def write_json(path, device_name, args, rows):
+    with open(path + ".tmp", "w") as f:
+        json.dump({"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="B", choices=sorted(dit.MODELS))
@@ -666,10 +672,7 @@ def main():
             if args.plot:
                 plot_long([r for r in rows if r["table"] == "long video"], args.plot)
         if args.json:
-            with open(args.json + ".tmp", "w") as f:
-                json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-                           "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
-            os.replace(args.json + ".tmp", args.json)
+            write_json(args.json, torch.cuda.get_device_name() if device.type == "cuda" else "CPU", args, rows)
         return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -712,9 +715,14 @@ def main():
     for path, dtype, ms, _, _ in rows:
         if path != "chunked" and dtype in base:
             print(f"{path} speed-up over chunked ({dtype}): {base[dtype] / ms:.2f}x")
+    rows = [dict(table="scan paths", model=f"MedSora-{args.model}", batch=args.batch, path=p, dtype=d, ms=ms,
+                 clips_per_s=cps, peak_gib=mem if mem == mem else None) for p, d, ms, cps, mem in rows]
     if args.layers is not None:
         shapes = args.layers or ["2048x1", "1024x4", "512x8", "256x32", "32x256", "8x1024", "2x4096"]
-        layer_table(device, args.repeat, [tuple(int(v) for v in s.split("x")) for s in shapes], args.layer_paths)
+        rows += layer_table(device, args.repeat, [tuple(int(v) for v in s.split("x")) for s in shapes],
+                            args.layer_paths)
+    if args.json:
+        write_json(args.json, name, args, rows)
 
 
 if __name__ == "__main__":

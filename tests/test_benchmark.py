@@ -195,6 +195,22 @@ def test_layer_table_times_each_scan_path(capsys):
     assert re.search(r"^\s+1 x 12\s+[\d.]+\s+[\d.]+$", capsys.readouterr().out, re.M)
 
 
+def test_scan_path_tables_go_to_the_json(monkeypatch, tmp_path):
+    """The whole-model scan-path rows and the layer rows both reach --json, one row per path and per shape."""
+    out_json = tmp_path / "paths.json"
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--model", "tiny", "--batch", "1", "--frames", "2", "--images",
+                                      "1", "--size", "8", "--paths", "chunked", "--dtypes", "fp32", "--repeat", "1",
+                                      "--layers", "1x12", "--layer-paths", "recurrent", "chunked",
+                                      "--json", str(out_json)])
+    benchmark.main()
+    saved = json.load(open(out_json))
+    model_rows, layer_rows = saved["rows"]
+    assert saved["device"] == "CPU"
+    assert model_rows["table"] == "scan paths" and model_rows["path"] == "chunked" and model_rows["ms"] > 0
+    assert model_rows["peak_gib"] is None  # no CUDA memory counter on the CPU
+    assert (layer_rows["sequences"], layer_rows["length"]) == (1, 12) and layer_rows["ms_recurrent"] > 0
+
+
 def test_end_to_end_runs_train_py_both_ways(monkeypatch, tmp_path, capsys):
     """Both train.py runs finish on the CPU (tiny model, 16 clips of 9 frames at 32 x 32) and the table gives each
     one's clips/s from its own log, with the authors' way run online, eager, in fp32, at batch 2."""
