@@ -142,8 +142,14 @@ def layer_table(device, repeat, shapes, paths=("kernel", "chunked")):
             torch._dynamo.reset()
             layer = ssm.Mamba2(512, scan=path.split("+")[0]).to(device)
             run = torch.compile(layer) if path.endswith("+compile") else layer
-            ms[path] = time_step(lambda: run(u), dtype, repeat, device)
-        print(f"{n:>6d} x {L:<4d} " + " ".join(f"{ms[p]:16.2f}" for p in paths), flush=True)
+            try:
+                ms[path] = time_step(lambda: run(u), dtype, repeat, device)
+            except Exception as e:  # a compiler error at one shape: the row says so, the other paths go on
+                print(f"{n} x {L}, {path} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+                ms[path] = None
+            del layer, run
+        print(f"{n:>6d} x {L:<4d} " + " ".join(f"{'failed' if ms[p] is None else f'{ms[p]:.2f}':>16s}" for p in paths),
+              flush=True)
         rows.append(dict(table="Mamba2 layer", sequences=n, length=L, dtype=dtype, **{f"ms_{p}": ms[p] for p in paths}))
     return rows
 
