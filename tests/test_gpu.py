@@ -90,6 +90,17 @@ def test_compiled_blocks_match_eager_on_gpu():
     compare("MedSora-B compiled blocks vs eager", run(fast, x, bf16, t, 5), run(eager, x, bf16, t, 5), bf16)
 
 
+@pytest.mark.parametrize("L", [257, 1025])
+def test_compiled_chunked_layer_over_several_chunks_matches_eager_on_gpu(L):
+    """The chunked scan under torch.compile on sequences of several 256-step chunks (long videos without
+    mamba-ssm, where train.py compiles by default): Inductor must compile it, and it must match eager."""
+    torch.manual_seed(0)
+    eager = ssm.Mamba2(512, scan="chunked").cuda()
+    u = torch.randn(8, L, 512, device="cuda")
+    bf16 = torch.bfloat16
+    compare(f"Mamba2 chunked, compiled vs eager, L={L}", run(torch.compile(eager), u, bf16), run(eager, u, bf16), bf16)
+
+
 def test_cuda_graphs_of_the_compiled_blocks_match_eager_on_gpu():
     """train.py --compile graphs (the compiled blocks replayed as CUDA graphs) against the eager model: the third
     call, a replay of recorded graphs, in forward and gradients, bf16; then a replay on new input gives a new output
