@@ -195,6 +195,20 @@ def test_layer_table_times_each_scan_path(capsys):
     assert re.search(r"^\s+1 x 12\s+[\d.]+\s+[\d.]+$", capsys.readouterr().out, re.M)
 
 
+def test_layer_table_shows_a_path_that_fails_and_goes_on(monkeypatch, capsys):
+    """A compiler error on one path at one shape leaves that cell 'failed' (None in the rows); the others run."""
+    def broken_compile(module):
+        def run(u):
+            raise RuntimeError("code generation failed")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    rows = benchmark.layer_table(torch.device("cpu"), 1, [(1, 12)], ["chunked", "chunked+compile"])
+    assert rows[0]["ms_chunked"] > 0 and rows[0]["ms_chunked+compile"] is None
+    out = capsys.readouterr().out
+    assert "1 x 12, chunked+compile failed: RuntimeError: code generation failed" in out
+    assert re.search(r"^\s+1 x 12\s+[\d.]+\s+failed$", out, re.M)
+
+
 def test_scan_path_tables_go_to_the_json(monkeypatch, tmp_path):
     """The whole-model scan-path rows and the layer rows both reach --json, one row per path and per shape."""
     out_json = tmp_path / "paths.json"
