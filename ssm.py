@@ -110,6 +110,17 @@ def segment_sums(a):
     return s.masked_fill(~torch.ones_like(below).tril(0), -math.inf)
 
 
+def _decays(a):
+    """(..., Q) log-decays -> a_1 + ... + a_i (..., Q) and the decays from step j to step i (..., Q, Q).
+
+    The sums are read off the segment sums, whose (..., Q, Q) block is freed on return: a.cumsum(-1) broke
+    Inductor's Triton code generation for chunks of 256 under torch.compile (torch 2.11: "list indices must be
+    integers or slices, not NoneType").
+    """
+    seg = segment_sums(a)
+    return seg[..., :, 0] + a[..., :1], torch.exp(seg)
+
+
 def ssd_chunked(x, dt, A, B, C, D, chunk_size=256):
     """The SSD algorithm: split the sequence into chunks of Q steps.
 
@@ -131,16 +142,13 @@ def ssd_chunked(x, dt, A, B, C, D, chunk_size=256):
     B, C = F.pad(B.to(dtype), (0, 0, 0, 0, 0, pad)), F.pad(C.to(dtype), (0, 0, 0, 0, 0, pad))
     x, dt, B, C = (rearrange(t, "b (c q) ... -> b c q ...", q=Q) for t in (x, dt, B, C))
     a = rearrange(dt * A.to(dtype), "b c q h -> b h c q")  # log-decay per step (<= 0)
-    seg = segment_sums(a)  # (B, nh, c, Q, Q)
-    # a_1 + ... + a_i, read off the segment sums: a.cumsum(-1) here broke Inductor's Triton code generation for
-    # chunks of 256 under torch.compile (torch 2.11: "list indices must be integers or slices, not NoneType")
-    a_cum = seg[..., :, 0] + a[..., :1]  # (B, nh, c, Q)
+    a_cum, decay = _decays(a)  # (B, nh, c, Q), (B, nh, c, Q, Q)
     xdt = x * dt[..., None]  # the input term dt_t x_t of Eq. 3
 
     # 1. Within each chunk: the diagonal blocks of M, as masked "attention" scores C_i . B_j * decay(j -> i).
     # C_i . B_j is computed once per group and shared by the group's heads (no copy of B, C per head).
     CB = torch.einsum("bcign,bcjgn->bgcij", C, B)  # (B, G, c, Q, Q)
-    decay = rearrange(torch.exp(seg), "b (g k) c i j -> b g k c i j", g=G)
+    decay = rearrange(decay, "b (g k) c i j -> b g k c i j", g=G)
     scores = rearrange(CB[:, :, None] * decay, "b g k c i j -> b (g k) c i j")  # (B, nh, c, Q, Q)
     y = torch.einsum("bhcij,bcjhp->bcihp", scores, xdt)
     if x.shape[1] > 1:  # several chunks: add what each step inherits from earlier chunks
