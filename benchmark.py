@@ -591,9 +591,10 @@ def sample_table(args, device, kind="medsora", videos=16):
     return rows
 
 
-def write_json(path, device_name, args, rows):
+def write_json(path, device, args, rows):
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     with open(path + ".tmp", "w") as f:
-        json.dump({"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
+        json.dump({"device": name, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
     os.replace(path + ".tmp", path)
 
 
@@ -678,7 +679,7 @@ def main():
             if args.plot:
                 plot_long([r for r in rows if r["table"] == "long video"], args.plot)
         if args.json:
-            write_json(args.json, torch.cuda.get_device_name() if device.type == "cuda" else "CPU", args, rows)
+            write_json(args.json, device, args, rows)
         return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -728,7 +729,7 @@ def main():
         rows += layer_table(device, args.repeat, [tuple(int(v) for v in s.split("x")) for s in shapes],
                             args.layer_paths)
     if args.json:
-        write_json(args.json, name, args, rows)
+        write_json(args.json, device, args, rows)
 
 
 if __name__ == "__main__":
