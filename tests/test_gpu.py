@@ -27,7 +27,7 @@ def run(module, u, dtype, *args):
         out = module(u, *args)
     out.float().square().mean().backward()
     grads = {"input": u.grad}
-    grads.update({n: p.grad for n, p in module.named_parameters()})
+    grads.update({n.removeprefix("_orig_mod."): p.grad for n, p in module.named_parameters()})  # torch.compile's prefix
     return out, grads
 
 
