@@ -30,6 +30,7 @@ flip, and --latents online every step), against the eager step without and with 
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import shlex
@@ -344,10 +345,11 @@ def out_of_memory_error(e):
     return False
 
 
-def long_scans(args, f, device):
-    """The scan paths MedSora's default (scan "auto") takes at f latent frames: spatial planes of f x w steps,
-    temporal sequences of f steps. The kernels only where mamba-ssm is installed and a sequence spans chunks."""
-    cfg = dit.make_config(args.model)
+def long_scans(args, f, device, scan="auto"):
+    """The scan paths MedSora's `scan` takes at f latent frames: spatial planes of f x w steps, temporal sequences
+    of f steps. The default, "auto", takes the kernels only where mamba-ssm is installed and a sequence spans
+    chunks."""
+    cfg = dit.make_config(args.model, scan=scan)
     w = args.size // cfg.patch_size
     paths = [ssm.pick_scan(cfg.scan, device, L, cfg.chunk_size) for L in (f * w, f)]
     return paths[0] if paths[0] == paths[1] else f"{paths[0]}/{paths[1]}"  # spatial/temporal
@@ -355,43 +357,44 @@ def long_scans(args, f, device):
 
 def long_table(args, device):
     """Training step time and peak memory against video length, MedSora against the peer: batch 1, no images,
-    each --long count of latent frames (4 (f - 1) + 1 pixel frames) and --compile mode. MedSora runs its default
-    scan ("auto": mamba-ssm's kernels for sequences longer than a chunk, where installed); the scan column says
-    which path ran. After one length runs out of memory, the longer ones of that model are not tried."""
+    each --long count of latent frames (4 (f - 1) + 1 pixel frames) and --compile mode. MedSora runs each
+    --long-scans scan (the default, "auto": mamba-ssm's kernels for sequences longer than a chunk, where installed);
+    the scan column says which path ran. After one length runs out of memory, the longer ones of that model, scan
+    and mode are not tried."""
     amp = device.type == "cuda"
     print(f"\nlong video, training step at batch 1 (forward, backward, AdamW), latents f x 16 x {args.size} x "
           f"{args.size}; MedSora's scan path: spatial/temporal")
     print(f"{'model':40s} {'compile':8s} {'scan':16s} {'latent f':>8s} {'pixel F':>7s} {'ms/step':>9s} {'peak GiB':>9s}")
     rows = []
-    for kind in ("medsora", "peer"):
-        for mode in args.compile:
-            out_of_memory = False
-            for f in args.long:
-                scan = long_scans(args, f, device) if kind == "medsora" else "attention"
-                row = dict(table="long video", model=name_of(args, kind), compile=mode, scan=scan, latent_frames=f,
-                           pixel_frames=4 * (f - 1) + 1, ms=None, peak_gib=None)
-                tried = not out_of_memory
-                if tried:
-                    torch._dynamo.reset()  # the last row's graphs first, then its memory
-                    free(device)
-                    model, net = build(args, mode, device, kind, scan="auto")
-                    opt = adamw(model, args.adamw)
-                    x = torch.randn(1, f, 16, args.size, args.size, device=device)
-                    t = torch.randint(0, 1000, (1,), device=device)
-                    try:
-                        row["ms"] = time_call(train_step(net, opt, x, t, f, amp, graphs=mode == "graphs"),
-                                              args.repeat, device)
-                        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-                    except Exception as e:
-                        if not out_of_memory_error(e):
-                            raise
-                        out_of_memory = True
-                    del model, net, opt, x
-                    free(device)
-                shown = ("out of memory" if tried else "not tried") if row["ms"] is None else \
-                    f"{row['ms']:9.1f} {row['peak_gib'] or float('nan'):9.2f}"
-                print(f"{row['model']:40s} {mode:8s} {scan:16s} {f:8d} {row['pixel_frames']:7d} {shown}", flush=True)
-                rows.append(row)
+    runs = [("medsora", scan) for scan in args.long_scans] + [("peer", None)]
+    for (kind, asked), mode in itertools.product(runs, args.compile):
+        out_of_memory = False
+        for f in args.long:
+            scan = long_scans(args, f, device, asked) if kind == "medsora" else "attention"
+            row = dict(table="long video", model=name_of(args, kind), compile=mode, scans=asked, scan=scan,
+                       latent_frames=f, pixel_frames=4 * (f - 1) + 1, ms=None, peak_gib=None)
+            tried = not out_of_memory
+            if tried:
+                torch._dynamo.reset()  # the last row's graphs first, then its memory
+                free(device)
+                model, net = build(args, mode, device, kind, scan=asked or "auto")
+                opt = adamw(model, args.adamw)
+                x = torch.randn(1, f, 16, args.size, args.size, device=device)
+                t = torch.randint(0, 1000, (1,), device=device)
+                try:
+                    row["ms"] = time_call(train_step(net, opt, x, t, f, amp, graphs=mode == "graphs"),
+                                          args.repeat, device)
+                    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+                except Exception as e:
+                    if not out_of_memory_error(e):
+                        raise
+                    out_of_memory = True
+                del model, net, opt, x
+                free(device)
+            shown = ("out of memory" if tried else "not tried") if row["ms"] is None else \
+                f"{row['ms']:9.1f} {row['peak_gib'] or float('nan'):9.2f}"
+            print(f"{row['model']:40s} {mode:8s} {scan:16s} {f:8d} {row['pixel_frames']:7d} {shown}", flush=True)
+            rows.append(row)
     return rows
 
 
@@ -470,13 +473,15 @@ def end_to_end_table(args, device):
 
 
 def plot_long(rows, path, width=720, height=360):
-    """ms per step (left) and peak GiB (right) against latent frames, one line per model and compile mode."""
+    """ms per step (left) and peak GiB (right) against latent frames, one line per model, compile mode and
+    --long-scans setting."""
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     colours = [(30, 80, 200), (200, 40, 40), (0, 130, 130), (120, 40, 160)]
     lines = {}
     for r in rows:
-        lines.setdefault(f"{r['model']}, {r['compile']}", []).append(r)
+        scans = f", scan {r['scans']}" if r.get("scans") not in (None, "auto") else ""
+        lines.setdefault(f"{r['model']}, {r['compile']}{scans}", []).append(r)
     for k, (key, label) in enumerate((("ms", "ms per training step"), ("peak_gib", "peak GiB"))):
         left, right, top, bottom = 55 + k * width // 2, (k + 1) * width // 2 - 15, 30, height - 40
         xy = {name: [(r["latent_frames"], r[key]) for r in rs if r[key] is not None] for name, rs in lines.items()}
@@ -630,6 +635,8 @@ def main():
                         "Latte-style video transformer (PeerTransformer) of MedSora's width, depth, heads and patch")
     parser.add_argument("--long", type=int, nargs="+", metavar="f", help="step time and memory of MedSora and the "
                         "peer at batch 1 for these latent frame counts, e.g. 5 17 65 129")
+    parser.add_argument("--long-scans", nargs="+", default=["auto"], choices=["auto", "chunked", "kernel"],
+                        help="with --long: MedSora's scan paths, one set of rows each (default: MedSora's default)")
     parser.add_argument("--end-to-end", action="store_true", help="train.py end to end, this project's way against "
                         "the authors' way of feeding the model (needs --vae)")
     parser.add_argument("--vae", default=None, help="for --end-to-end: a train_vae.py checkpoint or CogVideoX vae/")

@@ -145,8 +145,31 @@ def test_long_rows_name_the_scan_path_the_default_takes(monkeypatch):
     monkeypatch.setattr(benchmark.ssm, "kernels_available", lambda device: True)
     got = [benchmark.long_scans(args, f, torch.device("cuda")) for f in (5, 32, 33, 257)]
     assert got == ["chunked", "chunked", "kernel/chunked", "kernel"]
+    assert benchmark.long_scans(args, 257, torch.device("cuda"), "chunked") == "chunked"  # --long-scans chunked
     monkeypatch.setattr(benchmark.ssm, "kernels_available", lambda device: False)
     assert benchmark.long_scans(args, 257, torch.device("cpu")) == "chunked"
+
+
+def test_long_scans_give_medsora_one_set_of_rows_each(monkeypatch, tmp_path):
+    """--long-scans auto chunked: MedSora is built with each scan in turn, its rows say which, and the peer once."""
+    built = []
+    build = benchmark.build
+
+    def recording_build(args, mode, device, kind="medsora", scan="chunked"):
+        built.append((kind, scan))
+        return build(args, mode, device, kind, scan)
+    monkeypatch.setattr(benchmark, "build", recording_build)
+    monkeypatch.setattr(benchmark, "time_call", lambda fn, repeat, device: (fn(), 1.0)[1])
+    out_json, out_png = tmp_path / "b.json", tmp_path / "long.png"
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--model", "tiny", "--size", "4", "--compile", "eager",
+                                      "--long", "2", "3", "--long-scans", "auto", "chunked", "--json", str(out_json),
+                                      "--plot", str(out_png)])
+    benchmark.main()
+    assert built == [("medsora", "auto")] * 2 + [("medsora", "chunked")] * 2 + [("peer", "auto")] * 2
+    rows = json.load(open(out_json))["rows"]
+    assert [(r["scans"], r["latent_frames"]) for r in rows] == [("auto", 2), ("auto", 3), ("chunked", 2),
+                                                               ("chunked", 3), (None, 2), (None, 3)]
+    assert Image.open(out_png).size == (720, 360)
 
 
 def test_out_of_memory_is_found_behind_the_errors_that_wrap_it():
