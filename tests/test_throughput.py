@@ -1,6 +1,7 @@
 """throughput.py: train.py end to end both ways, and the flow alignment's costs, run and print measured figures."""
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -26,6 +27,7 @@ def test_align_table(monkeypatch, capsys):
 def test_end_to_end_runs_train_py_both_ways(monkeypatch, tmp_path, capsys):
     """Both train.py runs finish on the CPU (tiny model, 16 clips of 9 frames at 32 x 32) and the table gives each
     one's clips/s from its own log, with the authors' way run online, eager, in fp32, at batch 2."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # set by main, restored after the test
     from dataclasses import asdict
     import vae
     cfg = vae.MODELS["tiny"]
@@ -46,6 +48,7 @@ def test_end_to_end_runs_train_py_both_ways(monkeypatch, tmp_path, capsys):
     for flag, value in (("--latents", "online"), ("--compile", "none"), ("--precision", "fp32"), ("--flow", "classical")):
         assert theirs["command"][theirs["command"].index(flag) + 1] == value
     assert all(r["clips_per_s"] > 0 and r["wall_s"] > 0 for r in rows)
+    assert os.path.basename(os.environ["TORCHINDUCTOR_CACHE_DIR"]).startswith("medsora-inductor-")  # a cold cache
     ratio = float(re.search(r"ours / authors' feeding, clips/s: ([\d.]+)x", capsys.readouterr().out).group(1))
     assert abs(ratio - ours["clips_per_s"] / theirs["clips_per_s"]) < 0.05 + 0.01 * ratio
 
