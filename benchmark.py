@@ -287,12 +287,11 @@ def component_table(args, device):
     block = dit.MedSoraBlock(cfg, 0).to(device).train()
     x = torch.randn(B, F_, h * h, D, device=device, requires_grad=True)  # (B, F, L, D)
     c = torch.randn(B, D, device=device)
-    idx = dit.block_indices(cfg, f, h, h, device)[0]
+    idx = dit.block_indices(cfg, f, F_ - f, h, h, device)[0]
     parts = {
         "attention": lambda: block.attn(block.norm1(x).reshape(B * F_, h * h, D), idx["mask"]),
-        "spatial Mamba": lambda: dit.per_clip(lambda v, kind: block.spatial(v, h, h, idx[kind]), block.norm2(x), f),
-        "temporal Mamba": lambda: dit.per_clip(lambda v, kind: block.temporal(v, idx[kind + "_time"]),
-                                               block.norm3(x), f),
+        "spatial Mamba": lambda: block.spatial(block.norm2(x), idx["spatial"]),
+        "temporal Mamba": lambda: block.temporal(block.norm3(x), idx["temporal"]),
         "whole block": lambda: block(x, c, f, h, h, idx)[0],
     }
     print(f"\none MedSora-{args.model} block and its branches, forward + backward ({dtype}), x ({B}, {F_}, {h * h}, "

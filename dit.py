@@ -10,8 +10,9 @@ each as a residual branch conditioned on the diffusion step through adaLN-Zero (
 There is no MLP: Table 1's parameter counts have none. The model predicts the noise epsilon.
 
 Joint image-video training (Sec. 3.4): the input holds f video frames followed by n independent images.
-Steps 1 and the norms act per frame; in steps 2 and 3 the video is one clip and each image is a clip of
-one frame of its own, so no image ever mixes with another image or with the video.
+Step 1 and the norms act per frame; in steps 2 and 3 the video is one clip and each image is a clip of one
+frame of its own: the scan tables (block_indices) give each image's rows, columns and tokens sequences of
+their own, so no image ever mixes with another image or with the video.
 
 Dimension names: B batch, F frames in the input (f video + n images), C latent channels, H, W latent
 height and width, h, w token grid (H / patch), L = h * w tokens per frame, D width.
@@ -21,6 +22,7 @@ height and width, h, w token grid (H / patch), L = h * w tokens per frame, D wid
 
 import math
 from dataclasses import dataclass, asdict
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -28,7 +30,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from attention import LocalAttention, band_mask
-from ssm import Mamba2, bidirectional, spiral, SPIRALS
+from ssm import Mamba2, spiral, SPIRALS
 
 
 @dataclass
@@ -133,33 +135,46 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-def per_clip(fn, x, num_frames):
-    """Apply a frame-mixing fn(clips, kind) to the video clip x[:, :f] (kind "video") and to every image as a
-    one-frame clip of its own (kind "image").
-
-    x (B, F, L, D) with F = f video frames + n images. The images are folded into the batch, so no temporal
-    operation inside fn can carry information between them or into the video (Sec. 3.4).
-    """
-    video, images = x[:, :num_frames], x[:, num_frames:]
-    outs = [fn(video, "video")] if num_frames > 0 else []
-    if images.shape[1] > 0:
-        one_frame_clips = rearrange(images, "b n l d -> (b n) 1 l d")
-        outs.append(rearrange(fn(one_frame_clips, "image"), "(b n) 1 l d -> b n l d", b=x.shape[0]))
-    return torch.cat(outs, dim=1)
+def spatial_tables(f, n, h, w, variant, device=None):
+    """The two planes of Eq. 8 as scan tables (ssm.Mamba2.scan_tables) over a sample's (f + n) * h * w tokens, numbered
+    frame by frame, row by row: plane w has one sequence per token row, its f * w tokens walked along spiral
+    `variant` of the (f x w) grid; plane h one per token column, along the spiral of the (f x h) grid. Each image
+    is a one-frame clip of its own (Sec. 3.4), so its rows and columns are sequences of their own.
+    Returns [plane w tables, plane h tables], int32, each table (sequences, steps)."""
+    return _spatial_tables(f, n, h, w, variant % len(SPIRALS), device)
 
 
-def block_indices(cfg, f, h, w, device):
-    """Every index tensor the blocks use, built once per forward from cached tables, for each block:
-    the attention's band mask, the spiral orders of both planes for the video clip (f frames) and for the
-    one-frame image clips, and the temporal orders. Passed in as arguments, so that a compiled block does not
-    rebuild them at every call and all blocks, whatever their spiral variant, share one compiled graph."""
+@lru_cache(maxsize=None)
+def _spatial_tables(f, n, h, w, variant, device):
+    idx = torch.arange((f + n) * h * w).view(f + n, h, w)
+    plane_w, plane_h = [], []
+    for frames, clips in ((f, idx[:f][None]), (1, idx[f:, None])):  # the video; each image alone
+        if clips.numel():
+            rows = rearrange(clips, "c f h w -> (c h) (f w)")  # one sequence per row: its (frames x w) grid
+            cols = rearrange(clips, "c f h w -> (c w) (f h)")  # one per column: its (frames x h) grid
+            plane_w.append(rows[:, spiral(frames, w, variant)[0]])
+            plane_h.append(cols[:, spiral(frames, h, variant)[0]])
+    return [[t.to(device, torch.int32) for t in plane] for plane in (plane_w, plane_h)]
+
+
+@lru_cache(maxsize=None)
+def temporal_tables(f, n, L, device=None):
+    """The temporal scan of Eq. 10 as a scan table: one sequence per token position of the video, its f frames in
+    order; each image token is a one-step sequence of its own (Sec. 3.4). Tokens numbered as in spatial_tables."""
+    idx = torch.arange((f + n) * L).view(f + n, L)
+    tables = [idx[:f].t(), idx[f:].reshape(-1, 1)]  # (L, f) and (n * L, 1)
+    return [t.contiguous().to(device, torch.int32) for t in tables if t.numel()]
+
+
+def block_indices(cfg, f, n, h, w, device):
+    """Every index tensor the blocks use, built once per forward from cached tables, for each block: the
+    attention's band mask, the spatial scan tables (this block's spiral variant) and the temporal ones, for f video
+    frames followed by n images. Passed in as arguments, so that a compiled block does not rebuild them at every
+    call and all blocks, whatever their spiral variant, share one compiled graph."""
     mask = band_mask(h * w, cfg.window_size, cfg.look_backward, cfg.look_forward, cfg.exact_windowsize, device)
-    time = (lambda frames: bidirectional(frames, device)) if cfg.temporal_bidirectional else (lambda frames: None)
-
-    def planes(frames, variant):  # the (frames x w) and (frames x h) grids of Eq. 8
-        return spiral(frames, w, variant, device), spiral(frames, h, variant, device)
-    return [{"mask": mask, "video": planes(f, v), "image": planes(1, v), "video_time": time(f), "image_time": time(1)}
-            for v in (i % len(SPIRALS) for i in range(cfg.depth))]
+    time = temporal_tables(f, n, h * w, device)
+    return [{"mask": mask, "spatial": spatial_tables(f, n, h, w, i, device), "temporal": time}
+            for i in range(cfg.depth)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,21 +195,11 @@ class SpatialMamba(nn.Module):
         self.gate_w = nn.Linear(cfg.width, cfg.width)  # W_1, b_1 of Eq. 9
         self.gate_h = nn.Linear(cfg.width, cfg.width)  # W_2, b_2
 
-    def forward(self, x, h, w, orders):
-        """x (B, f, L, D) -> (B, f, L, D). orders: the spirals of the (f x w) and (f x h) planes (block_indices)."""
-        f = x.shape[1]
-        orders_w, orders_h = orders  # Omega and its reverse over each grid
-        p = rearrange(self.mamba.in_proj(x), "b f (h w) e -> b f h w e", h=h)  # projected once for all scans
-        plane_w = rearrange(p, "b f h w e -> (b h) (f w) e")  # one sequence per row: its f*w tokens
-        plane_h = rearrange(p, "b f h w e -> (b w) (f h) e")  # one sequence per column
-        if h == w:  # both planes are (f x w) grids: scan them in one batch
-            y = self.mamba.scan_orders(torch.cat([plane_w, plane_h]), orders_w)
-            y_w, y_h = y.split([plane_w.shape[0], plane_h.shape[0]])
-        else:
-            y_w = self.mamba.scan_orders(plane_w, orders_w)
-            y_h = self.mamba.scan_orders(plane_h, orders_h)
-        y_w = self.mamba.out_proj(rearrange(y_w, "(b h) (f w) e -> b f (h w) e", h=h, f=f))
-        y_h = self.mamba.out_proj(rearrange(y_h, "(b w) (f h) e -> b f (h w) e", w=w, f=f))
+    def forward(self, x, planes):
+        """x (B, F, L, D) -> (B, F, L, D). planes: spatial_tables of the (f x w) and (f x h) planes."""
+        B, F, L, D = x.shape
+        # Each plane: its sequences scanned along the spiral and back, summed in place (Eq. 8), then out_proj.
+        y_w, y_h = (y.view(B, F, L, D) for y in self.mamba.forward_planes(x.reshape(B, F * L, D), planes))
         return torch.sigmoid(self.gate_w(y_w)) * y_w + torch.sigmoid(self.gate_h(y_h)) * y_h  # Eq. 9
 
 
@@ -210,17 +215,13 @@ class TemporalMamba(nn.Module):
         self.mamba = Mamba2(cfg.width, **cfg.mamba_kwargs())
         self.bidirectional = cfg.temporal_bidirectional
 
-    def forward(self, x, orders=None):
-        """x (B, f, L, D) -> (B, f, L, D). orders: the temporal orders of f frames (block_indices; built here when
-        None), ignored by a one-way model."""
-        b, f = x.shape[:2]
-        if not self.bidirectional:
-            orders = None
-        elif orders is None:
-            orders = bidirectional(f, x.device)
-        seqs = rearrange(x, "b f l d -> (b l) f d")
-        y = self.mamba(seqs, orders)  # one-frame clips: a pointwise map, see Mamba2.scan_orders
-        return rearrange(y, "(b l) f d -> b f l d", b=b)
+    def forward(self, x, tables=None):
+        """x (B, F, L, D) -> (B, F, L, D). tables: temporal_tables of the clip (built here for F video frames when
+        None). An image's one-frame sequences make the layer pointwise there."""
+        B, F, L, D = x.shape
+        tables = temporal_tables(F, 0, L, x.device) if tables is None else tables
+        (y,) = self.mamba.forward_planes(x.reshape(B, F * L, D), [tables], self.bidirectional)
+        return y.view(B, F, L, D)
 
 
 class MedSoraBlock(nn.Module):
@@ -241,16 +242,14 @@ class MedSoraBlock(nn.Module):
         indices: this block's entry of block_indices (built here when None)."""
         B, F, L, D = x.shape
         if indices is None:
-            indices = block_indices(self.cfg, num_frames, h, w, x.device)[self.index]
+            indices = block_indices(self.cfg, num_frames, F - num_frames, h, w, x.device)[self.index]
         (shift_a, scale_a, gate_a, shift_s, scale_s, gate_s,  # attention, spatial Mamba,
          shift_t, scale_t, gate_t) = self.adaLN(c)[:, None, None].chunk(9, dim=-1)  # temporal Mamba: (B, 1, 1, D)
         a = modulate(self.norm1(x), shift_a, scale_a)
         x = x + gate_a * self.attn(a.reshape(B * F, L, D), indices["mask"]).view(B, F, L, D)  # per frame
-        s = per_clip(lambda v, kind: self.spatial(v, h, w, indices[kind]), modulate(self.norm2(x), shift_s, scale_s),
-                     num_frames)
+        s = self.spatial(modulate(self.norm2(x), shift_s, scale_s), indices["spatial"])
         x = x + gate_s * s
-        x = x + gate_t * per_clip(lambda v, kind: self.temporal(v, indices[kind + "_time"]),
-                                  modulate(self.norm3(x), shift_t, scale_t), num_frames)
+        x = x + gate_t * self.temporal(modulate(self.norm3(x), shift_t, scale_t), indices["temporal"])
         return x, s  # s is what the optical-flow alignment loss aligns (Sec. 3.2)
 
 
@@ -314,7 +313,7 @@ class MedSora(nn.Module):
         x = rearrange(tokens, "(b f) d h w -> b f (h w) d", b=B) + pos  # (B, F, L, D)
         c = self.t_embedder(t)  # (B, D)
         features = []
-        for block, indices in zip(self.blocks, block_indices(self.cfg, f, h, w, x.device)):
+        for block, indices in zip(self.blocks, block_indices(self.cfg, f, F - f, h, w, x.device)):
             if self.recompute and torch.is_grad_enabled():  # activation memory for compute (train.py --recompute)
                 x, s = checkpoint(block, x, c, f, h, w, indices, use_reentrant=False)  # same dropout masks again
             else:

@@ -19,6 +19,16 @@ from einops import rearrange
 import dit
 
 
+def per_clip(fn, x, num_frames):
+    """Apply a frame-mixing fn(clips, kind) to the video clip x[:, :f] (kind "video") and to every image as a
+    one-frame clip of its own (kind "image"). x (B, F, L, D) with F = f video frames + n images."""
+    video, images = x[:, :num_frames], x[:, num_frames:]
+    outs = [fn(video, "video")] if num_frames > 0 else []
+    if images.shape[1] > 0:
+        one_frame_clips = rearrange(images, "b n l d -> (b n) 1 l d")
+        outs.append(rearrange(fn(one_frame_clips, "image"), "(b n) 1 l d -> b n l d", b=x.shape[0]))
+    return torch.cat(outs, dim=1)
+
 
 class PeerBlock(nn.Module):
     """Global attention over each frame's L tokens, attention over each token position's frames, an MLP:
@@ -35,6 +45,9 @@ class PeerBlock(nn.Module):
 
     def attend(self, x, qkv, out):
         """Full self-attention over the second axis of x (N, S, D)."""
+        if x.shape[1] == 1:  # one key: the softmax is 1 and attention returns the value (an image along time)
+            D = x.shape[-1]
+            return out(F.linear(x, qkv.weight[2 * D:], qkv.bias[2 * D:]))
         q, k, v = rearrange(qkv(x), "n s (three nh hd) -> three n nh s hd", three=3, nh=self.num_heads)
         if self.attn_impl == "reference":  # softmax(q k^T / sqrt(hd)) v, written out: what SDPA computes
             y = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1) @ v
@@ -56,7 +69,7 @@ class PeerBlock(nn.Module):
             b = v.shape[0]
             v = rearrange(v, "b f l d -> (b l) f d")
             return rearrange(self.attend(v, self.qkv_time, self.out_time), "(b l) f d -> b f l d", b=b)
-        x = x + gate_t * dit.per_clip(along_time, dit.modulate(self.norms[1](x), shift_t, scale_t), num_frames)
+        x = x + gate_t * per_clip(along_time, dit.modulate(self.norms[1](x), shift_t, scale_t), num_frames)
         return x + gate_m * self.mlp(dit.modulate(self.norms[2](x), shift_m, scale_m))
 
 

@@ -31,6 +31,7 @@ Run `python ssm.py` to compare the three scans on random input.
 """
 
 import math
+import os
 from functools import lru_cache
 
 import torch
@@ -50,7 +51,17 @@ try:
 except Exception:
     causal_conv1d_fn = None
 
-SCANS = ("auto", "kernel", "chunked", "recurrent")
+try:  # the fused short-sequence mixer (Triton; on a CPU only under its interpreter, TRITON_INTERPRET=1)
+    import ssd_triton
+    MAX_FUSED_LEN = ssd_triton.MAX_LEN
+except Exception:  # no Triton
+    ssd_triton, MAX_FUSED_LEN = None, 0
+
+SCANS = ("auto", "fused", "kernel", "chunked", "recurrent")
+
+
+def ssd_triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def kernels_available(device):
@@ -61,7 +72,7 @@ def pick_scan(scan, device, L, chunk_size):
     """Resolve scan="auto". Sequences that fit in one chunk need no chunk states, which the kernels still
     write for every sequence: on an H100 the chunked path was faster at all of MedSora's lengths (1-32 steps;
     see benchmark.py --layers). The kernels are for sequences that span several chunks."""
-    if scan != "auto":
+    if scan not in ("auto", "fused"):  # "fused" is a whole-layer path (forward_planes); single scans go by "auto"
         return scan
     return "kernel" if kernels_available(device) and L > chunk_size else "chunked"
 
@@ -295,6 +306,60 @@ class Mamba2(nn.Module):
         """u (B, L, D) -> (B, L, D). `orders`: scan orders (LongTensors of length L); outputs are summed."""
         zxbcdt = self.in_proj(u)  # projected once, whatever the number of scans
         return self.out_proj(self.scan_orders(zxbcdt, orders))
+
+    def scan_tables(self, zxbcdt, tables, bidirectional=True):
+        """Scan projected tokens (B, T, *) along the sequences of `tables` -> (B, T, E).
+
+        Each table is (S, L): S sequences of L token positions (in 0 .. T-1) in scan order; together the tables hold
+        every token exactly once. Each sequence is scanned forward and, if bidirectional, backward (the reverse
+        order), and the outputs are summed in place: a spiral and its reverse (Eq. 8), or a token's frames both
+        ways (Eq. 10). This is what ssd_triton.py fuses into one kernel.
+        """
+        b, T = zxbcdt.shape[:2]
+        out = None
+        for table in tables:
+            seqs = rearrange(zxbcdt[:, table], "b s l p -> (b s) l p")  # gathered in scan order
+            y = self.mix(seqs)
+            if bidirectional:
+                y = y + self.mix(seqs.flip(1)).flip(1)  # the reverse scan, put back in forward order
+            if out is None:
+                out = y.new_zeros(b, T, y.shape[-1])
+            out[:, table.flatten()] = rearrange(y, "(b s) l e -> b (s l) e", b=b)  # back in place
+        return out
+
+    def forward_planes(self, u, planes, bidirectional=True):
+        """u (B, T, D) -> one (B, T, D) output per plane: out_proj(scan_tables(in_proj(u), tables)) for each list of
+        tables in `planes`; the input is projected once for all of them. On the fused path (scan "fused", or "auto"
+        on a GPU with Triton) one op computes it all and keeps only u for the backward pass."""
+        lengths = [t.shape[1] for tables in planes for t in tables]
+        if self.use_fused(u.device, lengths):
+            return self.fused_planes(u, planes, bidirectional)
+        zxbcdt = self.in_proj(u)
+        return [self.out_proj(self.scan_tables(zxbcdt, tables, bidirectional)) for tables in planes]
+
+    def use_fused(self, device, lengths):
+        if self.scan not in ("auto", "fused"):
+            return False
+        ok = (ssd_triton is not None  # on a CPU only when asked for: Triton's interpreter is for tests
+              and (torch.device(device).type == "cuda" or (self.scan == "fused" and ssd_triton_interpreted()))
+              and ssd_triton.supported(self.d_inner, self.nheads, self.d_state, self.d_conv, self.ngroups, lengths))
+        if self.scan == "fused" and not ok:
+            raise RuntimeError(f"scan='fused' needs Triton and a GPU (or TRITON_INTERPRET=1), ngroups 1, head dim and "
+                               f"state size powers of two >= 16 and sequences of 1 to {MAX_FUSED_LEN} steps; got "
+                               f"lengths {sorted(set(lengths))}: use scan='auto'")
+        return ok
+
+    def fused_planes(self, u, planes, bidirectional=True):
+        b, T, D = u.shape
+        dtype = torch.get_autocast_dtype(u.device.type) if torch.is_autocast_enabled(u.device.type) else u.dtype
+        tables = [t for tables in planes for t in tables]
+        index = [k for k, tables in enumerate(planes) for _ in tables]
+        w = lambda p: p.to(dtype)  # noqa: E731  (the products run in the autocast dtype, as nn.Linear's would)
+        out = ssd_triton.mamba_planes(
+            w(u.reshape(b * T, D)), w(self.in_proj.weight), self.conv1d.weight, self.conv1d.bias, self.dt_bias,
+            self.A_log, self.D, self.norm.weight, w(self.out_proj.weight), [t.int() for t in tables], index, T,
+            self.norm.eps, bidirectional)
+        return list(out.view(len(planes), b, T, D).unbind(0))
 
     def scan_orders(self, zxbcdt, orders=None):
         """Scan projected input (B, L, *) in each order, put each result back in place, sum: (B, L, E)."""

@@ -7,6 +7,10 @@ import torch
 
 # The project is a flat set of modules at the repository root: make them importable from tests/.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Without a GPU, Triton's kernels (ssd_triton.py) run in its interpreter, on the CPU. Triton reads this when a
+# kernel is defined, so before any test module imports ssm.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """dit.py: shapes, the paper's parameter counts, image independence, path agreement, overfitting one batch."""
 import pytest
 import torch
+from einops import rearrange
 
 import dit
 import ssm
@@ -104,19 +105,54 @@ def test_tiny_model_overfits_one_batch():
 def test_blocks_build_their_own_indices_when_none_are_given():
     model = randomize(tiny(depth=3))
     x, c = torch.randn(2, 5, 4 * 6, model.cfg.width), torch.randn(2, model.cfg.width)  # 3 frames + 2 images
-    given = dit.block_indices(model.cfg, 3, 4, 6, x.device)  # non-square: the two planes differ
+    given = dit.block_indices(model.cfg, 3, 2, 4, 6, x.device)  # non-square: the two planes differ
     for i, block in enumerate(model.blocks):
         out, s = block(x, c, 3, 4, 6, given[i])
         out_, s_ = block(x, c, 3, 4, 6)
         assert torch.equal(out, out_) and torch.equal(s, s_)
+    token = lambda frame, row, col: frame * 24 + row * 6 + col  # noqa: E731  (numbering of a sample's tokens)
     for i, entry in enumerate(given):  # what each block is given: its own spiral variant, on each plane
-        for kind, frames in (("video", 3), ("image", 1)):
-            (w_fwd, w_rev), (h_fwd, h_rev) = entry[kind]
-            assert torch.equal(w_fwd, ssm.spiral(frames, 6, i)[0]) and torch.equal(w_rev, w_fwd.flip(0))
-            assert torch.equal(h_fwd, ssm.spiral(frames, 4, i)[0]) and torch.equal(h_rev, h_fwd.flip(0))
-        assert torch.equal(entry["video_time"][1], torch.arange(3).flip(0)) and len(entry["image_time"][0]) == 1
+        (w_video, w_images), (h_video, h_images) = entry["spatial"]
+        assert w_video.shape == (4, 18) and h_video.shape == (6, 12) and w_images.shape == (8, 6)
+        for r in range(4):  # row r of the video: its (3 x 6) grid of (frame, column) along spiral i
+            pos = ssm.spiral(3, 6, i)[0]
+            assert w_video[r].tolist() == [token(p // 6, r, p % 6) for p in pos.tolist()]
+        for col in range(6):  # column col: its (3 x 4) grid of (frame, row)
+            pos = ssm.spiral(3, 4, i)[0]
+            assert h_video[col].tolist() == [token(p // 4, p % 4, col) for p in pos.tolist()]
+        assert sorted(w_images[5].tolist()) == [token(4, 1, col) for col in range(6)]  # image 2, row 1
+        for plane in entry["spatial"]:  # every token in exactly one sequence of each plane
+            assert sorted(torch.cat([t.flatten() for t in plane]).tolist()) == list(range(5 * 24))
+        video_t, image_t = entry["temporal"]
+        assert video_t.shape == (24, 3) and video_t[7].tolist() == [7, 31, 55] and image_t.shape == (48, 1)
         assert entry["mask"].shape == (24, 24)
-    assert not torch.equal(given[0]["video"][0][0], given[1]["video"][0][0])  # blocks scan other spirals
+    assert not torch.equal(given[0]["spatial"][0][0], given[1]["spatial"][0][0])  # blocks scan other spirals
+
+
+def test_spatial_tables_scan_the_planes_of_eq_8():
+    """SpatialMamba on its scan tables equals the planes of Eq. 8 cut out of the tensor and scanned by hand along
+    the spiral and its reverse (ssm.Mamba2.scan_orders), the video as one clip and each image as its own."""
+    torch.manual_seed(0)
+    cfg = dit.make_config("tiny", in_channels=4)
+    block = dit.SpatialMamba(cfg).double()
+    B, f, n, h, w, variant = 2, 3, 2, 4, 6, 5
+    x = torch.randn(B, f + n, h * w, cfg.width, dtype=torch.float64)
+    got = block(x, dit.spatial_tables(f, n, h, w, variant))
+
+    mamba = block.mamba
+    p = rearrange(mamba.in_proj(x), "b f (h w) e -> b f h w e", h=h)
+    clips = [(p[:, :f], f), (rearrange(p[:, f:], "b n h w e -> (b n) 1 h w e"), 1)]
+    y_w, y_h = [], []
+    for clip, frames in clips:
+        c = clip.shape[0]
+        yw = mamba.scan_orders(rearrange(clip, "c f h w e -> (c h) (f w) e"), ssm.spiral(frames, w, variant))
+        yh = mamba.scan_orders(rearrange(clip, "c f h w e -> (c w) (f h) e"), ssm.spiral(frames, h, variant))
+        y_w.append(rearrange(yw, "(c h) (f w) e -> c f (h w) e", c=c, h=h, w=w))
+        y_h.append(rearrange(yh, "(c w) (f h) e -> c f (h w) e", c=c, h=h, w=w))
+    y_w = mamba.out_proj(torch.cat([y_w[0], y_w[1].reshape(B, n, h * w, -1)], dim=1))
+    y_h = mamba.out_proj(torch.cat([y_h[0], y_h[1].reshape(B, n, h * w, -1)], dim=1))
+    expected = torch.sigmoid(block.gate_w(y_w)) * y_w + torch.sigmoid(block.gate_h(y_h)) * y_h
+    assert (got - expected).abs().max() < 1e-12 and expected.abs().max() > 1e-3
 
 
 def test_compiled_blocks_share_one_graph_and_match_eager():
