@@ -167,7 +167,7 @@ def matmul_peak(device, n=8192, repeat=20):
     return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e12
 
 
-def build(args, mode, device, kind="medsora", scan="chunked"):
+def build(args, mode, device, kind="medsora", scan="auto"):
     """A fresh MedSora (or, kind "peer", the peer at MedSora's width, depth, heads and patch) in training mode,
     compiled as `mode` asks; returns (model to train, callable to run)."""
     torch.manual_seed(0)
@@ -184,7 +184,7 @@ def count_flops(args, x, t, device, amp, kind="medsora"):
     """FLOPs of one forward + backward of a new eager MedSora, never of the compiled one: after running under the
     counter, compiled blocks ran ATen's kernels for the rest of the run (MedSora-B, batch 16, one H200: 401 ms/step
     and ~12,500 launches, against 131 ms when the count was made on the eager row's model)."""
-    model = build(args, "eager", device, kind)[0]
+    model = build(args, "eager", device, kind, scan="chunked")[0]  # the readable path: the fused op hides its products
     model.recompute = False  # the work of one step as such: --recompute's second forward is not counted
     counter = FlopCounterMode(display=False)
     with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -281,7 +281,7 @@ def component_table(args, device):
     shapes of the first --batches batch, for each --compile mode: where a step's GPU time goes, which the
     profile of compiled blocks cannot say (their kernels mix the branches). Returns the rows."""
     dtype = "bf16" if device.type == "cuda" else "fp32"
-    cfg = dit.make_config(args.model, scan="chunked")
+    cfg = dit.make_config(args.model)
     B, F_, f, h, D = args.batches[0], args.frames + args.images, args.frames, args.size // cfg.patch_size, cfg.width
     torch.manual_seed(0)
     block = dit.MedSoraBlock(cfg, 0).to(device).train()

@@ -33,24 +33,62 @@ MAX_LEN = 128  # the longest sequence one program holds
 
 
 @triton.jit
-def _rows(TABLE, seq, step, ok, S, T_s, L: tl.constexpr):
-    """Token rows (int64) of sequence `seq` at `step` (vectors), and which of them exist."""
-    ok = ok & (step >= 0) & (step < L)
-    r = tl.load(TABLE + (seq % S) * L + step, mask=ok, other=0)
-    return (seq // S).to(tl.int64) * T_s + r.to(tl.int64), ok
+def _setup(TABLE, n_seq, S, T_s, L, BLOCK: tl.constexpr):
+    """This program's block of sequences: for each of its BLOCK steps the token row (int64), the step within its
+    sequence and whether it exists; and the (BLOCK, BLOCK) masks of the two scan directions."""
+    i = tl.arange(0, BLOCK)
+    seg = i // L  # which of the program's BLOCK // L sequences
+    seq = tl.program_id(0) * (BLOCK // L) + seg
+    step = i - seg * L
+    ok = (seg < BLOCK // L) & (seq < n_seq)
+    rows = tl.load(TABLE + (seq % S) * L + step, mask=ok, other=0)  # the table holds positions within a sample
+    rows = (seq // S).to(tl.int64) * T_s + rows.to(tl.int64)
+    same = (seg[:, None] == seg[None, :]) & ok[:, None] & ok[None, :]
+    causal = same & (i[None, :] <= i[:, None])  # [i, j]: j is i or before it in i's sequence
+    anti = same & (i[None, :] >= i[:, None])
+    return step, ok, rows, causal, anti
 
 
 @triton.jit
-def _conv(P, stride_p, TABLE, seq, step, ok, S, T_s, CONV_W, CONV_B, chan, E: tl.constexpr, L: tl.constexpr,
-          K: tl.constexpr, SIGN: tl.constexpr):
-    """The depthwise convolution of xBC channels `chan` along the scan, before SiLU: (BLOCK, len(chan)).
-    SIGN = 1: the forward scan (taps at steps i-K+1 .. i); SIGN = -1: the backward scan (i+K-1 .. i)."""
-    acc = tl.load(CONV_B + chan).to(tl.float32)[None, :]
-    for k in tl.static_range(K):
-        r, m = _rows(TABLE, seq, step + SIGN * (k - (K - 1)), ok, S, T_s, L)
-        xk = tl.load(P + r[:, None] * stride_p + E + chan[None, :], mask=m[:, None], other=0.0).to(tl.float32)
-        acc = acc + xk * tl.load(CONV_W + chan * K + k).to(tl.float32)[None, :]
+def _tile(P, rows, ok, stride_p, cols):
+    """P[rows, cols]: (BLOCK, len(cols)), zero where a step does not exist."""
+    return tl.load(P + rows[:, None] * stride_p + cols[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _shift(x, step, ok, s, L):
+    """out[i] = x[i - s] where step i - s lies in i's sequence, else 0 (s < 0: a later step). A product with a 0/1
+    matrix: exact, with bf16 operands and fp32 sums, or fp32 operands in full precision."""
+    i = tl.arange(0, x.shape[0])
+    src = step - s
+    M = (i[None, :] == (i - s)[:, None]) & ((src >= 0) & (src < L) & ok)[:, None]
+    if x.dtype == tl.float32:
+        return tl.dot(M.to(tl.float32), x, input_precision="ieee")
+    return tl.dot(M.to(x.dtype), x)
+
+
+@triton.jit
+def _conv(X, step, ok, CONV_W, CONV_B, chan, L, K: tl.constexpr, SIGN: tl.constexpr):
+    """The depthwise convolution along the scan of the xBC tile X (BLOCK, len(chan)), before SiLU. SIGN = 1: the
+    forward scan (tap k sees step i - (K-1-k)); SIGN = -1: the backward scan (step i + (K-1-k))."""
+    acc = tl.load(CONV_B + chan)[None, :] + X.to(tl.float32) * tl.load(CONV_W + chan * K + K - 1)[None, :]
+    for k in range(K - 1):
+        acc += _shift(X, step, ok, SIGN * (K - 1 - k), L) * tl.load(CONV_W + chan * K + k)[None, :]
     return acc
+
+
+@triton.jit
+def _conv_backward(X, dp, step, ok, CONV_W, chan, L, K: tl.constexpr, SIGN: tl.constexpr):
+    """Gradients of _conv in one direction, given those of its output (dp: (BLOCK, len(chan))): of the input tile,
+    of the weight as a (K, len(chan)) tensor, and of the bias. The transpose of a shift by s is the shift by -s."""
+    kk = tl.arange(0, K)
+    dX = dp * tl.load(CONV_W + chan * K + K - 1)[None, :]
+    dw = tl.where(kk[:, None] == K - 1, tl.sum(X.to(tl.float32) * dp, 0)[None, :], 0.0)
+    for k in range(K - 1):
+        g = _shift(dp.to(X.dtype), step, ok, -SIGN * (K - 1 - k), L)
+        dX += g * tl.load(CONV_W + chan * K + k)[None, :]
+        dw += tl.where(kk[:, None] == k, tl.sum(X.to(tl.float32) * g, 0)[None, :], 0.0)
+    return dX, dw, tl.sum(dp, 0)
 
 
 @triton.jit
@@ -70,275 +108,226 @@ def _softplus(x):
 
 
 @triton.jit
-def _head(P, stride_p, TABLE, seq, step, ok, rows, S, T_s, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, h, CBf, CBb,
-          causal, anti, E: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
-          K: tl.constexpr, BIDIR: tl.constexpr):
-    """One head of one block of sequences, both directions: what the forward and backward kernels share.
-    Returns dt and its raw input, the decays a = dt A, the conv outputs of x before SiLU (xf, xb), the decay
-    matrices (Lf, Lb), the scan outputs y (yf, yb, before the gate) and z."""
+def _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, mask, E: tl.constexpr, N: tl.constexpr, L, K: tl.constexpr,
+        BLOCK: tl.constexpr, NC: tl.constexpr, SIGN: tl.constexpr):
+    """C_i . B_j of one direction (B and C after the convolution and SiLU), masked: (BLOCK, BLOCK). Summed over
+    slices of NC state channels, which keeps few values of B and C alive at once."""
+    dtype = P.dtype.element_ty
+    CB = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for c0 in tl.static_range(0, N, NC):
+        cn = E + c0 + tl.arange(0, NC)  # B's channels in xBC; C's are N further
+        Bs = _silu(_conv(_tile(P, rows, ok, stride_p, E + cn), step, ok, CONV_W, CONV_B, cn, L, K, SIGN))
+        Cs = _silu(_conv(_tile(P, rows, ok, stride_p, E + cn + N), step, ok, CONV_W, CONV_B, cn + N, L, K, SIGN))
+        CB += tl.dot(Cs.to(dtype), tl.trans(Bs.to(dtype)))
+    return tl.where(mask, CB, 0.0)
+
+
+@triton.jit
+def _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E: tl.constexpr, HD: tl.constexpr, N: tl.constexpr):
+    """One head's inputs for a block of sequences: dt (after softplus) and its raw input, the log-decays a = dt A
+    (Eq. 3) and their cumulative sum, D, the x tile (before the convolution) and z."""
     dt_raw = tl.load(P + rows * stride_p + 2 * E + 2 * N + h, mask=ok, other=0.0).to(tl.float32)
-    dt = tl.where(ok, _softplus(dt_raw + tl.load(DT_BIAS + h).to(tl.float32)), 0.0)  # (BLOCK,), > 0
-    A = -tl.exp(tl.load(A_LOG + h).to(tl.float32))
-    a = dt * A  # log-decay per step (Eq. 3)
+    dt = tl.where(ok, _softplus(dt_raw + tl.load(DT_BIAS + h)), 0.0)  # (BLOCK,), > 0
+    a = dt * -tl.exp(tl.load(A_LOG + h))
     cs = tl.cumsum(a, 0)  # cs[i] - cs[j] = a[j+1] + ... + a[i]
     ch = h * HD + tl.arange(0, HD)
-    Dh = tl.load(DSKIP + h).to(tl.float32)
-    dtype = P.dtype.element_ty
+    X = _tile(P, rows, ok, stride_p, E + ch)
+    z = _tile(P, rows, ok, stride_p, ch).to(tl.float32)
+    return dt_raw, dt, a, cs, tl.load(DSKIP + h), X, z
 
-    xf = _conv(P, stride_p, TABLE, seq, step, ok, S, T_s, CONV_W, CONV_B, ch, E, L, K, 1)
-    Lf = tl.where(causal, tl.exp(tl.where(causal, cs[:, None] - cs[None, :], 0.0)), 0.0)  # decay j -> i, j <= i
-    sf = _silu(xf)
-    yf = tl.dot((CBf * Lf).to(dtype), (sf * dt[:, None]).to(dtype)) + Dh * sf
-    if BIDIR:  # the backward scan, in place: j -> i for j >= i decays by a[i] + ... + a[j-1]
-        xb = _conv(P, stride_p, TABLE, seq, step, ok, S, T_s, CONV_W, CONV_B, ch, E, L, K, -1)
-        ce = cs - a
-        Lb = tl.where(anti, tl.exp(tl.where(anti, ce[None, :] - ce[:, None], 0.0)), 0.0)
-        sb = _silu(xb)
-        yb = tl.dot((CBb * Lb).to(dtype), (sb * dt[:, None]).to(dtype)) + Dh * sb
+
+@triton.jit
+def _scan(X, dt, a, cs, Dh, CB, mask, step, ok, CONV_W, CONV_B, ch, L, K: tl.constexpr, SIGN: tl.constexpr):
+    """One head, one direction: the convolution of X before SiLU, the decay matrix, and y = (CB * decay)(dt s) + D s
+    with s = silu(conv X): Eq. 4 on a single chunk. Forward (SIGN 1): j -> i for j <= i decays by a[j+1] + ... +
+    a[i]; backward (SIGN -1): j -> i for j >= i by a[i] + ... + a[j-1]."""
+    xc = _conv(X, step, ok, CONV_W, CONV_B, ch, L, K, SIGN)
+    if SIGN == 1:
+        expo = cs[:, None] - cs[None, :]
     else:
-        xb, Lb, yb = xf, Lf, tl.zeros_like(yf)
-    z = tl.load(P + rows[:, None] * stride_p + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    return dt_raw, dt, a, xf, xb, Lf, Lb, yf, yb, z
+        ce = cs - a
+        expo = ce[None, :] - ce[:, None]
+    decay = tl.where(mask, tl.exp(tl.where(mask, expo, 0.0)), 0.0)
+    s = _silu(xc)
+    y = tl.dot((CB * decay).to(X.dtype), (s * dt[:, None]).to(X.dtype)) + Dh * s
+    return xc, decay, y
 
 
 @triton.jit
-def _setup(TABLE, n_seq, L: tl.constexpr, BLOCK: tl.constexpr, S, T_s):
-    """The block of sequences of this program: step index vectors and the (BLOCK, BLOCK) masks."""
-    i = tl.arange(0, BLOCK)
-    seg = i // L
-    seq = tl.program_id(0) * (BLOCK // L) + seg
-    step = i - seg * L
-    ok = (seg < BLOCK // L) & (seq < n_seq)
-    rows, ok = _rows(TABLE, seq, step, ok, S, T_s, L)
-    same = (seg[:, None] == seg[None, :]) & ok[:, None] & ok[None, :]
-    causal = same & (i[None, :] <= i[:, None])  # [i, j]: j is i or before it in i's sequence
-    anti = same & (i[None, :] >= i[:, None])
-    return i, seq, step, ok, rows, causal, anti
+def _scan_backward(dy, xc, decay, CB, dt, Dh, mask, X):
+    """Gradients of _scan given dy: of the convolution's output (through SiLU), D, dt (through u = dt s), the
+    C . B scores, and the decays' exponent (as t = dS * CB * decay). X: the x tile, for its dtype."""
+    dtype = X.dtype
+    s = _silu(xc)
+    u = (s * dt[:, None]).to(dtype)
+    dS = tl.where(mask, tl.dot(dy.to(dtype), tl.trans(u)), 0.0)
+    du = tl.dot(tl.trans((CB * decay).to(dtype)), dy.to(dtype))
+    dp = (du * dt[:, None] + Dh * dy) * _dsilu(xc)
+    return dp, tl.sum(tl.sum(dy * s, 1), 0), tl.sum(du * s, 1), dS * decay, dS * CB * decay
 
 
-@triton.jit
-def _bc(P, stride_p, TABLE, seq, step, ok, S, T_s, CONV_W, CONV_B, E: tl.constexpr, N: tl.constexpr,
-        L: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr):
-    """B and C of one direction, before SiLU: (BLOCK, N) each."""
-    cn = tl.arange(0, N)
-    Bp = _conv(P, stride_p, TABLE, seq, step, ok, S, T_s, CONV_W, CONV_B, E + cn, E, L, K, SIGN)
-    Cp = _conv(P, stride_p, TABLE, seq, step, ok, S, T_s, CONV_W, CONV_B, E + N + cn, E, L, K, SIGN)
-    return Bp, Cp
-
-
-@triton.jit
+# Sizes that change with the input are not specialised on, so one compiled kernel serves every table shape.
+@triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L"])
 def _fwd_kernel(P, OUT, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq, S, T_s, stride_p, stride_o,
-                eps, E: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, L: tl.constexpr,
-                K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr):
-    i, seq, step, ok, rows, causal, anti = _setup(TABLE, n_seq, L, BLOCK, S, T_s)
-    dtype = P.dtype.element_ty
-    Bp, Cp = _bc(P, stride_p, TABLE, seq, step, ok, S, T_s, CONV_W, CONV_B, E, N, L, K, 1)
-    CBf = tl.where(causal, tl.dot(_silu(Cp).to(dtype), tl.trans(_silu(Bp).to(dtype))), 0.0)  # C_i . B_j
+                eps, L, E: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+                BLOCK: tl.constexpr, BIDIR: tl.constexpr, NC: tl.constexpr):
+    step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
+    CBf = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, causal, E, N, L, K, BLOCK, NC, 1)
     CBb = CBf
     if BIDIR:
-        Bp, Cp = _bc(P, stride_p, TABLE, seq, step, ok, S, T_s, CONV_W, CONV_B, E, N, L, K, -1)
-        CBb = tl.where(anti, tl.dot(_silu(Cp).to(dtype), tl.trans(_silu(Bp).to(dtype))), 0.0)
-
+        CBb = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, anti, E, N, L, K, BLOCK, NC, -1)
     # RMSNorm spans all heads: a first pass sums the squares, the second recomputes each head and writes it.
     ssf = tl.zeros([BLOCK], dtype=tl.float32)
     ssb = tl.zeros([BLOCK], dtype=tl.float32)
     for h in range(NH):
-        _, _, _, _, _, _, _, yf, yb, z = _head(P, stride_p, TABLE, seq, step, ok, rows, S, T_s, CONV_W, CONV_B,
-                                               DT_BIAS, A_LOG, DSKIP, h, CBf, CBb, causal, anti, E, NH, HD, N, L, K,
-                                               BIDIR)
+        _, dt, a, cs, Dh, X, z = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, HD, N)
+        ch = h * HD + tl.arange(0, HD)
         gate = _silu(z)
-        ssf += tl.sum(yf * gate * yf * gate, 1)
-        ssb += tl.sum(yb * gate * yb * gate, 1)
+        _, _, y = _scan(X, dt, a, cs, Dh, CBf, causal, step, ok, CONV_W, CONV_B, ch, L, K, 1)
+        ssf += tl.sum(y * gate * y * gate, 1)
+        if BIDIR:
+            _, _, y = _scan(X, dt, a, cs, Dh, CBb, anti, step, ok, CONV_W, CONV_B, ch, L, K, -1)
+            ssb += tl.sum(y * gate * y * gate, 1)
     rf = tl.rsqrt(ssf / E + eps)
     rb = tl.rsqrt(ssb / E + eps)
     for h in range(NH):
-        _, _, _, _, _, _, _, yf, yb, z = _head(P, stride_p, TABLE, seq, step, ok, rows, S, T_s, CONV_W, CONV_B,
-                                               DT_BIAS, A_LOG, DSKIP, h, CBf, CBb, causal, anti, E, NH, HD, N, L, K,
-                                               BIDIR)
+        _, dt, a, cs, Dh, X, z = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, HD, N)
         ch = h * HD + tl.arange(0, HD)
         gate = _silu(z)
-        y = yf * gate * rf[:, None]
+        _, _, y = _scan(X, dt, a, cs, Dh, CBf, causal, step, ok, CONV_W, CONV_B, ch, L, K, 1)
+        out = y * rf[:, None]
         if BIDIR:
-            y += yb * gate * rb[:, None]
-        y = y * tl.load(NORM_W + ch).to(tl.float32)[None, :]
-        tl.store(OUT + rows[:, None] * stride_o + ch[None, :], y.to(OUT.dtype.element_ty), mask=ok[:, None])
+            _, _, y = _scan(X, dt, a, cs, Dh, CBb, anti, step, ok, CONV_W, CONV_B, ch, L, K, -1)
+            out += y * rb[:, None]
+        out = out * gate * tl.load(NORM_W + ch)[None, :]
+        tl.store(OUT + rows[:, None] * stride_o + ch[None, :], out.to(OUT.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
-def _conv_backward(P, DP, SCRATCH, stride_p, TABLE, seq, step, ok, rows, S, T_s, CONV_W, chan, dpf, dpb,
-                   i, E: tl.constexpr, C: tl.constexpr, L: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
-                   BIDIR: tl.constexpr, ACCUMULATE: tl.constexpr):
-    """Gradients of the convolution for channels `chan` of xBC, given the gradients of its outputs before SiLU in
-    both directions (dpf, dpb: (BLOCK, len(chan))). Writes the input's gradient to DP; returns the partial
-    gradients of the weight (len(chan), K) as K vectors summed in a (K, len(chan)) tensor, and of the bias."""
-    # dx[j] = sum_k w_k dpf[j + K-1-k] (+ dpb[j - (K-1-k)]): other steps' gradients, so through a scratch buffer.
-    base = SCRATCH + tl.program_id(0).to(tl.int64) * (2 * BLOCK * C)
-    tl.store(base + i[:, None] * C + chan[None, :], dpf)
-    if BIDIR:
-        tl.store(base + BLOCK * C + i[:, None] * C + chan[None, :], dpb)
-    tl.debug_barrier()  # the other threads' stores are visible after this
-    dx = tl.zeros_like(dpf)
-    kk = tl.arange(0, K)
-    dw = tl.zeros([K, dpf.shape[1]], dtype=tl.float32)
-    for k in tl.static_range(K):
-        s = K - 1 - k
-        m = ok & (step + s < L)
-        g = tl.load(base + (i + s)[:, None] * C + chan[None, :], mask=m[:, None], other=0.0)
-        r, mr = _rows(TABLE, seq, step - s, ok, S, T_s, L)  # the input tap k sees in the forward direction
-        xin = tl.load(P + r[:, None] * stride_p + E + chan[None, :], mask=mr[:, None], other=0.0).to(tl.float32)
-        dwk = tl.sum(dpf * xin, 0)
-        if BIDIR:
-            m = ok & (step - s >= 0)
-            g += tl.load(base + BLOCK * C + (i - s)[:, None] * C + chan[None, :], mask=m[:, None], other=0.0)
-            r, mr = _rows(TABLE, seq, step + s, ok, S, T_s, L)
-            xin = tl.load(P + r[:, None] * stride_p + E + chan[None, :], mask=mr[:, None], other=0.0).to(tl.float32)
-            dwk += tl.sum(dpb * xin, 0)
-        dx += g * tl.load(CONV_W + chan * K + k).to(tl.float32)[None, :]
-        dw += tl.where(kk[:, None] == k, dwk[None, :], 0.0)
-    ptr = DP + rows[:, None] * stride_p + E + chan[None, :]
+def _store_grad(DP, rows, ok, stride_p, cols, g, ACCUMULATE):
+    """DP[rows, cols] = g, or += g."""
+    ptr = DP + rows[:, None] * stride_p + cols[None, :]
     if ACCUMULATE:
-        dx += tl.load(ptr, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(ptr, dx.to(DP.dtype.element_ty), mask=ok[:, None])
-    return dw, tl.sum(dpf + dpb, 0)
+        g += tl.load(ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(ptr, g.to(DP.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
-def _bwd_kernel(P, DOUT, DP, Y, SCRATCH, DPARAM, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq, S,
-                T_s, stride_p, stride_o, stride_param, eps, E: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr,
-                N: tl.constexpr, L: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr,
-                ACCUMULATE: tl.constexpr):
-    """Gradients of one block of sequences. Writes d(projection) to DP (added to what is there if ACCUMULATE),
-    the recomputed output to Y (for out_proj's weight gradient), and this program's share of the parameter
-    gradients to its row of DPARAM: A_log, D, dt_bias (nh each), norm weight (E), conv bias (C), conv weight (C*K)."""
-    C: tl.constexpr = E + 2 * N
-    i, seq, step, ok, rows, causal, anti = _setup(TABLE, n_seq, L, BLOCK, S, T_s)
+def _bc_backward(P, DP, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn, L, E: tl.constexpr,
+                 N: tl.constexpr, NH: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr):
+    """One direction's gradients of B and C (slice cn of B's channels in xBC; C's are N further), given that of
+    their product's scores dCB: dC = dCB B, dB = dCB^T C, through SiLU and the convolution. Returns the tiles'
+    gradients; adds the convolution's parameter gradients to this program's row."""
     dtype = P.dtype.element_ty
-    Bp, Cp = _bc(P, stride_p, TABLE, seq, step, ok, S, T_s, CONV_W, CONV_B, E, N, L, K, 1)
-    CBf = tl.where(causal, tl.dot(_silu(Cp).to(dtype), tl.trans(_silu(Bp).to(dtype))), 0.0)
+    C: tl.constexpr = E + 2 * N
+    XB, XC = _tile(P, rows, ok, stride_p, E + cn), _tile(P, rows, ok, stride_p, E + cn + N)
+    Bp = _conv(XB, step, ok, CONV_W, CONV_B, cn, L, K, SIGN)
+    Cp = _conv(XC, step, ok, CONV_W, CONV_B, cn + N, L, K, SIGN)
+    dBp = tl.dot(tl.trans(dCB).to(dtype), _silu(Cp).to(dtype)) * _dsilu(Bp)
+    dCp = tl.dot(dCB.to(dtype), _silu(Bp).to(dtype)) * _dsilu(Cp)
+    dXB, dwB, dbB = _conv_backward(XB, dBp, step, ok, CONV_W, cn, L, K, SIGN)
+    dXC, dwC, dbC = _conv_backward(XC, dCp, step, ok, CONV_W, cn + N, L, K, SIGN)
+    kk = tl.arange(0, K)[:, None]
+    tl.store(prow + 3 * NH + E + cn, tl.load(prow + 3 * NH + E + cn) + dbB)
+    tl.store(prow + 3 * NH + E + cn + N, tl.load(prow + 3 * NH + E + cn + N) + dbC)
+    ptr = prow + 3 * NH + E + C + cn[None, :] * K + kk
+    tl.store(ptr, tl.load(ptr) + dwB)
+    ptr = prow + 3 * NH + E + C + (cn + N)[None, :] * K + kk
+    tl.store(ptr, tl.load(ptr) + dwC)
+    return dXB, dXC
+
+
+@triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L", "ACCUMULATE"])
+def _bwd_kernel(P, DOUT, DP, Y, DPARAM, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq, S, T_s,
+                stride_p, stride_o, stride_param, eps, L, ACCUMULATE, E: tl.constexpr, NH: tl.constexpr,
+                HD: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr,
+                NC: tl.constexpr):
+    """Gradients of one block of sequences. Writes d(projection) to DP (added to what is there if ACCUMULATE),
+    the recomputed output to Y (for out_proj's weight gradient), and adds this program's share of the parameter
+    gradients to its row of DPARAM (zeroed): A_log, D, dt_bias (nh each), norm weight (E), conv bias (C), conv
+    weight (C*K)."""
+    C: tl.constexpr = E + 2 * N
+    step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
+    prow = DPARAM + tl.program_id(0).to(tl.int64) * stride_param
+    kk = tl.arange(0, K)[:, None]
+
+    # Pass 1: the norm's statistics over all heads and both directions: sums of squares, and of dout * w * g.
+    CBf = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, causal, E, N, L, K, BLOCK, NC, 1)
     CBb = CBf
     if BIDIR:
-        Bp, Cp = _bc(P, stride_p, TABLE, seq, step, ok, S, T_s, CONV_W, CONV_B, E, N, L, K, -1)
-        CBb = tl.where(anti, tl.dot(_silu(Cp).to(dtype), tl.trans(_silu(Bp).to(dtype))), 0.0)
-
-    # Pass 1: the norm's statistics over all heads: sum of squares, and sum of dout * w * g.
+        CBb = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, anti, E, N, L, K, BLOCK, NC, -1)
     ssf = tl.zeros([BLOCK], dtype=tl.float32)
     ssb = tl.zeros([BLOCK], dtype=tl.float32)
     ddf = tl.zeros([BLOCK], dtype=tl.float32)
     ddb = tl.zeros([BLOCK], dtype=tl.float32)
     for h in range(NH):
-        _, _, _, _, _, _, _, yf, yb, z = _head(P, stride_p, TABLE, seq, step, ok, rows, S, T_s, CONV_W, CONV_B,
-                                               DT_BIAS, A_LOG, DSKIP, h, CBf, CBb, causal, anti, E, NH, HD, N, L, K,
-                                               BIDIR)
+        _, dt, a, cs, Dh, X, z = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, HD, N)
         ch = h * HD + tl.arange(0, HD)
         gate = _silu(z)
-        dn = tl.load(DOUT + rows[:, None] * stride_o + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        dn = dn * tl.load(NORM_W + ch).to(tl.float32)[None, :]
-        ssf += tl.sum(yf * gate * yf * gate, 1)
-        ssb += tl.sum(yb * gate * yb * gate, 1)
-        ddf += tl.sum(dn * yf * gate, 1)
-        ddb += tl.sum(dn * yb * gate, 1)
-    rf = tl.rsqrt(ssf / E + eps)
-    rb = tl.rsqrt(ssb / E + eps)
-    cf = rf * rf * rf * ddf / E  # RMSNorm backward: dg = r dn - r^3 g (dn . g) / E
-    cb = rb * rb * rb * ddb / E
-
-    # Pass 2: each head's gradients; the B and C parts of the products accumulate over heads.
-    dCBf = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    dCBb = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    prow = DPARAM + tl.program_id(0).to(tl.int64) * stride_param
-    for h in range(NH):
-        dt_raw, dt, a, xf, xb, Lf, Lb, yf, yb, z = _head(P, stride_p, TABLE, seq, step, ok, rows, S, T_s, CONV_W,
-                                                         CONV_B, DT_BIAS, A_LOG, DSKIP, h, CBf, CBb, causal, anti, E,
-                                                         NH, HD, N, L, K, BIDIR)
-        ch = h * HD + tl.arange(0, HD)
-        Dh = tl.load(DSKIP + h).to(tl.float32)
-        A = -tl.exp(tl.load(A_LOG + h).to(tl.float32))
-        w = tl.load(NORM_W + ch).to(tl.float32)[None, :]
-        gate = _silu(z)
-        dout = tl.load(DOUT + rows[:, None] * stride_o + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        dn = dout * w
-        normed = yf * gate * rf[:, None]
+        dn = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32) * tl.load(NORM_W + ch)[None, :]
+        _, _, y = _scan(X, dt, a, cs, Dh, CBf, causal, step, ok, CONV_W, CONV_B, ch, L, K, 1)
+        ssf += tl.sum(y * gate * y * gate, 1)
+        ddf += tl.sum(dn * y * gate, 1)
         if BIDIR:
-            normed += yb * gate * rb[:, None]
-        tl.store(Y + rows[:, None] * stride_o + ch[None, :], (normed * w).to(Y.dtype.element_ty), mask=ok[:, None])
-        tl.store(prow + 3 * NH + ch, tl.sum(dout * normed, 0))  # norm weight
+            _, _, y = _scan(X, dt, a, cs, Dh, CBb, anti, step, ok, CONV_W, CONV_B, ch, L, K, -1)
+            ssb += tl.sum(y * gate * y * gate, 1)
+            ddb += tl.sum(dn * y * gate, 1)
 
-        dgf = rf[:, None] * dn - cf[:, None] * yf * gate
-        dgb = rb[:, None] * dn - cb[:, None] * yb * gate
-        dz = dgf * yf * _dsilu(z)
-        if BIDIR:
-            dz += dgb * yb * _dsilu(z)
-        ptr = DP + rows[:, None] * stride_p + ch[None, :]
-        if ACCUMULATE:
-            dz += tl.load(ptr, mask=ok[:, None], other=0.0).to(tl.float32)
-        tl.store(ptr, dz.to(DP.dtype.element_ty), mask=ok[:, None])
+    # Pass 2, one direction after the other (fewer values alive at once): each head's gradients, the second
+    # direction adding to what the first wrote; those of the C . B scores accumulate over heads.
+    for d in tl.static_range(2 if BIDIR else 1):
+        SIGN = 1 - 2 * d
+        mask = causal if d == 0 else anti
+        CB = CBf if d == 0 else CBb
+        r = tl.rsqrt((ssf if d == 0 else ssb) / E + eps)
+        c = r * r * r * (ddf if d == 0 else ddb) / E  # RMSNorm backward: dg = r dn - r^3 g (dn . g) / E
+        add = ACCUMULATE if d == 0 else 1
+        dCB = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for h in range(NH):
+            dt_raw, dt, a, cs, Dh, X, z = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, HD, N)
+            ch = h * HD + tl.arange(0, HD)
+            w = tl.load(NORM_W + ch)[None, :]
+            gate = _silu(z)
+            dout = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32)
+            xc, decay, y = _scan(X, dt, a, cs, Dh, CB, mask, step, ok, CONV_W, CONV_B, ch, L, K, SIGN)
+            normed = y * gate * r[:, None]
+            dg = r[:, None] * dout * w - c[:, None] * y * gate
+            _store_grad(Y, rows, ok, stride_o, ch, normed * w, d)
+            _store_grad(DP, rows, ok, stride_p, ch, dg * y * _dsilu(z), add)  # z
+            dp, dD, ddt, dCBh, t = _scan_backward(dg * gate, xc, decay, CB, dt, Dh, mask, X)
+            dCB += dCBh
+            dX, dw, db = _conv_backward(X, dp, step, ok, CONV_W, ch, L, K, SIGN)
+            _store_grad(DP, rows, ok, stride_p, E + ch, dX, add)  # x
+            # The decays' exponent is cs_i - cs_j (forward) or (cs_j - a_j) - (cs_i - a_i) (backward); cs is a
+            # cumulative sum within each sequence, so its gradient is the reversed cumulative sum.
+            dexp = (tl.sum(t, 1) - tl.sum(t, 0)) * SIGN
+            da = tl.sum(tl.where(anti, dexp[None, :], 0.0), 1)
+            if SIGN == -1:
+                da -= dexp
+            A = -tl.exp(tl.load(A_LOG + h))
+            x = dt_raw + tl.load(DT_BIAS + h)
+            ddt_raw = tl.where(ok, (ddt + da * A) * tl.where(x > 20.0, 1.0, tl.sigmoid(x)), 0.0)  # softplus'
+            ptr = DP + rows * stride_p + 2 * E + 2 * N + h
+            if add:
+                ddt_raw += tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+            tl.store(ptr, ddt_raw.to(DP.dtype.element_ty), mask=ok)
+            # parameters: A_log (dA_log = dA * A), D, dt_bias, norm weight, conv bias and weight
+            tl.store(prow + h, tl.load(prow + h) + tl.sum(da * dt, 0) * A)
+            tl.store(prow + NH + h, tl.load(prow + NH + h) + dD)
+            tl.store(prow + 2 * NH + h, tl.load(prow + 2 * NH + h) + tl.sum(tl.where(ok, (ddt + da * A) * tl.where(
+                x > 20.0, 1.0, tl.sigmoid(x)), 0.0), 0))
+            tl.store(prow + 3 * NH + ch, tl.load(prow + 3 * NH + ch) + tl.sum(dout * normed, 0))
+            tl.store(prow + 3 * NH + E + ch, tl.load(prow + 3 * NH + E + ch) + db)
+            ptr = prow + 3 * NH + E + C + ch[None, :] * K + kk
+            tl.store(ptr, tl.load(ptr) + dw)
 
-        # The scan of one direction: y = S u + D s, S = CB * decay, u = dt s, s = silu(conv x).
-        dyf = dgf * gate
-        sf = _silu(xf)
-        uf = (sf * dt[:, None]).to(dtype)
-        dSf = tl.where(causal, tl.dot(dyf.to(dtype), tl.trans(uf)), 0.0)
-        duf = tl.dot(tl.trans((CBf * Lf).to(dtype)), dyf.to(dtype))
-        dsf = duf * dt[:, None] + Dh * dyf
-        dD = tl.sum(tl.sum(dyf * sf, 1), 0)
-        ddt = tl.sum(duf * sf, 1)
-        dCBf += dSf * Lf
-        t = dSf * CBf * Lf
-        dcs = tl.sum(t, 1) - tl.sum(t, 0)  # d(cs_i - cs_j)
-        da = tl.zeros_like(dcs)
-        dpf = dsf * _dsilu(xf)
-        dpb = tl.zeros_like(dpf)
-        if BIDIR:
-            dyb = dgb * gate
-            sb = _silu(xb)
-            ub = (sb * dt[:, None]).to(dtype)
-            dSb = tl.where(anti, tl.dot(dyb.to(dtype), tl.trans(ub)), 0.0)
-            dub = tl.dot(tl.trans((CBb * Lb).to(dtype)), dyb.to(dtype))
-            dsb = dub * dt[:, None] + Dh * dyb
-            dD += tl.sum(tl.sum(dyb * sb, 1), 0)
-            ddt += tl.sum(dub * sb, 1)
-            dCBb += dSb * Lb
-            t = dSb * CBb * Lb
-            dce = tl.sum(t, 0) - tl.sum(t, 1)  # exponent ce_j - ce_i, ce = cs - a
-            dcs += dce
-            da -= dce
-            dpb = dsb * _dsilu(xb)
-        # cs is a cumulative sum within each sequence: its gradient is the reversed cumulative sum of dcs.
-        da += tl.sum(tl.where(anti, dcs[None, :], 0.0), 1)
-        ddt += da * A
-        x = dt_raw + tl.load(DT_BIAS + h).to(tl.float32)
-        ddt_raw = tl.where(ok, ddt * tl.where(x > 20.0, 1.0, tl.sigmoid(x)), 0.0)  # softplus' = sigmoid
-        tl.store(prow + h, tl.sum(da * dt, 0) * A)  # A = -exp(A_log): dA_log = dA * A
-        tl.store(prow + NH + h, dD)
-        tl.store(prow + 2 * NH + h, tl.sum(ddt_raw, 0))
-        ptr = DP + rows * stride_p + 2 * E + 2 * N + h
-        if ACCUMULATE:
-            ddt_raw += tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
-        tl.store(ptr, ddt_raw.to(DP.dtype.element_ty), mask=ok)
-        dw, db = _conv_backward(P, DP, SCRATCH, stride_p, TABLE, seq, step, ok, rows, S, T_s, CONV_W, ch, dpf,
-                                dpb, i, E, C, L, K, BLOCK, BIDIR, ACCUMULATE)
-        tl.store(prow + 3 * NH + E + ch, db)
-        tl.store(prow + 3 * NH + E + C + ch[None, :] * K + tl.arange(0, K)[:, None], dw)
-
-    # B and C: C_i . B_j feeds every head's scores. Recomputed here rather than kept through the loop over heads.
-    cn = E + tl.arange(0, N)
-    Bpf, Cpf = _bc(P, stride_p, TABLE, seq, step, ok, S, T_s, CONV_W, CONV_B, E, N, L, K, 1)
-    dBf = tl.dot(tl.trans(dCBf).to(dtype), _silu(Cpf).to(dtype))
-    dCf = tl.dot(dCBf.to(dtype), _silu(Bpf).to(dtype))
-    Bpb, Cpb, dBb, dCb = Bpf, Cpf, tl.zeros_like(dBf), tl.zeros_like(dCf)
-    if BIDIR:
-        Bpb, Cpb = _bc(P, stride_p, TABLE, seq, step, ok, S, T_s, CONV_W, CONV_B, E, N, L, K, -1)
-        dBb = tl.dot(tl.trans(dCBb).to(dtype), _silu(Cpb).to(dtype))
-        dCb = tl.dot(dCBb.to(dtype), _silu(Bpb).to(dtype))
-    dw, db = _conv_backward(P, DP, SCRATCH, stride_p, TABLE, seq, step, ok, rows, S, T_s, CONV_W, cn,
-                            dBf * _dsilu(Bpf), dBb * _dsilu(Bpb), i, E, C, L, K, BLOCK, BIDIR, ACCUMULATE)
-    tl.store(prow + 3 * NH + E + cn, db)
-    tl.store(prow + 3 * NH + E + C + cn[None, :] * K + tl.arange(0, K)[:, None], dw)
-    dw, db = _conv_backward(P, DP, SCRATCH, stride_p, TABLE, seq, step, ok, rows, S, T_s, CONV_W, cn + N,
-                            dCf * _dsilu(Cpf), dCb * _dsilu(Cpb), i, E, C, L, K, BLOCK, BIDIR, ACCUMULATE)
-    tl.store(prow + 3 * NH + E + cn + N, db)
-    tl.store(prow + 3 * NH + E + C + (cn + N)[None, :] * K + tl.arange(0, K)[:, None], dw)
-
+        # B and C, a slice of state channels at a time, recomputed rather than kept through the loop over heads.
+        for c0 in tl.static_range(0, N, NC):
+            cn = E + c0 + tl.arange(0, NC)
+            dXB, dXC = _bc_backward(P, DP, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn, L, E, N, NH, K,
+                                    SIGN)
+            _store_grad(DP, rows, ok, stride_p, E + cn, dXB, add)
+            _store_grad(DP, rows, ok, stride_p, E + cn + N, dXC, add)
 
 # ---------------------------------------------------------------------------------------------------------
 # Launching, and the autograd op around in_proj -> mixer -> out_proj
@@ -361,7 +350,8 @@ def supported(E, nh, N, d_conv, ngroups, lengths):
 
 def _meta(conv_w, dt_bias, norm_w):
     E, nh, C, K = norm_w.numel(), dt_bias.numel(), conv_w.shape[0], conv_w.shape[-1]
-    return dict(E=E, NH=nh, HD=E // nh, N=(C - E) // 2, K=K)
+    N = (C - E) // 2
+    return dict(E=E, NH=nh, HD=E // nh, N=N, K=K, NC=min(N, 32))  # NC: state channels of B and C at a time
 
 
 def _launches(tables, tokens, T):
@@ -401,11 +391,10 @@ def _backward(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, t
         y = torch.empty_like(dy)
         for table, n_seq, L, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens,
                                                           p.shape[0]):
-            scratch = torch.empty(programs, 2, block, C, dtype=torch.float32, device=u.device)
-            part = torch.empty(programs, dparam.numel(), dtype=torch.float32, device=u.device)
-            _bwd_kernel[(programs,)](p, dy, dp, y, scratch, part, table, conv_w, conv_b, dt_bias, A_log, D, norm_w,
+            part = torch.zeros(programs, dparam.numel(), dtype=torch.float32, device=u.device)
+            _bwd_kernel[(programs,)](p, dy, dp, y, part, table, conv_w, conv_b, dt_bias, A_log, D, norm_w,
                                      n_seq, table.shape[0], tokens, p.stride(0), dy.stride(0), part.stride(0), eps,
-                                     L=L, BLOCK=block, BIDIR=bidirectional, ACCUMULATE=k > 0, num_warps=WARPS[block],
+                                     L=L, BLOCK=block, BIDIR=bidirectional, ACCUMULATE=int(k > 0), num_warps=WARPS[block],
                                      **meta)
             dparam += part.sum(0)
         d_out_w += grad[k].t().float() @ y.float()

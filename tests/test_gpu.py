@@ -68,20 +68,23 @@ def medsora_b(scan):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_medsora_kernel_path_matches_pytorch_path(dtype):
-    pytest.importorskip("mamba_ssm")
-    fast = medsora_b("kernel")
+@pytest.mark.parametrize("scan", ["kernel", "fused"])
+def test_medsora_kernel_path_matches_pytorch_path(dtype, scan):
+    """mamba-ssm's kernels, and the fused mixer (ssd_triton.py, the default on a GPU), against the chunked scan."""
+    if scan == "kernel":
+        pytest.importorskip("mamba_ssm")
+    fast = medsora_b(scan)
     slow = dit.MedSora(dit.make_config("B", scan="chunked", attn_dropout=0.0)).cuda()
     slow.load_state_dict(fast.state_dict())
     x = torch.randn(2, 6, 16, 16, 16, device="cuda")  # 4 video latent frames + 2 images (Table 1's z-shape)
     t = torch.tensor([10, 900], device="cuda")
-    compare("MedSora-B kernel vs chunked", run(fast, x, dtype, t, 4), run(slow, x, dtype, t, 4), dtype)
+    compare(f"MedSora-B {scan} vs chunked", run(fast, x, dtype, t, 4), run(slow, x, dtype, t, 4), dtype)
 
 
 def test_compiled_blocks_match_eager_on_gpu():
     """train.py --compile (dit.compile_blocks, inductor) against the eager model: forward and gradients, bf16."""
     eager = medsora_b("chunked")
-    fast = dit.MedSora(dit.make_config("B", scan="chunked", attn_dropout=0.0)).cuda()
+    fast = dit.MedSora(dit.make_config("B", attn_dropout=0.0)).cuda()  # the default scan: fused on a GPU
     fast.load_state_dict(eager.state_dict())
     dit.compile_blocks(fast)
     x = torch.randn(4, 13, 16, 16, 16, device="cuda")  # 5 video latent frames + 8 images, as train.py draws them
@@ -106,7 +109,7 @@ def test_cuda_graphs_of_the_compiled_blocks_match_eager_on_gpu():
     call, a replay of recorded graphs, in forward and gradients, bf16; then a replay on new input gives a new output
     (the input reaches the graphs' memory)."""
     eager = medsora_b("chunked")
-    fast = dit.MedSora(dit.make_config("B", scan="chunked", attn_dropout=0.0)).cuda()
+    fast = dit.MedSora(dit.make_config("B", attn_dropout=0.0)).cuda()  # the default scan: fused on a GPU
     fast.load_state_dict(eager.state_dict())
     dit.compile_blocks(fast, mode="reduce-overhead")
     x = torch.randn(4, 13, 16, 16, 16, device="cuda")
@@ -125,7 +128,7 @@ def test_cuda_graphs_with_block_features_match_eager_on_gpu():
     """train.py --align under CUDA graphs: the blocks' spatial outputs (the alignment's features) are graph outputs
     that the loss reads after the graphs ran; forward and gradients through them as eager's, bf16."""
     eager = medsora_b("chunked")
-    fast = dit.MedSora(dit.make_config("B", scan="chunked", attn_dropout=0.0)).cuda()
+    fast = dit.MedSora(dit.make_config("B", attn_dropout=0.0)).cuda()  # the default scan: fused on a GPU
     fast.load_state_dict(eager.state_dict())
     dit.compile_blocks(fast, mode="reduce-overhead")
 
@@ -151,7 +154,7 @@ def test_recomputed_compiled_blocks_match_eager_on_gpu():
     """train.py --recompute with the compiled blocks: the blocks run again in the backward pass, compiled; output
     and gradients as eager's, bf16; and the peak memory of the step is lower."""
     eager = medsora_b("chunked")
-    fast = dit.MedSora(dit.make_config("B", scan="chunked", attn_dropout=0.0)).cuda()
+    fast = dit.MedSora(dit.make_config("B", attn_dropout=0.0)).cuda()  # the default scan: fused on a GPU
     fast.load_state_dict(eager.state_dict())
     dit.compile_blocks(fast)
     x = torch.randn(4, 13, 16, 16, 16, device="cuda")
