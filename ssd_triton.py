@@ -123,84 +123,99 @@ def _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, mask, E: tl.constexpr, N: t
 
 
 @triton.jit
-def _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E: tl.constexpr, HD: tl.constexpr, N: tl.constexpr):
-    """One head's inputs for a block of sequences: dt (after softplus) and its raw input, the log-decays a = dt A
-    (Eq. 3) and their cumulative sum, D, the x tile (before the convolution) and z."""
+def _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E: tl.constexpr, N: tl.constexpr):
+    """One head's step sizes for a block of sequences: dt (after softplus) and its raw input, the log-decays
+    a = dt A (Eq. 3), their cumulative sum, A and D."""
     dt_raw = tl.load(P + rows * stride_p + 2 * E + 2 * N + h, mask=ok, other=0.0).to(tl.float32)
     dt = tl.where(ok, _softplus(dt_raw + tl.load(DT_BIAS + h)), 0.0)  # (BLOCK,), > 0
-    a = dt * -tl.exp(tl.load(A_LOG + h))
-    cs = tl.cumsum(a, 0)  # cs[i] - cs[j] = a[j+1] + ... + a[i]
-    ch = h * HD + tl.arange(0, HD)
-    X = _tile(P, rows, ok, stride_p, E + ch)
-    z = _tile(P, rows, ok, stride_p, ch).to(tl.float32)
-    return dt_raw, dt, a, cs, tl.load(DSKIP + h), X, z
+    A = -tl.exp(tl.load(A_LOG + h))
+    a = dt * A
+    return dt_raw, dt, a, tl.cumsum(a, 0), A, tl.load(DSKIP + h)  # cs[i] - cs[j] = a[j+1] + ... + a[i]
 
 
 @triton.jit
-def _scan(X, dt, a, cs, Dh, CB, mask, step, ok, CONV_W, CONV_B, ch, L, K: tl.constexpr, SIGN: tl.constexpr):
-    """One head, one direction: the convolution of X before SiLU, the decay matrix, and y = (CB * decay)(dt s) + D s
-    with s = silu(conv X): Eq. 4 on a single chunk. Forward (SIGN 1): j -> i for j <= i decays by a[j+1] + ... +
-    a[i]; backward (SIGN -1): j -> i for j >= i by a[i] + ... + a[j-1]."""
-    xc = _conv(X, step, ok, CONV_W, CONV_B, ch, L, K, SIGN)
+def _decay(a, cs, mask, SIGN: tl.constexpr):
+    """exp of the summed log-decays from step j to step i, masked: (BLOCK, BLOCK). Forward (SIGN 1): j <= i, by
+    a[j+1] + ... + a[i]; backward (SIGN -1): j >= i, by a[i] + ... + a[j-1]."""
     if SIGN == 1:
         expo = cs[:, None] - cs[None, :]
     else:
         ce = cs - a
         expo = ce[None, :] - ce[:, None]
-    decay = tl.where(mask, tl.exp(tl.where(mask, expo, 0.0)), 0.0)
-    s = _silu(xc)
-    y = tl.dot((CB * decay).to(X.dtype), (s * dt[:, None]).to(X.dtype)) + Dh * s
-    return xc, decay, y
+    return tl.where(mask, tl.exp(tl.where(mask, expo, 0.0)), 0.0)
 
 
 @triton.jit
-def _scan_backward(dy, xc, decay, CB, dt, Dh, mask, X):
-    """Gradients of _scan given dy: of the convolution's output (through SiLU), D, dt (through u = dt s), the
-    C . B scores, and the decays' exponent (as t = dS * CB * decay). X: the x tile, for its dtype."""
-    dtype = X.dtype
+def _scan(X, dt, Dh, Sc, step, ok, CONV_W, CONV_B, ch, L, K: tl.constexpr, SIGN: tl.constexpr):
+    """One slice of a head's channels, one direction: the convolution of the x tile X before SiLU, and
+    y = Sc (dt s) + D s with s = silu(conv X) and Sc = CB * decay the head's scores: Eq. 4 on a single chunk."""
+    xc = _conv(X, step, ok, CONV_W, CONV_B, ch, L, K, SIGN)
     s = _silu(xc)
-    u = (s * dt[:, None]).to(dtype)
-    dS = tl.where(mask, tl.dot(dy.to(dtype), tl.trans(u)), 0.0)
-    du = tl.dot(tl.trans((CB * decay).to(dtype)), dy.to(dtype))
-    dp = (du * dt[:, None] + Dh * dy) * _dsilu(xc)
-    return dp, tl.sum(tl.sum(dy * s, 1), 0), tl.sum(du * s, 1), dS * decay, dS * CB * decay
+    return xc, tl.dot(Sc, (s * dt[:, None]).to(X.dtype)) + Dh * s
+
+
+@triton.jit
+def _norm_stats(P, DOUT, NORM_W, stride_p, stride_o, rows, step, ok, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, CBf,
+                CBb, causal, anti, L, E: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr, HC: tl.constexpr,
+                N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr, GRAD: tl.constexpr):
+    """The RMSNorm's statistics over all heads of each direction: sums of squares of g = y silu(z), and (GRAD) of
+    dout * w * g."""
+    ssf = tl.zeros([BLOCK], dtype=tl.float32)
+    ssb = tl.zeros([BLOCK], dtype=tl.float32)
+    ddf = tl.zeros([BLOCK], dtype=tl.float32)
+    ddb = tl.zeros([BLOCK], dtype=tl.float32)
+    for h in range(NH):
+        dt_raw, dt, a, cs, A, Dh = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, N)
+        Sf = (CBf * _decay(a, cs, causal, 1)).to(P.dtype.element_ty)
+        Sb = (CBb * _decay(a, cs, anti, -1)).to(P.dtype.element_ty)
+        for c0 in range(0, HD, HC):
+            ch = h * HD + c0 + tl.arange(0, HC)
+            X = _tile(P, rows, ok, stride_p, E + ch)
+            gate = _silu(_tile(P, rows, ok, stride_p, ch).to(tl.float32))
+            if GRAD:
+                dn = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32) * tl.load(NORM_W + ch)[None, :]
+            xc, y = _scan(X, dt, Dh, Sf, step, ok, CONV_W, CONV_B, ch, L, K, 1)
+            ssf += tl.sum(y * gate * y * gate, 1)
+            if GRAD:
+                ddf += tl.sum(dn * y * gate, 1)
+            if BIDIR:
+                xc, y = _scan(X, dt, Dh, Sb, step, ok, CONV_W, CONV_B, ch, L, K, -1)
+                ssb += tl.sum(y * gate * y * gate, 1)
+                if GRAD:
+                    ddb += tl.sum(dn * y * gate, 1)
+    return ssf, ssb, ddf, ddb
 
 
 # Sizes that change with the input are not specialised on, so one compiled kernel serves every table shape.
 @triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L"])
 def _fwd_kernel(P, OUT, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq, S, T_s, stride_p, stride_o,
                 eps, L, E: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
-                BLOCK: tl.constexpr, BIDIR: tl.constexpr, NC: tl.constexpr):
+                BLOCK: tl.constexpr, BIDIR: tl.constexpr, NC: tl.constexpr, HC: tl.constexpr):
     step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
     CBf = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, causal, E, N, L, K, BLOCK, NC, 1)
     CBb = CBf
     if BIDIR:
         CBb = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, anti, E, N, L, K, BLOCK, NC, -1)
     # RMSNorm spans all heads: a first pass sums the squares, the second recomputes each head and writes it.
-    ssf = tl.zeros([BLOCK], dtype=tl.float32)
-    ssb = tl.zeros([BLOCK], dtype=tl.float32)
-    for h in range(NH):
-        _, dt, a, cs, Dh, X, z = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, HD, N)
-        ch = h * HD + tl.arange(0, HD)
-        gate = _silu(z)
-        _, _, y = _scan(X, dt, a, cs, Dh, CBf, causal, step, ok, CONV_W, CONV_B, ch, L, K, 1)
-        ssf += tl.sum(y * gate * y * gate, 1)
-        if BIDIR:
-            _, _, y = _scan(X, dt, a, cs, Dh, CBb, anti, step, ok, CONV_W, CONV_B, ch, L, K, -1)
-            ssb += tl.sum(y * gate * y * gate, 1)
+    ssf, ssb, _, _ = _norm_stats(P, P, NORM_W, stride_p, stride_o, rows, step, ok, CONV_W, CONV_B, DT_BIAS, A_LOG,
+                                 DSKIP, CBf, CBb, causal, anti, L, E, NH, HD, HC, N, K, BLOCK, BIDIR, False)
     rf = tl.rsqrt(ssf / E + eps)
     rb = tl.rsqrt(ssb / E + eps)
     for h in range(NH):
-        _, dt, a, cs, Dh, X, z = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, HD, N)
-        ch = h * HD + tl.arange(0, HD)
-        gate = _silu(z)
-        _, _, y = _scan(X, dt, a, cs, Dh, CBf, causal, step, ok, CONV_W, CONV_B, ch, L, K, 1)
-        out = y * rf[:, None]
-        if BIDIR:
-            _, _, y = _scan(X, dt, a, cs, Dh, CBb, anti, step, ok, CONV_W, CONV_B, ch, L, K, -1)
-            out += y * rb[:, None]
-        out = out * gate * tl.load(NORM_W + ch)[None, :]
-        tl.store(OUT + rows[:, None] * stride_o + ch[None, :], out.to(OUT.dtype.element_ty), mask=ok[:, None])
+        dt_raw, dt, a, cs, A, Dh = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, N)
+        Sf = (CBf * _decay(a, cs, causal, 1)).to(P.dtype.element_ty)
+        Sb = (CBb * _decay(a, cs, anti, -1)).to(P.dtype.element_ty)
+        for c0 in range(0, HD, HC):
+            ch = h * HD + c0 + tl.arange(0, HC)
+            X = _tile(P, rows, ok, stride_p, E + ch)
+            gate = _silu(_tile(P, rows, ok, stride_p, ch).to(tl.float32))
+            xc, y = _scan(X, dt, Dh, Sf, step, ok, CONV_W, CONV_B, ch, L, K, 1)
+            out = y * rf[:, None]
+            if BIDIR:
+                xc, y = _scan(X, dt, Dh, Sb, step, ok, CONV_W, CONV_B, ch, L, K, -1)
+                out += y * rb[:, None]
+            out = out * gate * tl.load(NORM_W + ch)[None, :]
+            tl.store(OUT + rows[:, None] * stride_o + ch[None, :], out.to(OUT.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -213,10 +228,15 @@ def _store_grad(DP, rows, ok, stride_p, cols, g, ACCUMULATE):
 
 
 @triton.jit
-def _bc_backward(P, DP, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn, L, E: tl.constexpr,
-                 N: tl.constexpr, NH: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr):
-    """One direction's gradients of B and C (slice cn of B's channels in xBC; C's are N further), given that of
-    their product's scores dCB: dC = dCB B, dB = dCB^T C, through SiLU and the convolution. Returns the tiles'
+def _add_param(ptr, g):
+    tl.store(ptr, tl.load(ptr) + g)
+
+
+@triton.jit
+def _bc_backward(P, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn, L, E: tl.constexpr, N: tl.constexpr,
+                 NH: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr):
+    """One direction's gradients of B and C (slice cn of B's channels in xBC; C's are N further), given those of
+    their scores C_i . B_j, dCB: dC = dCB B, dB = dCB^T C, through SiLU and the convolution. Returns the tiles'
     gradients; adds the convolution's parameter gradients to this program's row."""
     dtype = P.dtype.element_ty
     C: tl.constexpr = E + 2 * N
@@ -228,12 +248,10 @@ def _bc_backward(P, DP, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn,
     dXB, dwB, dbB = _conv_backward(XB, dBp, step, ok, CONV_W, cn, L, K, SIGN)
     dXC, dwC, dbC = _conv_backward(XC, dCp, step, ok, CONV_W, cn + N, L, K, SIGN)
     kk = tl.arange(0, K)[:, None]
-    tl.store(prow + 3 * NH + E + cn, tl.load(prow + 3 * NH + E + cn) + dbB)
-    tl.store(prow + 3 * NH + E + cn + N, tl.load(prow + 3 * NH + E + cn + N) + dbC)
-    ptr = prow + 3 * NH + E + C + cn[None, :] * K + kk
-    tl.store(ptr, tl.load(ptr) + dwB)
-    ptr = prow + 3 * NH + E + C + (cn + N)[None, :] * K + kk
-    tl.store(ptr, tl.load(ptr) + dwC)
+    _add_param(prow + 3 * NH + E + cn, dbB)
+    _add_param(prow + 3 * NH + E + cn + N, dbC)
+    _add_param(prow + 3 * NH + E + C + cn[None, :] * K + kk, dwB)
+    _add_param(prow + 3 * NH + E + C + (cn + N)[None, :] * K + kk, dwC)
     return dXB, dXC
 
 
@@ -241,91 +259,87 @@ def _bc_backward(P, DP, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn,
 def _bwd_kernel(P, DOUT, DP, Y, DPARAM, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq, S, T_s,
                 stride_p, stride_o, stride_param, eps, L, ACCUMULATE, E: tl.constexpr, NH: tl.constexpr,
                 HD: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr,
-                NC: tl.constexpr):
+                NC: tl.constexpr, HC: tl.constexpr):
     """Gradients of one block of sequences. Writes d(projection) to DP (added to what is there if ACCUMULATE),
     the recomputed output to Y (for out_proj's weight gradient), and adds this program's share of the parameter
     gradients to its row of DPARAM (zeroed): A_log, D, dt_bias (nh each), norm weight (E), conv bias (C), conv
     weight (C*K)."""
     C: tl.constexpr = E + 2 * N
+    dtype = P.dtype.element_ty
     step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
     prow = DPARAM + tl.program_id(0).to(tl.int64) * stride_param
     kk = tl.arange(0, K)[:, None]
-
-    # Pass 1: the norm's statistics over all heads and both directions: sums of squares, and of dout * w * g.
     CBf = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, causal, E, N, L, K, BLOCK, NC, 1)
     CBb = CBf
     if BIDIR:
         CBb = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, anti, E, N, L, K, BLOCK, NC, -1)
-    ssf = tl.zeros([BLOCK], dtype=tl.float32)
-    ssb = tl.zeros([BLOCK], dtype=tl.float32)
-    ddf = tl.zeros([BLOCK], dtype=tl.float32)
-    ddb = tl.zeros([BLOCK], dtype=tl.float32)
-    for h in range(NH):
-        _, dt, a, cs, Dh, X, z = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, HD, N)
-        ch = h * HD + tl.arange(0, HD)
-        gate = _silu(z)
-        dn = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32) * tl.load(NORM_W + ch)[None, :]
-        _, _, y = _scan(X, dt, a, cs, Dh, CBf, causal, step, ok, CONV_W, CONV_B, ch, L, K, 1)
-        ssf += tl.sum(y * gate * y * gate, 1)
-        ddf += tl.sum(dn * y * gate, 1)
-        if BIDIR:
-            _, _, y = _scan(X, dt, a, cs, Dh, CBb, anti, step, ok, CONV_W, CONV_B, ch, L, K, -1)
-            ssb += tl.sum(y * gate * y * gate, 1)
-            ddb += tl.sum(dn * y * gate, 1)
+    ssf, ssb, ddf, ddb = _norm_stats(P, DOUT, NORM_W, stride_p, stride_o, rows, step, ok, CONV_W, CONV_B, DT_BIAS,
+                                     A_LOG, DSKIP, CBf, CBb, causal, anti, L, E, NH, HD, HC, N, K, BLOCK, BIDIR, True)
 
-    # Pass 2, one direction after the other (fewer values alive at once): each head's gradients, the second
-    # direction adding to what the first wrote; those of the C . B scores accumulate over heads.
+    # One direction after the other (fewer values alive at once), the second adding to what the first wrote.
     for d in tl.static_range(2 if BIDIR else 1):
         SIGN = 1 - 2 * d
         mask = causal if d == 0 else anti
-        CB = CBf if d == 0 else CBb
+        CB = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, mask, E, N, L, K, BLOCK, NC, SIGN)  # again, not kept
         r = tl.rsqrt((ssf if d == 0 else ssb) / E + eps)
         c = r * r * r * (ddf if d == 0 else ddb) / E  # RMSNorm backward: dg = r dn - r^3 g (dn . g) / E
         add = ACCUMULATE if d == 0 else 1
         dCB = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         for h in range(NH):
-            dt_raw, dt, a, cs, Dh, X, z = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, HD, N)
-            ch = h * HD + tl.arange(0, HD)
-            w = tl.load(NORM_W + ch)[None, :]
-            gate = _silu(z)
-            dout = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32)
-            xc, decay, y = _scan(X, dt, a, cs, Dh, CB, mask, step, ok, CONV_W, CONV_B, ch, L, K, SIGN)
-            normed = y * gate * r[:, None]
-            dg = r[:, None] * dout * w - c[:, None] * y * gate
-            _store_grad(Y, rows, ok, stride_o, ch, normed * w, d)
-            _store_grad(DP, rows, ok, stride_p, ch, dg * y * _dsilu(z), add)  # z
-            dp, dD, ddt, dCBh, t = _scan_backward(dg * gate, xc, decay, CB, dt, Dh, mask, X)
-            dCB += dCBh
-            dX, dw, db = _conv_backward(X, dp, step, ok, CONV_W, ch, L, K, SIGN)
-            _store_grad(DP, rows, ok, stride_p, E + ch, dX, add)  # x
+            dt_raw, dt, a, cs, A, Dh = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, N)
+            decay = _decay(a, cs, mask, SIGN)
+            Sc = (CB * decay).to(dtype)
+            dS = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)  # of the scores, summed over the head's channels
+            ddt = tl.zeros([BLOCK], dtype=tl.float32)  # through u = dt s
+            dD = tl.sum(ddt, 0)
+            for c0 in range(0, HD, HC):
+                ch = h * HD + c0 + tl.arange(0, HC)
+                X = _tile(P, rows, ok, stride_p, E + ch)
+                z = _tile(P, rows, ok, stride_p, ch).to(tl.float32)
+                gate = _silu(z)
+                dout = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32)
+                w = tl.load(NORM_W + ch)[None, :]
+                xc, y = _scan(X, dt, Dh, Sc, step, ok, CONV_W, CONV_B, ch, L, K, SIGN)
+                normed = y * gate * r[:, None]
+                dg = r[:, None] * dout * w - c[:, None] * y * gate
+                _store_grad(Y, rows, ok, stride_o, ch, normed * w, d)
+                _store_grad(DP, rows, ok, stride_p, ch, dg * y * _dsilu(z), add)  # z
+                _add_param(prow + 3 * NH + ch, tl.sum(dout * normed, 0))  # norm weight
+                dy = dg * gate
+                s = _silu(xc)
+                u = (s * dt[:, None]).to(dtype)
+                dS += tl.dot(dy.to(dtype), tl.trans(u))
+                du = tl.dot(tl.trans(Sc), dy.to(dtype))
+                dD += tl.sum(tl.sum(dy * s, 1), 0)
+                ddt += tl.sum(du * s, 1)
+                dp = (du * dt[:, None] + Dh * dy) * _dsilu(xc)  # of the convolution's output
+                dX, dw, db = _conv_backward(X, dp, step, ok, CONV_W, ch, L, K, SIGN)
+                _store_grad(DP, rows, ok, stride_p, E + ch, dX, add)  # x
+                _add_param(prow + 3 * NH + E + ch, db)
+                _add_param(prow + 3 * NH + E + C + ch[None, :] * K + kk, dw)
+            dS = tl.where(mask, dS, 0.0)
+            dCB += dS * decay
             # The decays' exponent is cs_i - cs_j (forward) or (cs_j - a_j) - (cs_i - a_i) (backward); cs is a
             # cumulative sum within each sequence, so its gradient is the reversed cumulative sum.
+            t = dS * CB * decay
             dexp = (tl.sum(t, 1) - tl.sum(t, 0)) * SIGN
             da = tl.sum(tl.where(anti, dexp[None, :], 0.0), 1)
             if SIGN == -1:
                 da -= dexp
-            A = -tl.exp(tl.load(A_LOG + h))
             x = dt_raw + tl.load(DT_BIAS + h)
             ddt_raw = tl.where(ok, (ddt + da * A) * tl.where(x > 20.0, 1.0, tl.sigmoid(x)), 0.0)  # softplus'
+            _add_param(prow + h, tl.sum(da * dt, 0) * A)  # A = -exp(A_log): dA_log = dA * A
+            _add_param(prow + NH + h, dD)
+            _add_param(prow + 2 * NH + h, tl.sum(ddt_raw, 0))  # dt_bias
             ptr = DP + rows * stride_p + 2 * E + 2 * N + h
             if add:
                 ddt_raw += tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
             tl.store(ptr, ddt_raw.to(DP.dtype.element_ty), mask=ok)
-            # parameters: A_log (dA_log = dA * A), D, dt_bias, norm weight, conv bias and weight
-            tl.store(prow + h, tl.load(prow + h) + tl.sum(da * dt, 0) * A)
-            tl.store(prow + NH + h, tl.load(prow + NH + h) + dD)
-            tl.store(prow + 2 * NH + h, tl.load(prow + 2 * NH + h) + tl.sum(tl.where(ok, (ddt + da * A) * tl.where(
-                x > 20.0, 1.0, tl.sigmoid(x)), 0.0), 0))
-            tl.store(prow + 3 * NH + ch, tl.load(prow + 3 * NH + ch) + tl.sum(dout * normed, 0))
-            tl.store(prow + 3 * NH + E + ch, tl.load(prow + 3 * NH + E + ch) + db)
-            ptr = prow + 3 * NH + E + C + ch[None, :] * K + kk
-            tl.store(ptr, tl.load(ptr) + dw)
 
         # B and C, a slice of state channels at a time, recomputed rather than kept through the loop over heads.
-        for c0 in tl.static_range(0, N, NC):
-            cn = E + c0 + tl.arange(0, NC)
-            dXB, dXC = _bc_backward(P, DP, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn, L, E, N, NH, K,
-                                    SIGN)
+        for n0 in tl.static_range(0, N, NC):
+            cn = E + n0 + tl.arange(0, NC)
+            dXB, dXC = _bc_backward(P, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn, L, E, N, NH, K, SIGN)
             _store_grad(DP, rows, ok, stride_p, E + cn, dXB, add)
             _store_grad(DP, rows, ok, stride_p, E + cn + N, dXC, add)
 
@@ -351,7 +365,8 @@ def supported(E, nh, N, d_conv, ngroups, lengths):
 def _meta(conv_w, dt_bias, norm_w):
     E, nh, C, K = norm_w.numel(), dt_bias.numel(), conv_w.shape[0], conv_w.shape[-1]
     N = (C - E) // 2
-    return dict(E=E, NH=nh, HD=E // nh, N=N, K=K, NC=min(N, 32))  # NC: state channels of B and C at a time
+    # NC, HC: channels of B and C, and of a head, handled at a time (fewer values alive at once)
+    return dict(E=E, NH=nh, HD=E // nh, N=N, K=K, NC=min(N, 32), HC=min(E // nh, 32))
 
 
 def _launches(tables, tokens, T):

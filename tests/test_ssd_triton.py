@@ -65,10 +65,11 @@ def test_fused_matches_readable_on_mixed_tables(bidirectional):
     compare(ref, fused, torch.randn(3, 14, 32, generator=g).to(DEVICE), planes, bidirectional)
 
 
-@pytest.mark.parametrize("L", [24, 40])
-def test_fused_matches_readable_on_longer_sequences(L):
-    """One sequence a program (BLOCK 32 and 64 steps, partly padding), heads of 32 channels."""
-    ref, fused = pair(d_model=64, headdim=32)
+@pytest.mark.parametrize("L,headdim", [(24, 32), (40, 64)])
+def test_fused_matches_readable_on_longer_sequences(L, headdim):
+    """One sequence a program (BLOCK 32 and 64 steps, partly padding); heads of 32 channels, and of 64 (two slices
+    of 32 at a time)."""
+    ref, fused = pair(d_model=64, headdim=headdim)
     g = torch.Generator().manual_seed(L)
     table = torch.randperm(2 * L, generator=g).view(2, L).to(DEVICE)
     compare(ref, fused, torch.randn(2, 2 * L, 64, generator=g).to(DEVICE), [[table]], True)
