@@ -186,21 +186,29 @@ def _norm_stats(P, DOUT, NORM_W, stride_p, stride_o, rows, step, ok, CONV_W, CON
     return ssf, ssb, ddf, ddb
 
 
+@triton.jit
+def _store_grad(DP, rows, ok, stride_p, cols, g, ACCUMULATE):
+    """DP[rows, cols] = g, or += g."""
+    ptr = DP + rows[:, None] * stride_p + cols[None, :]
+    if ACCUMULATE:
+        g += tl.load(ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(ptr, g.to(DP.dtype.element_ty), mask=ok[:, None])
+
+
 # Sizes that change with the input are not specialised on, so one compiled kernel serves every table shape.
 @triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L"])
-def _fwd_kernel(P, OUT, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq, S, T_s, stride_p, stride_o,
+def _fwd_kernel(P, OUT, GB, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq, S, T_s, stride_p, stride_o,
                 eps, L, E: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                 BLOCK: tl.constexpr, BIDIR: tl.constexpr, NC: tl.constexpr, HC: tl.constexpr):
+    """The mixer's output for one block of sequences. GB: room for the backward scan's g = y silu(z) (OUT holds the
+    forward scan's) until the RMSNorm's statistics over all heads are known."""
     step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
     CBf = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, causal, E, N, L, K, BLOCK, NC, 1)
     CBb = CBf
     if BIDIR:
         CBb = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, anti, E, N, L, K, BLOCK, NC, -1)
-    # RMSNorm spans all heads: a first pass sums the squares, the second recomputes each head and writes it.
-    ssf, ssb, _, _ = _norm_stats(P, P, NORM_W, stride_p, stride_o, rows, step, ok, CONV_W, CONV_B, DT_BIAS, A_LOG,
-                                 DSKIP, CBf, CBb, causal, anti, L, E, NH, HD, HC, N, K, BLOCK, BIDIR, False)
-    rf = tl.rsqrt(ssf / E + eps)
-    rb = tl.rsqrt(ssb / E + eps)
+    ssf = tl.zeros([BLOCK], dtype=tl.float32)
+    ssb = tl.zeros([BLOCK], dtype=tl.float32)
     for h in range(NH):
         dt_raw, dt, a, cs, A, Dh = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, N)
         Sf = (CBf * _decay(a, cs, causal, 1)).to(P.dtype.element_ty)
@@ -210,21 +218,22 @@ def _fwd_kernel(P, OUT, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_
             X = _tile(P, rows, ok, stride_p, E + ch)
             gate = _silu(_tile(P, rows, ok, stride_p, ch).to(tl.float32))
             xc, y = _scan(X, dt, Dh, Sf, step, ok, CONV_W, CONV_B, ch, L, K, 1)
-            out = y * rf[:, None]
+            ssf += tl.sum(y * gate * y * gate, 1)
+            _store_grad(OUT, rows, ok, stride_o, ch, y * gate, 0)
             if BIDIR:
                 xc, y = _scan(X, dt, Dh, Sb, step, ok, CONV_W, CONV_B, ch, L, K, -1)
-                out += y * rb[:, None]
-            out = out * gate * tl.load(NORM_W + ch)[None, :]
-            tl.store(OUT + rows[:, None] * stride_o + ch[None, :], out.to(OUT.dtype.element_ty), mask=ok[:, None])
-
-
-@triton.jit
-def _store_grad(DP, rows, ok, stride_p, cols, g, ACCUMULATE):
-    """DP[rows, cols] = g, or += g."""
-    ptr = DP + rows[:, None] * stride_p + cols[None, :]
-    if ACCUMULATE:
-        g += tl.load(ptr, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(ptr, g.to(DP.dtype.element_ty), mask=ok[:, None])
+                ssb += tl.sum(y * gate * y * gate, 1)
+                _store_grad(GB, rows, ok, stride_o, ch, y * gate, 0)
+    # RMSNorm over all E channels, per direction, then the norm's weight; the two directions summed.
+    rf = tl.rsqrt(ssf / E + eps)
+    rb = tl.rsqrt(ssb / E + eps)
+    tl.debug_barrier()  # what other threads of the program stored above is visible below
+    for c0 in range(0, E, HC):
+        ch = c0 + tl.arange(0, HC)
+        out = _tile(OUT, rows, ok, stride_o, ch).to(tl.float32) * rf[:, None]
+        if BIDIR:
+            out += _tile(GB, rows, ok, stride_o, ch).to(tl.float32) * rb[:, None]
+        _store_grad(OUT, rows, ok, stride_o, ch, out * tl.load(NORM_W + ch)[None, :], 0)
 
 
 @triton.jit
@@ -384,11 +393,12 @@ def _forward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, 
     outs = []
     for k in range(max(planes) + 1):
         y = torch.empty(p.shape[0], meta["E"], dtype=p.dtype, device=p.device)
+        gb = torch.empty_like(y) if bidirectional else y  # the backward scan's output before the norm
         for table, n_seq, L, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens,
                                                           p.shape[0]):
-            _fwd_kernel[(programs,)](p, y, table, conv_w, conv_b, dt_bias, A_log, D, norm_w, n_seq, table.shape[0],
-                                     tokens, p.stride(0), y.stride(0), eps, L=L, BLOCK=block, BIDIR=bidirectional,
-                                     num_warps=WARPS[block], **meta)
+            _fwd_kernel[(programs,)](p, y, gb, table, conv_w, conv_b, dt_bias, A_log, D, norm_w, n_seq,
+                                     table.shape[0], tokens, p.stride(0), y.stride(0), eps, L=L, BLOCK=block,
+                                     BIDIR=bidirectional, num_warps=WARPS[block], **meta)
         outs.append(y @ out_w.t())
     return torch.stack(outs)
 

@@ -51,3 +51,18 @@ def test_sdpa_matches_the_written_out_attention():
     gerr = (grads[0] - grads[1]).norm() / grads[1].norm()
     print("relative error: output", float(err), "gradients", float(gerr))
     assert err < 1e-5 and gerr < 1e-5
+
+
+def test_one_frame_attention_is_the_value_projection():
+    """An image along time is a one-key attention: the shortcut (value projection only) gives what full attention
+    over one frame gives, forward and gradients."""
+    torch.manual_seed(0)
+    block = peer.PeerBlock(32, 4)
+    x = torch.randn(6, 1, 32, requires_grad=True)
+    fast = block.attend(x, block.qkv_time, block.out_time)
+    q, k, v = block.qkv_time(x).chunk(3, dim=-1)
+    full = block.out_time(torch.softmax((q * k).sum(-1, keepdim=True), dim=-1) * v)  # softmax over the one key
+    assert torch.allclose(fast, full, atol=1e-6) and fast.abs().max() > 1e-2
+    g_fast = torch.autograd.grad(fast.square().sum(), x)[0]
+    g_full = torch.autograd.grad(full.square().sum(), x)[0]
+    assert torch.allclose(g_fast, g_full, atol=1e-6)
