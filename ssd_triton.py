@@ -68,7 +68,7 @@ def _shift(x, step, ok, s, L):
 
 
 @triton.jit
-def _conv(X, step, ok, CONV_W, CONV_B, chan, L, K: tl.constexpr, SIGN: tl.constexpr):
+def _conv(X, step, ok, CONV_W, CONV_B, chan, L, K: tl.constexpr, SIGN):
     """The depthwise convolution along the scan of the xBC tile X (BLOCK, len(chan)), before SiLU. SIGN = 1: the
     forward scan (tap k sees step i - (K-1-k)); SIGN = -1: the backward scan (step i + (K-1-k))."""
     acc = tl.load(CONV_B + chan)[None, :] + X.to(tl.float32) * tl.load(CONV_W + chan * K + K - 1)[None, :]
@@ -78,7 +78,7 @@ def _conv(X, step, ok, CONV_W, CONV_B, chan, L, K: tl.constexpr, SIGN: tl.conste
 
 
 @triton.jit
-def _conv_backward(X, dp, step, ok, CONV_W, chan, L, K: tl.constexpr, SIGN: tl.constexpr):
+def _conv_backward(X, dp, step, ok, CONV_W, chan, L, K: tl.constexpr, SIGN):
     """Gradients of _conv in one direction, given those of its output (dp: (BLOCK, len(chan))): of the input tile,
     of the weight as a (K, len(chan)) tensor, and of the bias. The transpose of a shift by s is the shift by -s."""
     kk = tl.arange(0, K)
@@ -109,12 +109,12 @@ def _softplus(x):
 
 @triton.jit
 def _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, mask, E: tl.constexpr, N: tl.constexpr, L, K: tl.constexpr,
-        BLOCK: tl.constexpr, NC: tl.constexpr, SIGN: tl.constexpr):
+        BLOCK: tl.constexpr, NC: tl.constexpr, SIGN):
     """C_i . B_j of one direction (B and C after the convolution and SiLU), masked: (BLOCK, BLOCK). Summed over
     slices of NC state channels, which keeps few values of B and C alive at once."""
     dtype = P.dtype.element_ty
     CB = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    for c0 in tl.static_range(0, N, NC):
+    for c0 in range(0, N, NC):
         cn = E + c0 + tl.arange(0, NC)  # B's channels in xBC; C's are N further
         Bs = _silu(_conv(_tile(P, rows, ok, stride_p, E + cn), step, ok, CONV_W, CONV_B, cn, L, K, SIGN))
         Cs = _silu(_conv(_tile(P, rows, ok, stride_p, E + cn + N), step, ok, CONV_W, CONV_B, cn + N, L, K, SIGN))
@@ -134,19 +134,16 @@ def _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E: tl.constexpr, N: t
 
 
 @triton.jit
-def _decay(a, cs, mask, SIGN: tl.constexpr):
+def _decay(a, cs, mask, SIGN):
     """exp of the summed log-decays from step j to step i, masked: (BLOCK, BLOCK). Forward (SIGN 1): j <= i, by
     a[j+1] + ... + a[i]; backward (SIGN -1): j >= i, by a[i] + ... + a[j-1]."""
-    if SIGN == 1:
-        expo = cs[:, None] - cs[None, :]
-    else:
-        ce = cs - a
-        expo = ce[None, :] - ce[:, None]
+    ce = cs - a
+    expo = tl.where(SIGN == 1, cs[:, None] - cs[None, :], ce[None, :] - ce[:, None])
     return tl.where(mask, tl.exp(tl.where(mask, expo, 0.0)), 0.0)
 
 
 @triton.jit
-def _scan(X, dt, Dh, Sc, step, ok, CONV_W, CONV_B, ch, L, K: tl.constexpr, SIGN: tl.constexpr):
+def _scan(X, dt, Dh, Sc, step, ok, CONV_W, CONV_B, ch, L, K: tl.constexpr, SIGN):
     """One slice of a head's channels, one direction: the convolution of the x tile X before SiLU, and
     y = Sc (dt s) + D s with s = silu(conv X) and Sc = CB * decay the head's scores: Eq. 4 on a single chunk."""
     xc = _conv(X, step, ok, CONV_W, CONV_B, ch, L, K, SIGN)
@@ -243,7 +240,7 @@ def _add_param(ptr, g):
 
 @triton.jit
 def _bc_backward(P, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn, L, E: tl.constexpr, N: tl.constexpr,
-                 NH: tl.constexpr, K: tl.constexpr, SIGN: tl.constexpr):
+                 NH: tl.constexpr, K: tl.constexpr, SIGN):
     """One direction's gradients of B and C (slice cn of B's channels in xBC; C's are N further), given those of
     their scores C_i . B_j, dCB: dC = dCB B, dB = dCB^T C, through SiLU and the convolution. Returns the tiles'
     gradients; adds the convolution's parameter gradients to this program's row."""
@@ -286,13 +283,13 @@ def _bwd_kernel(P, DOUT, DP, Y, DPARAM, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, D
                                      A_LOG, DSKIP, CBf, CBb, causal, anti, L, E, NH, HD, HC, N, K, BLOCK, BIDIR, True)
 
     # One direction after the other (fewer values alive at once), the second adding to what the first wrote.
-    for d in tl.static_range(2 if BIDIR else 1):
+    for d in range(2 if BIDIR else 1):
         SIGN = 1 - 2 * d
-        mask = causal if d == 0 else anti
+        mask = tl.where(d == 0, causal, anti)
         CB = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, mask, E, N, L, K, BLOCK, NC, SIGN)  # again, not kept
-        r = tl.rsqrt((ssf if d == 0 else ssb) / E + eps)
-        c = r * r * r * (ddf if d == 0 else ddb) / E  # RMSNorm backward: dg = r dn - r^3 g (dn . g) / E
-        add = ACCUMULATE if d == 0 else 1
+        r = tl.rsqrt(tl.where(d == 0, ssf, ssb) / E + eps)
+        c = r * r * r * tl.where(d == 0, ddf, ddb) / E  # RMSNorm backward: dg = r dn - r^3 g (dn . g) / E
+        add = ACCUMULATE | d  # the second direction adds to the first
         dCB = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         for h in range(NH):
             dt_raw, dt, a, cs, A, Dh = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, N)
@@ -332,9 +329,7 @@ def _bwd_kernel(P, DOUT, DP, Y, DPARAM, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, D
             # cumulative sum within each sequence, so its gradient is the reversed cumulative sum.
             t = dS * CB * decay
             dexp = (tl.sum(t, 1) - tl.sum(t, 0)) * SIGN
-            da = tl.sum(tl.where(anti, dexp[None, :], 0.0), 1)
-            if SIGN == -1:
-                da -= dexp
+            da = tl.sum(tl.where(anti, dexp[None, :], 0.0), 1) - tl.where(SIGN == -1, dexp, 0.0)
             x = dt_raw + tl.load(DT_BIAS + h)
             ddt_raw = tl.where(ok, (ddt + da * A) * tl.where(x > 20.0, 1.0, tl.sigmoid(x)), 0.0)  # softplus'
             _add_param(prow + h, tl.sum(da * dt, 0) * A)  # A = -exp(A_log): dA_log = dA * A
@@ -346,7 +341,7 @@ def _bwd_kernel(P, DOUT, DP, Y, DPARAM, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, D
             tl.store(ptr, ddt_raw.to(DP.dtype.element_ty), mask=ok)
 
         # B and C, a slice of state channels at a time, recomputed rather than kept through the loop over heads.
-        for n0 in tl.static_range(0, N, NC):
+        for n0 in range(0, N, NC):
             cn = E + n0 + tl.arange(0, NC)
             dXB, dXC = _bc_backward(P, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn, L, E, N, NH, K, SIGN)
             _store_grad(DP, rows, ok, stride_p, E + cn, dXB, add)
