@@ -152,85 +152,12 @@ def _scan(X, dt, Dh, Sc, step, ok, CONV_W, CONV_B, ch, L, K: tl.constexpr, SIGN)
 
 
 @triton.jit
-def _norm_stats(P, DOUT, NORM_W, stride_p, stride_o, rows, step, ok, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, CBf,
-                CBb, causal, anti, L, E: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr, HC: tl.constexpr,
-                N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr, GRAD: tl.constexpr):
-    """The RMSNorm's statistics over all heads of each direction: sums of squares of g = y silu(z), and (GRAD) of
-    dout * w * g."""
-    ssf = tl.zeros([BLOCK], dtype=tl.float32)
-    ssb = tl.zeros([BLOCK], dtype=tl.float32)
-    ddf = tl.zeros([BLOCK], dtype=tl.float32)
-    ddb = tl.zeros([BLOCK], dtype=tl.float32)
-    for h in range(NH):
-        dt_raw, dt, a, cs, A, Dh = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, N)
-        Sf = (CBf * _decay(a, cs, causal, 1)).to(P.dtype.element_ty)
-        Sb = (CBb * _decay(a, cs, anti, -1)).to(P.dtype.element_ty)
-        for c0 in range(0, HD, HC):
-            ch = h * HD + c0 + tl.arange(0, HC)
-            X = _tile(P, rows, ok, stride_p, E + ch)
-            gate = _silu(_tile(P, rows, ok, stride_p, ch).to(tl.float32))
-            if GRAD:
-                dn = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32) * tl.load(NORM_W + ch)[None, :]
-            xc, y = _scan(X, dt, Dh, Sf, step, ok, CONV_W, CONV_B, ch, L, K, 1)
-            ssf += tl.sum(y * gate * y * gate, 1)
-            if GRAD:
-                ddf += tl.sum(dn * y * gate, 1)
-            if BIDIR:
-                xc, y = _scan(X, dt, Dh, Sb, step, ok, CONV_W, CONV_B, ch, L, K, -1)
-                ssb += tl.sum(y * gate * y * gate, 1)
-                if GRAD:
-                    ddb += tl.sum(dn * y * gate, 1)
-    return ssf, ssb, ddf, ddb
-
-
-@triton.jit
 def _store_grad(DP, rows, ok, stride_p, cols, g, ACCUMULATE):
     """DP[rows, cols] = g, or += g."""
     ptr = DP + rows[:, None] * stride_p + cols[None, :]
     if ACCUMULATE:
         g += tl.load(ptr, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(ptr, g.to(DP.dtype.element_ty), mask=ok[:, None])
-
-
-# Sizes that change with the input are not specialised on, so one compiled kernel serves every table shape.
-@triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L"])
-def _fwd_kernel(P, OUT, GB, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq, S, T_s, stride_p, stride_o,
-                eps, L, E: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
-                BLOCK: tl.constexpr, BIDIR: tl.constexpr, NC: tl.constexpr, HC: tl.constexpr):
-    """The mixer's output for one block of sequences. GB: room for the backward scan's g = y silu(z) (OUT holds the
-    forward scan's) until the RMSNorm's statistics over all heads are known."""
-    step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
-    CBf = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, causal, E, N, L, K, BLOCK, NC, 1)
-    CBb = CBf
-    if BIDIR:
-        CBb = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, anti, E, N, L, K, BLOCK, NC, -1)
-    ssf = tl.zeros([BLOCK], dtype=tl.float32)
-    ssb = tl.zeros([BLOCK], dtype=tl.float32)
-    for h in range(NH):
-        dt_raw, dt, a, cs, A, Dh = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, N)
-        Sf = (CBf * _decay(a, cs, causal, 1)).to(P.dtype.element_ty)
-        Sb = (CBb * _decay(a, cs, anti, -1)).to(P.dtype.element_ty)
-        for c0 in range(0, HD, HC):
-            ch = h * HD + c0 + tl.arange(0, HC)
-            X = _tile(P, rows, ok, stride_p, E + ch)
-            gate = _silu(_tile(P, rows, ok, stride_p, ch).to(tl.float32))
-            xc, y = _scan(X, dt, Dh, Sf, step, ok, CONV_W, CONV_B, ch, L, K, 1)
-            ssf += tl.sum(y * gate * y * gate, 1)
-            _store_grad(OUT, rows, ok, stride_o, ch, y * gate, 0)
-            if BIDIR:
-                xc, y = _scan(X, dt, Dh, Sb, step, ok, CONV_W, CONV_B, ch, L, K, -1)
-                ssb += tl.sum(y * gate * y * gate, 1)
-                _store_grad(GB, rows, ok, stride_o, ch, y * gate, 0)
-    # RMSNorm over all E channels, per direction, then the norm's weight; the two directions summed.
-    rf = tl.rsqrt(ssf / E + eps)
-    rb = tl.rsqrt(ssb / E + eps)
-    tl.debug_barrier()  # what other threads of the program stored above is visible below
-    for c0 in range(0, E, HC):
-        ch = c0 + tl.arange(0, HC)
-        out = _tile(OUT, rows, ok, stride_o, ch).to(tl.float32) * rf[:, None]
-        if BIDIR:
-            out += _tile(GB, rows, ok, stride_o, ch).to(tl.float32) * rb[:, None]
-        _store_grad(OUT, rows, ok, stride_o, ch, out * tl.load(NORM_W + ch)[None, :], 0)
 
 
 @triton.jit
@@ -261,89 +188,195 @@ def _bc_backward(P, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn, L, 
     return dXB, dXC
 
 
+@triton.jit
+def _cb_ptrs(CB, BLOCK: tl.constexpr, d):
+    """Where this program's (BLOCK, BLOCK) scores of direction d live in CB (programs, 2, BLOCK, BLOCK)."""
+    i = tl.arange(0, BLOCK)
+    return CB + (tl.program_id(0).to(tl.int64) * 2 + d) * BLOCK * BLOCK + i[:, None] * BLOCK + i[None, :]
+
+
+# Programs: a block of sequences each, or (for the per-head kernels) a block of sequences and one head. Sizes that
+# change with the input are not specialised on, so one compiled kernel serves every table shape.
+@triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L"])
+def _cb_kernel(P, CB, TABLE, CONV_W, CONV_B, n_seq, S, T_s, stride_p, L, E: tl.constexpr, N: tl.constexpr,
+               K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr, NC: tl.constexpr):
+    """The scores C_i . B_j of both directions, shared by all heads (ngroups = 1)."""
+    step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
+    tl.store(_cb_ptrs(CB, BLOCK, 0), _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, causal, E, N, L, K, BLOCK, NC,
+                                         1))
+    if BIDIR:
+        tl.store(_cb_ptrs(CB, BLOCK, 1), _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, anti, E, N, L, K, BLOCK,
+                                             NC, -1))
+
+
+@triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L"])
+def _scan_kernel(P, CB, OUT, GB, SS, DOUT, NORM_W, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, n_seq, S, T_s,
+                stride_p, stride_o, L, E: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr, N: tl.constexpr,
+                K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr, HC: tl.constexpr, GRAD: tl.constexpr):
+    """One head of a block of sequences: g = y silu(z) of each direction, and its share of the RMSNorm's statistics
+    (sums of squares of g; with GRAD, of dout * w * g instead of storing g) in SS (programs, NH, 4, BLOCK).
+    OUT and GB hold the forward and backward scans' g until the statistics over all heads are known."""
+    step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
+    h = tl.program_id(1)
+    dtype = P.dtype.element_ty
+    dt_raw, dt, a, cs, A, Dh = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, N)
+    Sf = (tl.load(_cb_ptrs(CB, BLOCK, 0)) * _decay(a, cs, causal, 1)).to(dtype)
+    Sb = Sf
+    if BIDIR:
+        Sb = (tl.load(_cb_ptrs(CB, BLOCK, 1)) * _decay(a, cs, anti, -1)).to(dtype)
+    stats = tl.zeros([4, BLOCK], dtype=tl.float32)  # ss forward, ss backward, dd forward, dd backward
+    k4 = tl.arange(0, 4)[:, None]
+    for c0 in range(0, HD, HC):
+        ch = h * HD + c0 + tl.arange(0, HC)
+        X = _tile(P, rows, ok, stride_p, E + ch)
+        gate = _silu(_tile(P, rows, ok, stride_p, ch).to(tl.float32))
+        if GRAD:
+            dn = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32) * tl.load(NORM_W + ch)[None, :]
+        xc, y = _scan(X, dt, Dh, Sf, step, ok, CONV_W, CONV_B, ch, L, K, 1)
+        stats += tl.where(k4 == 0, tl.sum(y * gate * y * gate, 1)[None, :], 0.0)
+        if GRAD:
+            stats += tl.where(k4 == 2, tl.sum(dn * y * gate, 1)[None, :], 0.0)
+        else:
+            _store_grad(OUT, rows, ok, stride_o, ch, y * gate, 0)
+        if BIDIR:
+            xc, y = _scan(X, dt, Dh, Sb, step, ok, CONV_W, CONV_B, ch, L, K, -1)
+            stats += tl.where(k4 == 1, tl.sum(y * gate * y * gate, 1)[None, :], 0.0)
+            if GRAD:
+                stats += tl.where(k4 == 3, tl.sum(dn * y * gate, 1)[None, :], 0.0)
+            else:
+                _store_grad(GB, rows, ok, stride_o, ch, y * gate, 0)
+    i = tl.arange(0, BLOCK)[None, :]
+    tl.store(SS + ((tl.program_id(0).to(tl.int64) * NH + h) * 4 + k4) * BLOCK + i, stats)
+
+
+@triton.jit
+def _norm_stats(SS, NH: tl.constexpr, BLOCK: tl.constexpr):
+    """The four statistics of _scan_kernel summed over the heads: (4, BLOCK)."""
+    k4 = tl.arange(0, 4)[:, None]
+    i = tl.arange(0, BLOCK)[None, :]
+    base = SS + tl.program_id(0).to(tl.int64) * NH * 4 * BLOCK
+    stats = tl.zeros([4, BLOCK], dtype=tl.float32)
+    for h in range(NH):
+        stats += tl.load(base + (h * 4 + k4) * BLOCK + i)
+    return stats
+
+
+@triton.jit
+def _row(stats, k: tl.constexpr):
+    return tl.sum(tl.where(tl.arange(0, 4)[:, None] == k, stats, 0.0), 0)
+
+
+@triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L"])
+def _norm_kernel(OUT, GB, SS, NORM_W, TABLE, n_seq, S, T_s, stride_o, eps, L, E: tl.constexpr, NH: tl.constexpr,
+                 HD: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr, HC: tl.constexpr):
+    """One head's channels of a block of sequences: RMSNorm of each direction over all E channels, the norm's
+    weight, the two directions summed, into OUT."""
+    step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
+    stats = _norm_stats(SS, NH, BLOCK)
+    rf = tl.rsqrt(_row(stats, 0) / E + eps)
+    rb = tl.rsqrt(_row(stats, 1) / E + eps)
+    for c0 in range(0, HD, HC):
+        ch = tl.program_id(1) * HD + c0 + tl.arange(0, HC)
+        out = _tile(OUT, rows, ok, stride_o, ch).to(tl.float32) * rf[:, None]
+        if BIDIR:
+            out += _tile(GB, rows, ok, stride_o, ch).to(tl.float32) * rb[:, None]
+        _store_grad(OUT, rows, ok, stride_o, ch, out * tl.load(NORM_W + ch)[None, :], 0)
+
+
 @triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L", "ACCUMULATE"])
-def _bwd_kernel(P, DOUT, DP, Y, DPARAM, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq, S, T_s,
-                stride_p, stride_o, stride_param, eps, L, ACCUMULATE, E: tl.constexpr, NH: tl.constexpr,
+def _bwd_kernel(P, CB, DOUT, DP, Y, SS, DCB, DPARAM, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq, S,
+                T_s, stride_p, stride_o, stride_param, eps, L, ACCUMULATE, E: tl.constexpr, NH: tl.constexpr,
                 HD: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr,
-                NC: tl.constexpr, HC: tl.constexpr):
-    """Gradients of one block of sequences. Writes d(projection) to DP (added to what is there if ACCUMULATE),
-    the recomputed output to Y (for out_proj's weight gradient), and adds this program's share of the parameter
-    gradients to its row of DPARAM (zeroed): A_log, D, dt_bias (nh each), norm weight (E), conv bias (C), conv
-    weight (C*K)."""
+                HC: tl.constexpr):
+    """Gradients of one head of a block of sequences, given the norm's statistics (SS, from _scan_kernel with GRAD).
+    Writes the head's channels of d(projection) to DP (added to what is there if ACCUMULATE) and of the recomputed
+    output to Y (for out_proj's weight gradient); the gradient of the scores C_i . B_j to DCB (programs, NH, 2,
+    BLOCK, BLOCK); and adds the head's parameter gradients to this block's row of DPARAM (zeroed): A_log, D,
+    dt_bias (nh each), norm weight (E), conv bias (C), conv weight (C*K)."""
     C: tl.constexpr = E + 2 * N
     dtype = P.dtype.element_ty
     step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
+    h = tl.program_id(1)
     prow = DPARAM + tl.program_id(0).to(tl.int64) * stride_param
     kk = tl.arange(0, K)[:, None]
-    CBf = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, causal, E, N, L, K, BLOCK, NC, 1)
-    CBb = CBf
-    if BIDIR:
-        CBb = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, anti, E, N, L, K, BLOCK, NC, -1)
-    ssf, ssb, ddf, ddb = _norm_stats(P, DOUT, NORM_W, stride_p, stride_o, rows, step, ok, CONV_W, CONV_B, DT_BIAS,
-                                     A_LOG, DSKIP, CBf, CBb, causal, anti, L, E, NH, HD, HC, N, K, BLOCK, BIDIR, True)
-
-    # One direction after the other (fewer values alive at once), the second adding to what the first wrote.
+    stats = _norm_stats(SS, NH, BLOCK)
+    dt_raw, dt, a, cs, A, Dh = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, N)
+    # One direction after the other, the second adding to what the first wrote.
     for d in range(2 if BIDIR else 1):
         SIGN = 1 - 2 * d
         mask = tl.where(d == 0, causal, anti)
-        CB = _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, mask, E, N, L, K, BLOCK, NC, SIGN)  # again, not kept
-        r = tl.rsqrt(tl.where(d == 0, ssf, ssb) / E + eps)
-        c = r * r * r * tl.where(d == 0, ddf, ddb) / E  # RMSNorm backward: dg = r dn - r^3 g (dn . g) / E
+        CBd = tl.load(_cb_ptrs(CB, BLOCK, d))
+        r = tl.rsqrt(tl.where(d == 0, _row(stats, 0), _row(stats, 1)) / E + eps)
+        c = r * r * r * tl.where(d == 0, _row(stats, 2), _row(stats, 3)) / E  # dg = r dn - r^3 g (dn . g) / E
         add = ACCUMULATE | d  # the second direction adds to the first
+        decay = _decay(a, cs, mask, SIGN)
+        Sc = (CBd * decay).to(dtype)
+        dS = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)  # of the scores, summed over the head's channels
+        ddt = tl.zeros([BLOCK], dtype=tl.float32)  # through u = dt s
+        dD = tl.sum(ddt, 0)
+        for c0 in range(0, HD, HC):
+            ch = h * HD + c0 + tl.arange(0, HC)
+            X = _tile(P, rows, ok, stride_p, E + ch)
+            z = _tile(P, rows, ok, stride_p, ch).to(tl.float32)
+            gate = _silu(z)
+            dout = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32)
+            w = tl.load(NORM_W + ch)[None, :]
+            xc, y = _scan(X, dt, Dh, Sc, step, ok, CONV_W, CONV_B, ch, L, K, SIGN)
+            normed = y * gate * r[:, None]
+            dg = r[:, None] * dout * w - c[:, None] * y * gate
+            _store_grad(Y, rows, ok, stride_o, ch, normed * w, d)
+            _store_grad(DP, rows, ok, stride_p, ch, dg * y * _dsilu(z), add)  # z
+            _add_param(prow + 3 * NH + ch, tl.sum(dout * normed, 0))  # norm weight
+            dy = dg * gate
+            s = _silu(xc)
+            u = (s * dt[:, None]).to(dtype)
+            dS += tl.dot(dy.to(dtype), tl.trans(u))
+            du = tl.dot(tl.trans(Sc), dy.to(dtype))
+            dD += tl.sum(tl.sum(dy * s, 1), 0)
+            ddt += tl.sum(du * s, 1)
+            dp = (du * dt[:, None] + Dh * dy) * _dsilu(xc)  # of the convolution's output
+            dX, dw, db = _conv_backward(X, dp, step, ok, CONV_W, ch, L, K, SIGN)
+            _store_grad(DP, rows, ok, stride_p, E + ch, dX, add)  # x
+            _add_param(prow + 3 * NH + E + ch, db)
+            _add_param(prow + 3 * NH + E + C + ch[None, :] * K + kk, dw)
+        dS = tl.where(mask, dS, 0.0)
+        i = tl.arange(0, BLOCK)
+        tl.store(DCB + (((tl.program_id(0).to(tl.int64) * NH + h) * 2 + d) * BLOCK + i[:, None]) * BLOCK + i[None, :],
+                 dS * decay)
+        # The decays' exponent is cs_i - cs_j (forward) or (cs_j - a_j) - (cs_i - a_i) (backward); cs is a cumulative
+        # sum within each sequence, so its gradient is the reversed cumulative sum.
+        t = dS * CBd * decay
+        dexp = (tl.sum(t, 1) - tl.sum(t, 0)) * SIGN
+        da = tl.sum(tl.where(anti, dexp[None, :], 0.0), 1) - tl.where(SIGN == -1, dexp, 0.0)
+        x = dt_raw + tl.load(DT_BIAS + h)
+        ddt_raw = tl.where(ok, (ddt + da * A) * tl.where(x > 20.0, 1.0, tl.sigmoid(x)), 0.0)  # softplus' = sigmoid
+        _add_param(prow + h, tl.sum(da * dt, 0) * A)  # A = -exp(A_log): dA_log = dA * A
+        _add_param(prow + NH + h, dD)
+        _add_param(prow + 2 * NH + h, tl.sum(ddt_raw, 0))  # dt_bias
+        ptr = DP + rows * stride_p + 2 * E + 2 * N + h
+        if add:
+            ddt_raw += tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+        tl.store(ptr, ddt_raw.to(DP.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L", "ACCUMULATE"])
+def _bc_kernel(P, DCB, DP, DPARAM, TABLE, CONV_W, CONV_B, n_seq, S, T_s, stride_p, stride_param, L, ACCUMULATE,
+               E: tl.constexpr, NH: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
+               BIDIR: tl.constexpr, NC: tl.constexpr):
+    """Gradients of B and C for a block of sequences, from those of their scores summed over the heads (DCB)."""
+    step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
+    prow = DPARAM + tl.program_id(0).to(tl.int64) * stride_param
+    i = tl.arange(0, BLOCK)
+    for d in range(2 if BIDIR else 1):
         dCB = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         for h in range(NH):
-            dt_raw, dt, a, cs, A, Dh = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, N)
-            decay = _decay(a, cs, mask, SIGN)
-            Sc = (CB * decay).to(dtype)
-            dS = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)  # of the scores, summed over the head's channels
-            ddt = tl.zeros([BLOCK], dtype=tl.float32)  # through u = dt s
-            dD = tl.sum(ddt, 0)
-            for c0 in range(0, HD, HC):
-                ch = h * HD + c0 + tl.arange(0, HC)
-                X = _tile(P, rows, ok, stride_p, E + ch)
-                z = _tile(P, rows, ok, stride_p, ch).to(tl.float32)
-                gate = _silu(z)
-                dout = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32)
-                w = tl.load(NORM_W + ch)[None, :]
-                xc, y = _scan(X, dt, Dh, Sc, step, ok, CONV_W, CONV_B, ch, L, K, SIGN)
-                normed = y * gate * r[:, None]
-                dg = r[:, None] * dout * w - c[:, None] * y * gate
-                _store_grad(Y, rows, ok, stride_o, ch, normed * w, d)
-                _store_grad(DP, rows, ok, stride_p, ch, dg * y * _dsilu(z), add)  # z
-                _add_param(prow + 3 * NH + ch, tl.sum(dout * normed, 0))  # norm weight
-                dy = dg * gate
-                s = _silu(xc)
-                u = (s * dt[:, None]).to(dtype)
-                dS += tl.dot(dy.to(dtype), tl.trans(u))
-                du = tl.dot(tl.trans(Sc), dy.to(dtype))
-                dD += tl.sum(tl.sum(dy * s, 1), 0)
-                ddt += tl.sum(du * s, 1)
-                dp = (du * dt[:, None] + Dh * dy) * _dsilu(xc)  # of the convolution's output
-                dX, dw, db = _conv_backward(X, dp, step, ok, CONV_W, ch, L, K, SIGN)
-                _store_grad(DP, rows, ok, stride_p, E + ch, dX, add)  # x
-                _add_param(prow + 3 * NH + E + ch, db)
-                _add_param(prow + 3 * NH + E + C + ch[None, :] * K + kk, dw)
-            dS = tl.where(mask, dS, 0.0)
-            dCB += dS * decay
-            # The decays' exponent is cs_i - cs_j (forward) or (cs_j - a_j) - (cs_i - a_i) (backward); cs is a
-            # cumulative sum within each sequence, so its gradient is the reversed cumulative sum.
-            t = dS * CB * decay
-            dexp = (tl.sum(t, 1) - tl.sum(t, 0)) * SIGN
-            da = tl.sum(tl.where(anti, dexp[None, :], 0.0), 1) - tl.where(SIGN == -1, dexp, 0.0)
-            x = dt_raw + tl.load(DT_BIAS + h)
-            ddt_raw = tl.where(ok, (ddt + da * A) * tl.where(x > 20.0, 1.0, tl.sigmoid(x)), 0.0)  # softplus'
-            _add_param(prow + h, tl.sum(da * dt, 0) * A)  # A = -exp(A_log): dA_log = dA * A
-            _add_param(prow + NH + h, dD)
-            _add_param(prow + 2 * NH + h, tl.sum(ddt_raw, 0))  # dt_bias
-            ptr = DP + rows * stride_p + 2 * E + 2 * N + h
-            if add:
-                ddt_raw += tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
-            tl.store(ptr, ddt_raw.to(DP.dtype.element_ty), mask=ok)
-
-        # B and C, a slice of state channels at a time, recomputed rather than kept through the loop over heads.
-        for n0 in range(0, N, NC):
+            dCB += tl.load(DCB + (((tl.program_id(0).to(tl.int64) * NH + h) * 2 + d) * BLOCK + i[:, None]) * BLOCK
+                           + i[None, :])
+        add = ACCUMULATE | d
+        for n0 in range(0, N, NC):  # a slice of state channels at a time
             cn = E + n0 + tl.arange(0, NC)
-            dXB, dXC = _bc_backward(P, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn, L, E, N, NH, K, SIGN)
+            dXB, dXC = _bc_backward(P, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn, L, E, N, NH, K,
+                                    1 - 2 * d)
             _store_grad(DP, rows, ok, stride_p, E + cn, dXB, add)
             _store_grad(DP, rows, ok, stride_p, E + cn + N, dXC, add)
 
@@ -352,7 +385,8 @@ def _bwd_kernel(P, DOUT, DP, Y, DPARAM, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, D
 # ---------------------------------------------------------------------------------------------------------
 
 MIN_BLOCK = 16  # steps a program holds at least: short sequences are packed BLOCK // L to a program
-WARPS = {16: 4, 32: 4, 64: 8, 128: 8}  # by BLOCK
+WARPS = {16: 4, 32: 4, 64: 8, 128: 8}  # by BLOCK: kernels over blocks of sequences
+HEAD_WARPS = {16: 4, 32: 4, 64: 8, 128: 8}  # and over (block, head)
 
 
 def block_size(L):
@@ -391,11 +425,30 @@ def _forward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, 
         gb = torch.empty_like(y) if bidirectional else y  # the backward scan's output before the norm
         for table, n_seq, L, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens,
                                                           p.shape[0]):
-            _fwd_kernel[(programs,)](p, y, gb, table, conv_w, conv_b, dt_bias, A_log, D, norm_w, n_seq,
-                                     table.shape[0], tokens, p.stride(0), y.stride(0), eps, L=L, BLOCK=block,
-                                     BIDIR=bidirectional, num_warps=WARPS[block], **meta)
+            cb, ss = _scores_and_stats(p, y, gb, None, table, n_seq, L, block, programs, tokens, conv_w, conv_b,
+                                       dt_bias, A_log, D, norm_w, bidirectional, meta)
+            _norm_kernel[(programs, meta["NH"])](y, gb, ss, norm_w, table, n_seq, table.shape[0], tokens, y.stride(0),
+                                                 eps, L, E=meta["E"], NH=meta["NH"], HD=meta["HD"], BLOCK=block,
+                                                 BIDIR=bidirectional, HC=meta["HC"], num_warps=WARPS[block])
         outs.append(y @ out_w.t())
     return torch.stack(outs)
+
+
+def _scores_and_stats(p, y, gb, dy, table, n_seq, L, block, programs, tokens, conv_w, conv_b, dt_bias, A_log, D,
+                      norm_w, bidirectional, meta):
+    """The C . B scores of a table's blocks (programs, 2, BLOCK, BLOCK), and the norm's statistics per head (programs,
+    nh, 4, BLOCK); with dy (the backward pass), those of the gradient instead of the gated outputs y, gb."""
+    m = {k: meta[k] for k in ("E", "N", "K", "NC")}
+    cb = torch.empty(programs, 2, block, block, dtype=torch.float32, device=p.device)
+    _cb_kernel[(programs,)](p, cb, table, conv_w, conv_b, n_seq, table.shape[0], tokens, p.stride(0), L, BLOCK=block,
+                            BIDIR=bidirectional, num_warps=WARPS[block], **m)
+    ss = torch.empty(programs, meta["NH"], 4, block, dtype=torch.float32, device=p.device)
+    m = {k: meta[k] for k in ("E", "NH", "HD", "N", "K", "HC")}
+    _scan_kernel[(programs, meta["NH"])](p, cb, y, gb, ss, p if dy is None else dy, norm_w, table, conv_w, conv_b,
+                                        dt_bias, A_log, D, n_seq, table.shape[0], tokens, p.stride(0), y.stride(0),
+                                        L, BLOCK=block, BIDIR=bidirectional, GRAD=dy is not None,
+                                        num_warps=HEAD_WARPS[block], **m)
+    return cb, ss
 
 
 def _backward(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps,
@@ -411,13 +464,21 @@ def _backward(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, t
         y = torch.empty_like(dy)
         for table, n_seq, L, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens,
                                                           p.shape[0]):
+            cb, ss = _scores_and_stats(p, y, y, dy, table, n_seq, L, block, programs, tokens, conv_w, conv_b,
+                                       dt_bias, A_log, D, norm_w, bidirectional, meta)
             part = torch.zeros(programs, dparam.numel(), dtype=torch.float32, device=u.device)
-            _bwd_kernel[(programs,)](p, dy, dp, y, part, table, conv_w, conv_b, dt_bias, A_log, D, norm_w,
-                                     n_seq, table.shape[0], tokens, p.stride(0), dy.stride(0), part.stride(0), eps,
-                                     L=L, BLOCK=block, BIDIR=bidirectional, ACCUMULATE=int(k > 0), num_warps=WARPS[block],
-                                     **meta)
+            dcb = torch.empty(programs, nh, 2, block, block, dtype=torch.float32, device=u.device)
+            m = {k: meta[k] for k in ("E", "NH", "HD", "N", "K", "HC")}
+            _bwd_kernel[(programs, nh)](p, cb, dy, dp, y, ss, dcb, part, table, conv_w, conv_b, dt_bias, A_log, D,
+                                        norm_w, n_seq, table.shape[0], tokens, p.stride(0), dy.stride(0),
+                                        part.stride(0), eps, L, int(k > 0), BLOCK=block, BIDIR=bidirectional,
+                                        num_warps=HEAD_WARPS[block], **m)
+            m = {k: meta[k] for k in ("E", "NH", "N", "K", "NC")}
+            _bc_kernel[(programs,)](p, dcb, dp, part, table, conv_w, conv_b, n_seq, table.shape[0], tokens,
+                                    p.stride(0), part.stride(0), L, int(k > 0), BLOCK=block, BIDIR=bidirectional,
+                                    num_warps=WARPS[block], **m)
             dparam += part.sum(0)
-        d_out_w += grad[k].t().float() @ y.float()
+        d_out_w += (grad[k].t() @ y).float()
     dA_log, dD, ddt_bias, dnorm_w, dconv_b, dconv_w = dparam.split([nh, nh, nh, E, C, C * K])
     small = [g.view_as(w).to(w.dtype, copy=True) for g, w in ((dconv_w, conv_w), (dconv_b, conv_b),
              (ddt_bias, dt_bias), (dA_log, A_log), (dD, D), (dnorm_w, norm_w))]  # own memory, not views of dparam
