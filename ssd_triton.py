@@ -34,8 +34,8 @@ MAX_LEN = 128  # the longest sequence one program holds
 
 @triton.jit
 def _setup(TABLE, n_seq, S, T_s, L, BLOCK: tl.constexpr):
-    """This program's block of sequences: for each of its BLOCK steps the token row (int64), the step within its
-    sequence and whether it exists; and the (BLOCK, BLOCK) masks of the two scan directions."""
+    """This program's block of sequences: for each of its BLOCK steps the sequence, the step within it, whether it
+    exists and its token row (int64); and the (BLOCK, BLOCK) masks of the two scan directions."""
     i = tl.arange(0, BLOCK)
     seg = i // L  # which of the program's BLOCK // L sequences
     seq = tl.program_id(0) * (BLOCK // L) + seg
@@ -46,7 +46,7 @@ def _setup(TABLE, n_seq, S, T_s, L, BLOCK: tl.constexpr):
     same = (seg[:, None] == seg[None, :]) & ok[:, None] & ok[None, :]
     causal = same & (i[None, :] <= i[:, None])  # [i, j]: j is i or before it in i's sequence
     anti = same & (i[None, :] >= i[:, None])
-    return step, ok, rows, causal, anti
+    return seq, step, ok, rows, causal, anti
 
 
 @triton.jit
@@ -56,38 +56,50 @@ def _tile(P, rows, ok, stride_p, cols):
 
 
 @triton.jit
-def _shift(x, step, ok, s, L):
-    """out[i] = x[i - s] where step i - s lies in i's sequence, else 0 (s < 0: a later step). A product with a 0/1
-    matrix: exact, with bf16 operands and fp32 sums, or fp32 operands in full precision."""
-    i = tl.arange(0, x.shape[0])
+def _rows_at(TABLE, seq, step, ok, S, T_s, L, s):
+    """The rows of the steps s earlier (s < 0: later) in each step's sequence, and which of them exist."""
     src = step - s
-    M = (i[None, :] == (i - s)[:, None]) & ((src >= 0) & (src < L) & ok)[:, None]
-    if x.dtype == tl.float32:
-        return tl.dot(M.to(tl.float32), x, input_precision="ieee")
-    return tl.dot(M.to(x.dtype), x)
+    m = ok & (src >= 0) & (src < L)
+    r = tl.load(TABLE + (seq % S) * L + src, mask=m, other=0)
+    return (seq // S).to(tl.int64) * T_s + r.to(tl.int64), m
 
 
 @triton.jit
-def _conv(X, step, ok, CONV_W, CONV_B, chan, L, K: tl.constexpr, SIGN):
-    """The depthwise convolution along the scan of the xBC tile X (BLOCK, len(chan)), before SiLU. SIGN = 1: the
-    forward scan (tap k sees step i - (K-1-k)); SIGN = -1: the backward scan (step i + (K-1-k))."""
+def _conv(P, stride_p, TABLE, seq, step, ok, S, T_s, X, cols, CONV_W, CONV_B, chan, L, K: tl.constexpr, SIGN):
+    """The depthwise convolution along the scan of xBC channels `chan` (P's columns `cols`, whose tile at this
+    block's rows is X), before SiLU: (BLOCK, len(chan)). SIGN = 1: the forward scan (tap k sees step
+    i - (K-1-k)); SIGN = -1: the backward scan (step i + (K-1-k)). The other taps' inputs are gathered through
+    the table."""
     acc = tl.load(CONV_B + chan)[None, :] + X.to(tl.float32) * tl.load(CONV_W + chan * K + K - 1)[None, :]
     for k in range(K - 1):
-        acc += _shift(X, step, ok, SIGN * (K - 1 - k), L) * tl.load(CONV_W + chan * K + k)[None, :]
+        r, m = _rows_at(TABLE, seq, step, ok, S, T_s, L, SIGN * (K - 1 - k))
+        xk = tl.load(P + r[:, None] * stride_p + cols[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+        acc += xk * tl.load(CONV_W + chan * K + k)[None, :]
     return acc
 
 
 @triton.jit
-def _conv_backward(X, dp, step, ok, CONV_W, chan, L, K: tl.constexpr, SIGN):
-    """Gradients of _conv in one direction, given those of its output (dp: (BLOCK, len(chan))): of the input tile,
-    of the weight as a (K, len(chan)) tensor, and of the bias. The transpose of a shift by s is the shift by -s."""
+def _conv_backward(P, stride_p, TABLE, seq, step, ok, S, T_s, X, cols, dp, SCR, CONV_W, chan, L, K: tl.constexpr,
+                   SIGN):
+    """Gradients of _conv given those of its output (dp: (BLOCK, len(chan))): of the input tile, of the weight as a
+    (K, len(chan)) tensor, and of the bias. dX[j] = sum_k w_k dp[j + s_k] reads other steps' dp, so dp goes
+    through this program's scratch SCR (BLOCK, len(chan))."""
+    i = tl.arange(0, dp.shape[0])
+    c = tl.arange(0, dp.shape[1])
     kk = tl.arange(0, K)
+    tl.store(SCR + i[:, None] * dp.shape[1] + c[None, :], dp)
+    tl.debug_barrier()  # the other threads' stores are visible below
     dX = dp * tl.load(CONV_W + chan * K + K - 1)[None, :]
     dw = tl.where(kk[:, None] == K - 1, tl.sum(X.to(tl.float32) * dp, 0)[None, :], 0.0)
     for k in range(K - 1):
-        g = _shift(dp.to(X.dtype), step, ok, -SIGN * (K - 1 - k), L)
+        s = SIGN * (K - 1 - k)
+        m = ok & (step + s >= 0) & (step + s < L)
+        g = tl.load(SCR + (i + s)[:, None] * dp.shape[1] + c[None, :], mask=m[:, None], other=0.0)  # dp[j + s]
         dX += g * tl.load(CONV_W + chan * K + k)[None, :]
-        dw += tl.where(kk[:, None] == k, tl.sum(X.to(tl.float32) * g, 0)[None, :], 0.0)
+        r, mr = _rows_at(TABLE, seq, step, ok, S, T_s, L, s)
+        xk = tl.load(P + r[:, None] * stride_p + cols[None, :], mask=mr[:, None], other=0.0).to(tl.float32)
+        dw += tl.where(kk[:, None] == k, tl.sum(dp * xk, 0)[None, :], 0.0)
+    tl.debug_barrier()  # all reads done before the scratch is written again
     return dX, dw, tl.sum(dp, 0)
 
 
@@ -108,16 +120,18 @@ def _softplus(x):
 
 
 @triton.jit
-def _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, mask, E: tl.constexpr, N: tl.constexpr, L, K: tl.constexpr,
-        BLOCK: tl.constexpr, NC: tl.constexpr, SIGN):
+def _cb(P, stride_p, TABLE, seq, step, ok, S, T_s, rows, CONV_W, CONV_B, mask, E: tl.constexpr, N: tl.constexpr,
+        L, K: tl.constexpr, BLOCK: tl.constexpr, NC: tl.constexpr, SIGN):
     """C_i . B_j of one direction (B and C after the convolution and SiLU), masked: (BLOCK, BLOCK). Summed over
     slices of NC state channels, which keeps few values of B and C alive at once."""
     dtype = P.dtype.element_ty
     CB = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     for c0 in range(0, N, NC):
         cn = E + c0 + tl.arange(0, NC)  # B's channels in xBC; C's are N further
-        Bs = _silu(_conv(_tile(P, rows, ok, stride_p, E + cn), step, ok, CONV_W, CONV_B, cn, L, K, SIGN))
-        Cs = _silu(_conv(_tile(P, rows, ok, stride_p, E + cn + N), step, ok, CONV_W, CONV_B, cn + N, L, K, SIGN))
+        Bs = _silu(_conv(P, stride_p, TABLE, seq, step, ok, S, T_s, _tile(P, rows, ok, stride_p, E + cn), E + cn,
+                         CONV_W, CONV_B, cn, L, K, SIGN))
+        Cs = _silu(_conv(P, stride_p, TABLE, seq, step, ok, S, T_s, _tile(P, rows, ok, stride_p, E + cn + N),
+                         E + cn + N, CONV_W, CONV_B, cn + N, L, K, SIGN))
         CB += tl.dot(Cs.to(dtype), tl.trans(Bs.to(dtype)))
     return tl.where(mask, CB, 0.0)
 
@@ -143,10 +157,11 @@ def _decay(a, cs, mask, SIGN):
 
 
 @triton.jit
-def _scan(X, dt, Dh, Sc, step, ok, CONV_W, CONV_B, ch, L, K: tl.constexpr, SIGN):
+def _scan(P, stride_p, TABLE, seq, step, ok, S, T_s, X, dt, Dh, Sc, CONV_W, CONV_B, ch, E: tl.constexpr, L,
+          K: tl.constexpr, SIGN):
     """One slice of a head's channels, one direction: the convolution of the x tile X before SiLU, and
     y = Sc (dt s) + D s with s = silu(conv X) and Sc = CB * decay the head's scores: Eq. 4 on a single chunk."""
-    xc = _conv(X, step, ok, CONV_W, CONV_B, ch, L, K, SIGN)
+    xc = _conv(P, stride_p, TABLE, seq, step, ok, S, T_s, X, E + ch, CONV_W, CONV_B, ch, L, K, SIGN)
     s = _silu(xc)
     return xc, tl.dot(Sc, (s * dt[:, None]).to(X.dtype)) + Dh * s
 
@@ -166,20 +181,22 @@ def _add_param(ptr, g):
 
 
 @triton.jit
-def _bc_backward(P, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn, L, E: tl.constexpr, N: tl.constexpr,
-                 NH: tl.constexpr, K: tl.constexpr, SIGN):
+def _bc_backward(P, prow, stride_p, TABLE, seq, step, ok, S, T_s, rows, CONV_W, CONV_B, dCB, cn, SCR, L,
+                 E: tl.constexpr, N: tl.constexpr, NH: tl.constexpr, K: tl.constexpr, SIGN):
     """One direction's gradients of B and C (slice cn of B's channels in xBC; C's are N further), given those of
     their scores C_i . B_j, dCB: dC = dCB B, dB = dCB^T C, through SiLU and the convolution. Returns the tiles'
     gradients; adds the convolution's parameter gradients to this program's row."""
     dtype = P.dtype.element_ty
     C: tl.constexpr = E + 2 * N
     XB, XC = _tile(P, rows, ok, stride_p, E + cn), _tile(P, rows, ok, stride_p, E + cn + N)
-    Bp = _conv(XB, step, ok, CONV_W, CONV_B, cn, L, K, SIGN)
-    Cp = _conv(XC, step, ok, CONV_W, CONV_B, cn + N, L, K, SIGN)
+    Bp = _conv(P, stride_p, TABLE, seq, step, ok, S, T_s, XB, E + cn, CONV_W, CONV_B, cn, L, K, SIGN)
+    Cp = _conv(P, stride_p, TABLE, seq, step, ok, S, T_s, XC, E + cn + N, CONV_W, CONV_B, cn + N, L, K, SIGN)
     dBp = tl.dot(tl.trans(dCB).to(dtype), _silu(Cp).to(dtype)) * _dsilu(Bp)
     dCp = tl.dot(dCB.to(dtype), _silu(Bp).to(dtype)) * _dsilu(Cp)
-    dXB, dwB, dbB = _conv_backward(XB, dBp, step, ok, CONV_W, cn, L, K, SIGN)
-    dXC, dwC, dbC = _conv_backward(XC, dCp, step, ok, CONV_W, cn + N, L, K, SIGN)
+    dXB, dwB, dbB = _conv_backward(P, stride_p, TABLE, seq, step, ok, S, T_s, XB, E + cn, dBp, SCR, CONV_W, cn, L,
+                                   K, SIGN)
+    dXC, dwC, dbC = _conv_backward(P, stride_p, TABLE, seq, step, ok, S, T_s, XC, E + cn + N, dCp, SCR, CONV_W,
+                                   cn + N, L, K, SIGN)
     kk = tl.arange(0, K)[:, None]
     _add_param(prow + 3 * NH + E + cn, dbB)
     _add_param(prow + 3 * NH + E + cn + N, dbC)
@@ -201,11 +218,11 @@ def _cb_ptrs(CB, BLOCK: tl.constexpr, d):
 def _cb_kernel(P, CB, TABLE, CONV_W, CONV_B, n_seq, S, T_s, stride_p, L, E: tl.constexpr, N: tl.constexpr,
                K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr, NC: tl.constexpr):
     """The scores C_i . B_j of both directions, shared by all heads (ngroups = 1)."""
-    step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
-    tl.store(_cb_ptrs(CB, BLOCK, 0), _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, causal, E, N, L, K, BLOCK, NC,
+    seq, step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
+    tl.store(_cb_ptrs(CB, BLOCK, 0), _cb(P, stride_p, TABLE, seq, step, ok, S, T_s, rows, CONV_W, CONV_B, causal, E, N, L, K, BLOCK, NC,
                                          1))
     if BIDIR:
-        tl.store(_cb_ptrs(CB, BLOCK, 1), _cb(P, stride_p, rows, step, ok, CONV_W, CONV_B, anti, E, N, L, K, BLOCK,
+        tl.store(_cb_ptrs(CB, BLOCK, 1), _cb(P, stride_p, TABLE, seq, step, ok, S, T_s, rows, CONV_W, CONV_B, anti, E, N, L, K, BLOCK,
                                              NC, -1))
 
 
@@ -216,7 +233,7 @@ def _scan_kernel(P, CB, OUT, GB, SS, DOUT, NORM_W, TABLE, CONV_W, CONV_B, DT_BIA
     """One head of a block of sequences: g = y silu(z) of each direction, and its share of the RMSNorm's statistics
     (sums of squares of g; with GRAD, of dout * w * g instead of storing g) in SS (programs, NH, 4, BLOCK).
     OUT and GB hold the forward and backward scans' g until the statistics over all heads are known."""
-    step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
+    seq, step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
     h = tl.program_id(1)
     dtype = P.dtype.element_ty
     dt_raw, dt, a, cs, A, Dh = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, N)
@@ -232,14 +249,14 @@ def _scan_kernel(P, CB, OUT, GB, SS, DOUT, NORM_W, TABLE, CONV_W, CONV_B, DT_BIA
         gate = _silu(_tile(P, rows, ok, stride_p, ch).to(tl.float32))
         if GRAD:
             dn = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32) * tl.load(NORM_W + ch)[None, :]
-        xc, y = _scan(X, dt, Dh, Sf, step, ok, CONV_W, CONV_B, ch, L, K, 1)
+        xc, y = _scan(P, stride_p, TABLE, seq, step, ok, S, T_s, X, dt, Dh, Sf, CONV_W, CONV_B, ch, E, L, K, 1)
         stats += tl.where(k4 == 0, tl.sum(y * gate * y * gate, 1)[None, :], 0.0)
         if GRAD:
             stats += tl.where(k4 == 2, tl.sum(dn * y * gate, 1)[None, :], 0.0)
         else:
             _store_grad(OUT, rows, ok, stride_o, ch, y * gate, 0)
         if BIDIR:
-            xc, y = _scan(X, dt, Dh, Sb, step, ok, CONV_W, CONV_B, ch, L, K, -1)
+            xc, y = _scan(P, stride_p, TABLE, seq, step, ok, S, T_s, X, dt, Dh, Sb, CONV_W, CONV_B, ch, E, L, K, -1)
             stats += tl.where(k4 == 1, tl.sum(y * gate * y * gate, 1)[None, :], 0.0)
             if GRAD:
                 stats += tl.where(k4 == 3, tl.sum(dn * y * gate, 1)[None, :], 0.0)
@@ -271,7 +288,7 @@ def _norm_kernel(OUT, GB, SS, NORM_W, TABLE, n_seq, S, T_s, stride_o, eps, L, E:
                  HD: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr, HC: tl.constexpr):
     """One head's channels of a block of sequences: RMSNorm of each direction over all E channels, the norm's
     weight, the two directions summed, into OUT."""
-    step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
+    seq, step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
     stats = _norm_stats(SS, NH, BLOCK)
     rf = tl.rsqrt(_row(stats, 0) / E + eps)
     rb = tl.rsqrt(_row(stats, 1) / E + eps)
@@ -284,7 +301,7 @@ def _norm_kernel(OUT, GB, SS, NORM_W, TABLE, n_seq, S, T_s, stride_o, eps, L, E:
 
 
 @triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L", "ACCUMULATE"])
-def _bwd_kernel(P, CB, DOUT, DP, Y, SS, DCB, DPARAM, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq, S,
+def _bwd_kernel(P, CB, DOUT, DP, Y, SS, DCB, DPARAM, SCR, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq, S,
                 T_s, stride_p, stride_o, stride_param, eps, L, ACCUMULATE, E: tl.constexpr, NH: tl.constexpr,
                 HD: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr,
                 HC: tl.constexpr):
@@ -295,22 +312,20 @@ def _bwd_kernel(P, CB, DOUT, DP, Y, SS, DCB, DPARAM, TABLE, CONV_W, CONV_B, DT_B
     dt_bias (nh each), norm weight (E), conv bias (C), conv weight (C*K)."""
     C: tl.constexpr = E + 2 * N
     dtype = P.dtype.element_ty
-    step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
+    seq, step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
     h = tl.program_id(1)
     prow = DPARAM + tl.program_id(0).to(tl.int64) * stride_param
     kk = tl.arange(0, K)[:, None]
     stats = _norm_stats(SS, NH, BLOCK)
+    scr = SCR + (tl.program_id(0).to(tl.int64) * NH + h) * BLOCK * HC  # this program's scratch
     dt_raw, dt, a, cs, A, Dh = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, N)
     # One direction after the other, the second adding to what the first wrote.
     for d in range(2 if BIDIR else 1):
         SIGN = 1 - 2 * d
-        mask = tl.where(d == 0, causal, anti)
-        CBd = tl.load(_cb_ptrs(CB, BLOCK, d))
         r = tl.rsqrt(tl.where(d == 0, _row(stats, 0), _row(stats, 1)) / E + eps)
         c = r * r * r * tl.where(d == 0, _row(stats, 2), _row(stats, 3)) / E  # dg = r dn - r^3 g (dn . g) / E
         add = ACCUMULATE | d  # the second direction adds to the first
-        decay = _decay(a, cs, mask, SIGN)
-        Sc = (CBd * decay).to(dtype)
+        Sc = (tl.load(_cb_ptrs(CB, BLOCK, d)) * _decay(a, cs, tl.where(d == 0, causal, anti), SIGN)).to(dtype)
         dS = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)  # of the scores, summed over the head's channels
         ddt = tl.zeros([BLOCK], dtype=tl.float32)  # through u = dt s
         dD = tl.sum(ddt, 0)
@@ -321,7 +336,7 @@ def _bwd_kernel(P, CB, DOUT, DP, Y, SS, DCB, DPARAM, TABLE, CONV_W, CONV_B, DT_B
             gate = _silu(z)
             dout = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32)
             w = tl.load(NORM_W + ch)[None, :]
-            xc, y = _scan(X, dt, Dh, Sc, step, ok, CONV_W, CONV_B, ch, L, K, SIGN)
+            xc, y = _scan(P, stride_p, TABLE, seq, step, ok, S, T_s, X, dt, Dh, Sc, CONV_W, CONV_B, ch, E, L, K, SIGN)
             normed = y * gate * r[:, None]
             dg = r[:, None] * dout * w - c[:, None] * y * gate
             _store_grad(Y, rows, ok, stride_o, ch, normed * w, d)
@@ -335,10 +350,14 @@ def _bwd_kernel(P, CB, DOUT, DP, Y, SS, DCB, DPARAM, TABLE, CONV_W, CONV_B, DT_B
             dD += tl.sum(tl.sum(dy * s, 1), 0)
             ddt += tl.sum(du * s, 1)
             dp = (du * dt[:, None] + Dh * dy) * _dsilu(xc)  # of the convolution's output
-            dX, dw, db = _conv_backward(X, dp, step, ok, CONV_W, ch, L, K, SIGN)
+            dX, dw, db = _conv_backward(P, stride_p, TABLE, seq, step, ok, S, T_s, X, E + ch, dp, scr, CONV_W, ch,
+                                        L, K, SIGN)
             _store_grad(DP, rows, ok, stride_p, E + ch, dX, add)  # x
             _add_param(prow + 3 * NH + E + ch, db)
             _add_param(prow + 3 * NH + E + C + ch[None, :] * K + kk, dw)
+        mask = tl.where(d == 0, causal, anti)
+        decay = _decay(a, cs, mask, SIGN)  # again, and the scores below: fewer values kept through the loop
+        CBd = tl.load(_cb_ptrs(CB, BLOCK, d))
         dS = tl.where(mask, dS, 0.0)
         i = tl.arange(0, BLOCK)
         tl.store(DCB + (((tl.program_id(0).to(tl.int64) * NH + h) * 2 + d) * BLOCK + i[:, None]) * BLOCK + i[None, :],
@@ -360,11 +379,11 @@ def _bwd_kernel(P, CB, DOUT, DP, Y, SS, DCB, DPARAM, TABLE, CONV_W, CONV_B, DT_B
 
 
 @triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L", "ACCUMULATE"])
-def _bc_kernel(P, DCB, DP, DPARAM, TABLE, CONV_W, CONV_B, n_seq, S, T_s, stride_p, stride_param, L, ACCUMULATE,
+def _bc_kernel(P, DCB, DP, DPARAM, SCR, TABLE, CONV_W, CONV_B, n_seq, S, T_s, stride_p, stride_param, L, ACCUMULATE,
                E: tl.constexpr, NH: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
                BIDIR: tl.constexpr, NC: tl.constexpr):
     """Gradients of B and C for a block of sequences, from those of their scores summed over the heads (DCB)."""
-    step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
+    seq, step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
     prow = DPARAM + tl.program_id(0).to(tl.int64) * stride_param
     i = tl.arange(0, BLOCK)
     for d in range(2 if BIDIR else 1):
@@ -375,8 +394,8 @@ def _bc_kernel(P, DCB, DP, DPARAM, TABLE, CONV_W, CONV_B, n_seq, S, T_s, stride_
         add = ACCUMULATE | d
         for n0 in range(0, N, NC):  # a slice of state channels at a time
             cn = E + n0 + tl.arange(0, NC)
-            dXB, dXC = _bc_backward(P, prow, stride_p, rows, step, ok, CONV_W, CONV_B, dCB, cn, L, E, N, NH, K,
-                                    1 - 2 * d)
+            dXB, dXC = _bc_backward(P, prow, stride_p, TABLE, seq, step, ok, S, T_s, rows, CONV_W, CONV_B, dCB, cn,
+                                    SCR + tl.program_id(0).to(tl.int64) * BLOCK * NC, L, E, N, NH, K, 1 - 2 * d)
             _store_grad(DP, rows, ok, stride_p, E + cn, dXB, add)
             _store_grad(DP, rows, ok, stride_p, E + cn + N, dXC, add)
 
@@ -468,13 +487,14 @@ def _backward(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, t
                                        dt_bias, A_log, D, norm_w, bidirectional, meta)
             part = torch.zeros(programs, dparam.numel(), dtype=torch.float32, device=u.device)
             dcb = torch.empty(programs, nh, 2, block, block, dtype=torch.float32, device=u.device)
+            scr = torch.empty(programs, nh, block, max(meta["HC"], meta["NC"]), dtype=torch.float32, device=u.device)
             m = {k: meta[k] for k in ("E", "NH", "HD", "N", "K", "HC")}
-            _bwd_kernel[(programs, nh)](p, cb, dy, dp, y, ss, dcb, part, table, conv_w, conv_b, dt_bias, A_log, D,
+            _bwd_kernel[(programs, nh)](p, cb, dy, dp, y, ss, dcb, part, scr, table, conv_w, conv_b, dt_bias, A_log, D,
                                         norm_w, n_seq, table.shape[0], tokens, p.stride(0), dy.stride(0),
                                         part.stride(0), eps, L, int(k > 0), BLOCK=block, BIDIR=bidirectional,
                                         num_warps=HEAD_WARPS[block], **m)
             m = {k: meta[k] for k in ("E", "NH", "N", "K", "NC")}
-            _bc_kernel[(programs,)](p, dcb, dp, part, table, conv_w, conv_b, n_seq, table.shape[0], tokens,
+            _bc_kernel[(programs,)](p, dcb, dp, part, scr, table, conv_w, conv_b, n_seq, table.shape[0], tokens,
                                     p.stride(0), part.stride(0), L, int(k > 0), BLOCK=block, BIDIR=bidirectional,
                                     num_warps=WARPS[block], **m)
             dparam += part.sum(0)
