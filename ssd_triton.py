@@ -219,11 +219,11 @@ def _cb_kernel(P, CB, TABLE, CONV_W, CONV_B, n_seq, S, T_s, stride_p, L, E: tl.c
                K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr, NC: tl.constexpr):
     """The scores C_i . B_j of both directions, shared by all heads (ngroups = 1)."""
     seq, step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
-    tl.store(_cb_ptrs(CB, BLOCK, 0), _cb(P, stride_p, TABLE, seq, step, ok, S, T_s, rows, CONV_W, CONV_B, causal, E, N, L, K, BLOCK, NC,
-                                         1))
+    CBf = _cb(P, stride_p, TABLE, seq, step, ok, S, T_s, rows, CONV_W, CONV_B, causal, E, N, L, K, BLOCK, NC, 1)
+    tl.store(_cb_ptrs(CB, BLOCK, 0), CBf)
     if BIDIR:
-        tl.store(_cb_ptrs(CB, BLOCK, 1), _cb(P, stride_p, TABLE, seq, step, ok, S, T_s, rows, CONV_W, CONV_B, anti, E, N, L, K, BLOCK,
-                                             NC, -1))
+        CBb = _cb(P, stride_p, TABLE, seq, step, ok, S, T_s, rows, CONV_W, CONV_B, anti, E, N, L, K, BLOCK, NC, -1)
+        tl.store(_cb_ptrs(CB, BLOCK, 1), CBb)
 
 
 @triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L"])
@@ -301,8 +301,8 @@ def _norm_kernel(OUT, GB, SS, NORM_W, TABLE, n_seq, S, T_s, stride_o, eps, L, E:
 
 
 @triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L", "ACCUMULATE"])
-def _bwd_kernel(P, CB, DOUT, DP, Y, SS, DCB, DPARAM, SCR, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq, S,
-                T_s, stride_p, stride_o, stride_param, eps, L, ACCUMULATE, E: tl.constexpr, NH: tl.constexpr,
+def _bwd_kernel(P, CB, DOUT, DP, Y, SS, DCB, DPARAM, SCR, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq,
+                S, T_s, stride_p, stride_o, stride_param, eps, L, ACCUMULATE, E: tl.constexpr, NH: tl.constexpr,
                 HD: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr,
                 HC: tl.constexpr):
     """Gradients of one head of a block of sequences, given the norm's statistics (SS, from _scan_kernel with GRAD).

@@ -22,7 +22,10 @@ Three implementations of the scan, all computing the same function:
 The layer `Mamba2` has the same parameter names and shapes as `mamba_ssm.Mamba2`, so one state dict loads
 in both. Its `forward` takes a list of scan orders (index permutations of the sequence): the input is
 projected once, scanned in each order, put back in place and summed. Bidirectional = (identity, reverse);
-MedSora's spatial scan = (spiral, reverse spiral) over a (rows x cols) grid.
+MedSora's spatial scan = (spiral, reverse spiral) over a (rows x cols) grid. `forward_planes` takes scan
+tables instead (rows of token positions in scan order, each scanned both ways; dit.py builds them), which is
+how MedSora calls it: on a GPU ("auto" or "fused") one op, ssd_triton.py, then does the whole layer for
+sequences of up to 128 steps, the readable path (scan_tables, with the scans above) being its reference.
 
 Dimension names: B batch, L sequence length, D model width, E inner width (expand * D), nh heads,
 hd head dim, N state size, G groups.
@@ -283,7 +286,8 @@ class Mamba2(nn.Module):
             # Fused conv + scan + gated norm (mamba's "mem-eff" path), without the output projection.
             return mamba_split_conv1d_scan_combined(
                 zxbcdt, rearrange(self.conv1d.weight, "d 1 w -> d w"), self.conv1d.bias, self.dt_bias, A, self.D,
-                chunk_size=kernel_chunk(self.chunk_size, zxbcdt.shape[1]), activation="silu", rmsnorm_weight=self.norm.weight,
+                chunk_size=kernel_chunk(self.chunk_size, zxbcdt.shape[1]), activation="silu",
+                rmsnorm_weight=self.norm.weight,
                 rmsnorm_eps=self.norm.eps, outproj_weight=None, headdim=self.headdim, ngroups=self.ngroups,
                 norm_before_gate=False)
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv1d.in_channels, self.nheads], dim=-1)
