@@ -323,9 +323,11 @@ class Mamba2(nn.Module):
         out = None
         for table in tables:
             seqs = rearrange(zxbcdt[:, table], "b s l p -> (b s) l p")  # gathered in scan order
-            y = self.mix(seqs)
-            if bidirectional:
-                y = y + self.mix(seqs.flip(1)).flip(1)  # the reverse scan, put back in forward order
+            if bidirectional:  # both directions in one batch: one scan call; the reverse put back in forward order
+                y = self.mix(torch.cat([seqs, seqs.flip(1)]))
+                y = y[:len(seqs)] + y[len(seqs):].flip(1)
+            else:
+                y = self.mix(seqs)
             if out is None:
                 out = y.new_zeros(b, T, y.shape[-1])
             out[:, table.flatten()] = rearrange(y, "(b s) l e -> b (s l) e", b=b)  # back in place
