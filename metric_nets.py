@@ -25,6 +25,7 @@ batch norm without a scale, eps 1e-3; kernels stored (kT, kH, kW, C_in, C_out).
 Dimension names: B batch, C channels, T frames, H, W pixels.
 """
 
+import importlib.util
 import math
 import os
 import pickle
@@ -49,6 +50,14 @@ def pad_same(x, kernel, stride, value=0.0):
         total = max((math.ceil(n / s) - 1) * s + k - n, 0)
         pads += [total // 2, total - total // 2]
     return F.pad(x, pads, value=value)
+
+
+def default_weights(package, file):
+    """A weight file shipped inside an installed registry package (found without importing the package)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], file)
 
 
 class Unit3D(nn.Module):

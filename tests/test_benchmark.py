@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import benchmark
+from experiments import benchmark
 
 
 def test_train_step_and_sample_tables(monkeypatch, capsys):

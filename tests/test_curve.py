@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import curve
+from experiments import curve, runs
 import data
 import vae as vae_lib
 
@@ -60,8 +60,8 @@ def fake_scripts(monkeypatch, started, threads=None, failing=None):
             return self.code
 
     def popen(args, stdout, stderr):  # curve.start's own log handling runs: its folder must be made
-        assert not stdout.closed and args[0] == sys.executable
-        cmd = args[1:]
+        assert not stdout.closed and args[0] == sys.executable and os.path.dirname(args[1]) == runs.ROOT
+        cmd = [os.path.basename(args[1]), *args[2:]]  # scripts run by their path under the project root
         started.append(cmd)
         threads.append(os.environ.get("OMP_NUM_THREADS"))
         out = cmd[cmd.index("--out") + 1]
@@ -98,7 +98,7 @@ def fake_scripts(monkeypatch, started, threads=None, failing=None):
             floor = 5000.0 / json.load(open(os.path.join(fake, "ckpt_used")))["minutes"]
         json.dump({"metrics": {"FVD": floor, "FID": floor / 10}}, open(out, "w"))
 
-    monkeypatch.setattr(curve.subprocess, "Popen", popen)
+    monkeypatch.setattr(runs.subprocess, "Popen", popen)
     monkeypatch.setattr(curve, "evaluate", evaluate)
     monkeypatch.setattr(curve, "write_reconstructions", lambda *a, **k: None)
 
@@ -208,9 +208,9 @@ def test_evaluated_reads_evaluate_py_names(tmp_path):
     path = str(tmp_path / "eval.json")
     json.dump({"metrics": {"FVD": 10.0, "FID": 2.0, "FC-Inception": 92.5, "CD-FVD": 7.0, "FC (CLIP)": 95.0,
                            "IS": None}}, open(path, "w"))
-    got = curve.evaluated(path, ["fvd", "fc_inception", "cdfvd", "fc"])
+    got = runs.evaluated(path, ["fvd", "fc_inception", "cdfvd", "fc"])
     assert got == {"fvd": 10.0, "fid": 2.0, "fc_inception": 92.5, "cdfvd": 7.0, "fc": 95.0, "is": None}
-    assert curve.evaluated(path, ["fvd", "is"]) is None  # a metric without a value: evaluate again
+    assert runs.evaluated(path, ["fvd", "is"]) is None  # a metric without a value: evaluate again
 
 
 def test_evaluations_wait_for_the_training_when_asked(tmp_path, monkeypatch):

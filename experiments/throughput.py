@@ -2,8 +2,8 @@
 What training costs beyond the model's step: train.py end to end, this project's way against the authors' way of
 feeding the same model, and what the flow alignment (Sec. 3.2, flow_align.py) adds to a step.
 
-    python throughput.py --end-to-end --vae VAE.pt --e2e-steps 40 --e2e-flags "--max-clips 128"
-    python throughput.py --align --model B --frames 5 --images 8 --batch 16 --align-nets inception S/8
+    python -m experiments.throughput --end-to-end --vae VAE.pt --e2e-steps 40 --e2e-flags "--max-clips 128"
+    python -m experiments.throughput --align --model B --frames 5 --images 8 --batch 16 --align-nets inception S/8
 
 --end-to-end runs train.py --align twice as a subprocess on the same GPU and prints each run's clips/s from its own
 log, its set-up time and the ratio: this project's way (latents and alignment targets cached once, the default
@@ -29,9 +29,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-import benchmark
 import dit
 import flow_align
+from experiments.measure import free, time_call, write_json
+from experiments.runs import ROOT
 
 
 def random_raft_file(folder):
@@ -76,7 +77,7 @@ def end_to_end_table(args, device):
             ["--latents", "cache", "--batch-size", "16", "16", *flow],
             "authors' feeding: VAE, flow, features every step; eager, fp32, batch 2":
             ["--latents", "online", "--batch-size", "2", "2", "--compile", "none", "--precision", "fp32", *flow]}
-    benchmark.free(device)
+    free(device)
     print(f"\nend to end, train.py --model {args.model} --align, {args.e2e_steps} steps each; flow of both: "
           f"{'RAFT-large' + (' (random weights, same cost)' if not args.raft else '') if raft else 'OpenCV DIS'}; "
           f"features of both: {features_name}")
@@ -88,7 +89,7 @@ def end_to_end_table(args, device):
         out = os.path.join(folder, f"run{i}")
         t0 = time.perf_counter()
         done = subprocess.run([sys.executable, "train.py", "--out", out, *common, *flags], capture_output=True,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=args.e2e_timeout)
+                              text=True, cwd=ROOT, timeout=args.e2e_timeout)
         wall = time.perf_counter() - t0
         if done.returncode != 0:  # train.py's own "error: ..." line says why
             said = [line for line in (done.stdout + done.stderr).replace("\r", "\n").splitlines() if "rror" in line]
@@ -137,8 +138,8 @@ def align_table(args, device):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    plain = benchmark.time_call(lambda: step(False), args.repeat, device)
-    aligned = benchmark.time_call(lambda: step(True), args.repeat, device)
+    plain = time_call(lambda: step(False), args.repeat, device)
+    aligned = time_call(lambda: step(True), args.repeat, device)
     print(f"{'eager step without the loss':34s} {plain:8.1f} {'1.00':>12s}")
     print(f"{'eager step with the loss':34s} {aligned:8.1f} {aligned / plain:12.2f}", flush=True)
     for name in args.align_nets:
@@ -148,7 +149,7 @@ def align_table(args, device):
             net = flow_align.load_dino(args.dino, name) if args.dino else flow_align.DinoViT(name).eval()
             label = f"targets, DINO {name}" + ("" if args.dino else " (random weights)")
         make = flow_align.Targets(net, cfg.depth, cfg.width, args.frames, h, h, device, amp)
-        ms = benchmark.time_call(lambda: make(flow), max(1, args.repeat // 2), device)
+        ms = time_call(lambda: make(flow), max(1, args.repeat // 2), device)
         print(f"{label:34s} {ms:8.1f} {ms / plain:12.2f}", flush=True)
         del net, make
 
@@ -190,7 +191,7 @@ def main():
     if args.end_to_end:
         rows = end_to_end_table(args, device)
         if args.json:
-            benchmark.write_json(args.json, device, args, rows)
+            write_json(args.json, device, args, rows)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ fair to attention. Joint image-video input is handled as in MedSora: images are 
 Dimension names as in dit.py: B batch, F frames (f video + n images), C channels, H, W latent size, h, w token
 grid, L = h * w tokens per frame, D width, nh heads, hd head dim.
 
-    python peer.py         # parameter counts beside MedSora's
+    python -m experiments.peer         # parameter counts beside MedSora's
 """
 
 import torch

@@ -5,7 +5,7 @@ samples the same seeds with sample.py, is timed there (speed.json), and is score
 validation split; the result is a table, OUT/tradeoff.json and OUT/tradeoff.png (FVD against the speed-up over
 plain DDIM of the same video length).
 
-    python tradeoff.py --ckpt runs/curve/short-b2/ckpts/min8.5.pt --out runs/tradeoff \\
+    python -m experiments.tradeoff --ckpt runs/curve/short-b2/ckpts/min8.5.pt --out runs/tradeoff \\
         --settings plain reuse reuse-t799 reuse-t599 reuse-t399 cache0.05 cache0.2 --num-frames 16 64
 
 Settings: `plain`; `reuse` (t* per video from the step selector); `reuse-tN` (t* = N, rounded to the DDIM grid);
@@ -33,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image, ImageDraw
 
-import curve
 import data
+from experiments import runs
 
 SETTING = re.compile(r"^(plain|reuse|reuse-t(\d+)|cache(\d*\.?\d+))$")
 COLOURS = [(30, 80, 200), (200, 40, 40), (0, 130, 130), (120, 40, 160)]
@@ -63,9 +63,9 @@ def row_of(args, frames, setting):
     if os.path.exists(os.path.join(gen, "speed.json")):
         with open(os.path.join(gen, "speed.json")) as f:
             speed = json.load(f)
-    got = curve.evaluated(gen + ".json", []) or {}
-    row = {"setting": setting, "frames": frames + 1, "videos": curve.videos_in(gen), "timed_videos": speed["videos"],
-           **curve.measured(got, args.metrics.split(","))}
+    got = runs.evaluated(gen + ".json", []) or {}
+    row = {"setting": setting, "frames": frames + 1, "videos": runs.videos_in(gen), "timed_videos": speed["videos"],
+           **runs.measured(got, args.metrics.split(","))}
     if speed["videos"]:
         row["s_per_video"] = speed["seconds"] / speed["videos"]
     if "frame_steps_ratio" in speed:  # reuse: how much of plain DDIM's work it did, and where it switched
@@ -78,7 +78,7 @@ def row_of(args, frames, setting):
 
 def scored(path, args):
     """Whether evaluate.py's result at `path` has every metric asked for, over --clips clips."""
-    if curve.evaluated(path, args.metrics.split(",")) is None:
+    if runs.evaluated(path, args.metrics.split(",")) is None:
         return False
     with open(path) as f:
         return json.load(f)["args"]["num_clips"] == args.clips
@@ -179,19 +179,19 @@ def main(argv=None):
         if args.reuse:
             p.error(f"--reuse {args.reuse}: no such file")
         print("training the reuse networks on the checkpoint", flush=True)
-        curve.run(["reuse.py", "train", "--ckpt", args.ckpt, "--out", reuse_file, *args.reuse_flags.split()],
+        runs.run(["reuse.py", "train", "--ckpt", args.ckpt, "--out", reuse_file, *args.reuse_flags.split()],
                   os.path.join(args.out, "reuse.log"))
 
     done = []
     for frames in args.num_frames:
         for setting in args.settings:
             gen = folder(args, frames, setting)
-            if curve.videos_in(gen) < args.clips:
+            if runs.videos_in(gen) < args.clips:
                 print(f"sampling {args.clips} videos of {frames + 1} frames: {setting}", flush=True)
                 if os.path.exists(gen + ".json"):  # the score of fewer videos
                     os.remove(gen + ".json")
                 # --save-threads 0: the videos are written after each batch, outside the time sample.py measures
-                curve.run(["sample.py", "--ckpt", args.ckpt, "--num-videos", str(args.clips), "--steps",
+                runs.run(["sample.py", "--ckpt", args.ckpt, "--num-videos", str(args.clips), "--steps",
                            str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
                            "--num-frames", str(frames), "--save-threads", "0", "--out", gen,
                            *sampler_flags(setting, reuse_file)], gen + "_sample.log")  # evaluate's: gen + ".log"
@@ -203,9 +203,9 @@ def main(argv=None):
 
     todo = [gen for gen in (folder(args, f, s) for f, s in done) if not scored(gen + ".json", args)]
     if todo:  # the first alone: it caches the real clips' features, which the others then share
-        curve.evaluate(todo[0], todo[0] + ".json", args)
+        runs.evaluate(todo[0], todo[0] + ".json", args)
     with ThreadPoolExecutor(args.eval_jobs) as pool:  # an evaluation that fails raises here, naming its log
-        list(pool.map(lambda gen: curve.evaluate(gen, gen + ".json", args), todo[1:]))
+        list(pool.map(lambda gen: runs.evaluate(gen, gen + ".json", args), todo[1:]))
 
     # plain DDIM is the baseline of each length, also when it was measured by an earlier call and not listed now
     baselines = [(f, "plain") for f in args.num_frames if "plain" not in args.settings

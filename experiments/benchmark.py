@@ -1,10 +1,10 @@
 """
 Speed and memory of the MedSora backbone on each scan path, measured side by side in one run.
 
-    python benchmark.py                      # MedSora-B, batch 8, z = 6 x 16 x 16 x 16 (4 video + 2 image frames)
-    python benchmark.py --model S --batch 2 --paths chunked chunked+compile --layers
-    python benchmark.py --train-step --frames 5 --images 8 --batches 16 2 --compile eager blocks model --sample
-    python benchmark.py --train-step --peer --sample --sample-videos 1 16 --long 5 17 65 129 --plot long.png
+    python -m experiments.benchmark                      # MedSora-B, batch 8, z = 6 x 16 x 16 x 16 (4 video + 2 image frames)
+    python -m experiments.benchmark --model S --batch 2 --paths chunked chunked+compile --layers
+    python -m experiments.benchmark --train-step --frames 5 --images 8 --batches 16 2 --compile eager blocks model --sample
+    python -m experiments.benchmark --train-step --peer --sample --sample-videos 1 16 --long 5 17 65 129 --plot long.png
 
 Times one training step's forward + backward (median over --repeat runs, CUDA events on GPU) and the peak
 memory, for each scan path ("kernel": mamba-ssm Triton; "chunked": pure PyTorch SSD) and precision; --layers
@@ -26,9 +26,7 @@ to end, and what the flow alignment adds, are throughput.py's.
 """
 
 import argparse
-import gc
 import itertools
-import json
 import os
 import tempfile
 import time
@@ -39,9 +37,10 @@ from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
 
 import dit
-import peer
 import ssm
 from diffusion import Diffusion
+from experiments import peer
+from experiments.measure import free, sync, time_call, write_json
 
 
 def time_step(forward, dtype, repeat, device):
@@ -51,33 +50,6 @@ def time_step(forward, dtype, repeat, device):
             out = forward()
         out.float().square().mean().backward()
     return time_call(step, repeat, device)
-
-
-def time_call(fn, repeat, device, warmup=3, host=False):
-    """Median ms of fn() over `repeat` calls after `warmup` (kernel compilation, autotuning, the allocator);
-    CUDA events on GPU. host=True: also the median ms until fn() returns, before the GPU has finished (the time
-    the CPU needs to issue the work: when it is close to the whole, the GPU waits for the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times, issued = [], []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            start.record()
-            fn()
-            end.record()
-            issued.append(1000 * (time.perf_counter() - t0))
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-            issued.append(times[-1])
-    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return (median(times), median(issued)) if host else median(times)
 
 
 def profile_step(forward, dtype, device):
@@ -146,11 +118,6 @@ def layer_table(device, repeat, shapes, paths=("kernel", "chunked")):
               flush=True)
         rows.append(dict(table="Mamba2 layer", sequences=n, length=L, dtype=dtype, **{f"ms_{p}": ms[p] for p in paths}))
     return rows
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak(device, n=8192, repeat=20):
@@ -272,14 +239,6 @@ def adamw(model, impl):
     """AdamW as benchmarked: "foreach" (torch's default on CUDA, a few kernels per group of tensors) or "fused"
     (one kernel for all of them; CUDA only)."""
     return torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if impl == "fused" else {}))
-
-
-def free(device):
-    """What an out-of-memory row left behind, given back before the next row."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def component_table(args, device):
@@ -473,13 +432,6 @@ def sample_table(args, device, kind="medsora", videos=16):
                          steps=args.sample_steps, s=ms / 1000, first_call_s=first))
         del model, net
     return rows
-
-
-def write_json(path, device, args, rows):
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    with open(path + ".tmp", "w") as f:
-        json.dump({"device": name, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def main():

@@ -2,7 +2,7 @@
 Learning curves on one GPU: FVD and FID of MedSora checkpoints against the validation split, as training goes,
 for one or more training recipes trained side by side on the same GPU.
 
-    python curve.py --out runs/curve --model S --points 3 6 10 15 --recipes short paper   # minutes of training
+    python -m experiments.curve --out runs/curve --model S --points 3 6 10 15 --recipes short paper   # minutes of training
 
 Stages, each skipped when its result is already there, so that a curve split over several calls
 (`--budget-minutes`) continues where the last one stopped:
@@ -29,13 +29,11 @@ sampling and evaluation wait until the call's training has ended (they slow the 
 """
 
 import argparse
-import glob
 import json
 import math
 import os
 import queue
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -46,6 +44,7 @@ from tqdm.auto import tqdm
 
 import data
 import vae as vae_lib
+from experiments.runs import evaluate, evaluated, finish, measured, run, start, videos_in
 
 
 RECIPES = {  # train.py flags of each recipe
@@ -65,7 +64,6 @@ RECIPES = {  # train.py flags of each recipe
 }
 
 
-NAMES = {"FVD": "fvd", "CD-FVD": "cdfvd", "FID": "fid", "IS": "is", "FC (CLIP)": "fc", "FC-Inception": "fc_inception"}
 
 
 def share_cpus(processes):
@@ -88,44 +86,6 @@ def cache_of(recipe, args):
     return os.path.join(args.out, "latents_align" if aligned else "latents")
 
 
-def start(cmd, log):
-    """Start a script of this project, its output appended to `log`."""
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    f = open(log, "a")
-    f.write(f"\n$ {' '.join(cmd)}\n")
-    f.flush()
-    proc = subprocess.Popen([sys.executable, *cmd], stdout=f, stderr=subprocess.STDOUT)
-    proc.log, proc.cmd = f, cmd
-    return proc
-
-
-def finish(proc):
-    """Wait for a started script; an error names the command and its log."""
-    code = proc.wait()
-    proc.log.close()
-    if code != 0:
-        raise RuntimeError(f"{proc.cmd[0]} failed with exit status {code}; see {proc.log.name}")
-
-
-def run(cmd, log):
-    finish(start(cmd, log))
-
-
-def evaluated(path, metrics):
-    """The metrics of an evaluate.py JSON, or None when it is missing or lacks one of `metrics`."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        got = json.load(f)["metrics"]
-    got = {NAMES.get(k, k.lower()): v for k, v in got.items()}  # evaluate.py's display names -> metric ids
-    return got if all(isinstance(got.get(m), float) for m in metrics) else None
-
-
-def measured(got, metrics):
-    """The entries of an evaluate.py result (evaluated(...)) that are numbers, for the metrics asked for."""
-    return {m: got[m] for m in metrics if isinstance(got.get(m), float)}
-
-
 def sample_record(folder):
     """The numbers of a sample.py folder's stats.json that show outliers, or {}."""
     path = os.path.join(folder, "stats.json")
@@ -136,11 +96,6 @@ def sample_record(folder):
     return {"max_abs_z": s["latents"]["absmax"], "outliers_pct": 100 * s["outliers"] if s["outliers"] is not None
             else None, "saturated_pct": 100 * s["saturated"],
             "bright_pct": 100 * s["bright"] if s.get("bright") is not None else None}
-
-
-def videos_in(folder):
-    """How many finished videos a sample.py folder holds (its done/ records, written after each video's frames)."""
-    return len(glob.glob(os.path.join(folder, "done", "*.npz")))
 
 
 def reconstructions_in(folder):
@@ -194,17 +149,6 @@ def sample_and_evaluate(ckpt, gen, result, args, extra=()):
     # a small picture beside the numbers (3 videos, every other frame), light enough to copy off a GPU machine
     data.save_grid([os.path.join(gen, "frames", f"{j:06d}") for j in range(min(3, args.clips))], gen + ".png")
     evaluate(gen, result, args)
-
-
-def evaluate(fake, out, args, fake_stride=1, fake_split="all"):
-    cmd = ["evaluate.py", "--real", "synthetic", "--real-split", "val", "--fake", fake, "--fake-split", fake_split,
-           "--fake-stride", str(fake_stride), "--num-clips", str(args.clips), "--metrics", args.metrics,
-           "--cache", os.path.join(args.out, "eval_cache"), "--out", out, "--batch-size", "32",
-           "--workers", str(args.workers)]
-    for flag in ("i3d", "inception"):
-        if getattr(args, flag):
-            cmd += [f"--{flag}", getattr(args, flag)]
-    run(cmd, out.replace(".json", ".log"))
 
 
 COLOURS = [(30, 80, 200), (200, 40, 40), (120, 40, 160), (0, 130, 130)]

@@ -1,0 +1,58 @@
+"""
+Timing and memory helpers shared by the benchmarks (benchmark.py, throughput.py): CUDA-event medians, freeing
+the GPU between rows, and writing a run's rows to JSON with its device and software.
+"""
+
+import gc
+import json
+import os
+import time
+
+import torch
+
+
+def time_call(fn, repeat, device, warmup=3, host=False):
+    """Median ms of fn() over `repeat` calls after `warmup` (kernel compilation, autotuning, the allocator);
+    CUDA events on GPU. host=True: also the median ms until fn() returns, before the GPU has finished (the time
+    the CPU needs to issue the work: when it is close to the whole, the GPU waits for the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times, issued = [], []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            start.record()
+            fn()
+            end.record()
+            issued.append(1000 * (time.perf_counter() - t0))
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+            issued.append(times[-1])
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return (median(times), median(issued)) if host else median(times)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device):
+    """What an out-of-memory row left behind, given back before the next row."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def write_json(path, device, args, rows):
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    with open(path + ".tmp", "w") as f:
+        json.dump({"device": name, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
+    os.replace(path + ".tmp", path)
