@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw
 
 
 def setup():
@@ -161,6 +162,14 @@ class RunLock:
             self.file = None
 
 
+def parse_with_preset(parser, argv, presets):
+    """parser.parse_args(argv), with the defaults of --preset NAME (presets[NAME]) under the flags given."""
+    chosen = parser.parse_known_args(argv)[0].preset
+    if chosen is not None:
+        parser.set_defaults(**presets[chosen])
+    return parser.parse_args(argv)
+
+
 def check_args(parser, args, positive=(), non_negative=(), multiples=None, folder=None):
     """The checks every script makes before any work, each failure one line that names the value (exit status 2):
     options that must be positive or not negative (None is left alone; a pair is checked as a whole), positive
@@ -201,3 +210,69 @@ def cli(main, argv=None):
         else:
             msg = str(e.args[0]) if e.args else type(e).__name__
         sys.exit(f"error: {' '.join(msg.split())} (--debug shows where)")
+
+
+def plot_loss(records, path, width=640, height=360):
+    """A loss curve (log scale) as PNG, drawn with PIL: raw points grey, a moving average blue."""
+    records = [r for r in records if r["loss"] is not None and r["loss"] > 0]  # skipped intervals have none
+    steps = np.array([r["step"] for r in records], dtype=float)
+    loss = np.array([r["loss"] for r in records], dtype=float)
+    if len(steps) < 2:
+        return
+    k = max(1, len(loss) // 20)
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, width - 10, 10, height - 30
+    lo, hi = np.log10(loss.min()), np.log10(loss.max()) + 1e-9
+    xy = lambda s, v: (left + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (right - left),  # noqa: E731
+                       bottom - (np.log10(v) - lo) / (hi - lo) * (bottom - top))
+    d.rectangle([left, top, right, bottom], outline="black")
+    d.line([xy(s, v) for s, v in zip(steps, loss)], fill=(190, 190, 190))
+    d.line([xy(s, v) for s, v in zip(steps[k - 1:], smooth)], fill=(30, 80, 200), width=2)
+    for v in (loss.min(), loss.max()):
+        d.text((4, xy(steps[0], v)[1] - 6), f"{v:.3g}", fill="black")
+    d.text((left, bottom + 8), f"step {int(steps[0])}", fill="black")
+    d.text((right - 80, bottom + 8), f"step {int(steps[-1])}", fill="black")
+    d.text((left + 8, top + 4), "training loss (log scale)", fill="black")
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+class LossMeter:
+    """The losses of the steps since the last log record, summed over the ranks when the record is written."""
+
+    def __init__(self):
+        self.loss = self.align = 0.0
+        self.n = self.clips = 0
+        self.t = time.perf_counter()
+
+    def record(self, step, epoch, lr, grad_norm, skipped, world, device, aligned):
+        totals = torch.tensor([self.loss, self.n, self.align], device=device, dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(totals)  # the loss of all ranks
+        loss, n, align = totals.tolist()
+        now = time.perf_counter()
+        record = {"step": step, "epoch": epoch, "loss": loss / n if n else None,  # None: every step was skipped
+                  "lr": lr, "grad_norm": grad_norm, "clips_per_s": self.clips / (now - self.t), "skipped": skipped}
+        if aligned and n:
+            record["align"] = align / n  # Eq. 15, before alpha
+        if device.type == "cuda":
+            record["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        self.__init__()
+        return record
+
+
+def weights_checksum(model):
+    return sum(float(p.detach().double().sum()) + float(p.detach().double().abs().sum()) for p in model.parameters())
+
+
+def check_same_weights(model, world, log, step):
+    """Under torchrun: every rank must hold the same weights after training (their checksums are compared)."""
+    if world > 1:
+        sums = gather(weights_checksum(model), world)
+        log.write({"step": step, "rank_checksums": sums})
+        if len(set(sums)) != 1:
+            raise RuntimeError(f"ranks hold different weights after training: checksums {sums}")
+        log(f"weights identical on all {world} ranks (checksum {sums[0]:.6f})")

@@ -397,3 +397,23 @@ class Targets:
         """Eq. 15 per sample (B,), from the blocks' features and the batch's targets."""
         targets = [to_width(batch[k].to(self.device), self.width) for k in self.keys]
         return alignment_loss(features, targets, t, margin)
+
+
+def for_training(args, cfg, f, h, device, amp, log):
+    """train.py --align: the targets (Targets) of a model configuration cfg on latents of f frames of h x h: the
+    feature network, the flow it aligns with (auto: the synthetic data's exact flow, RAFT with --raft, else
+    OpenCV's DIS) and what each block is aligned with."""
+    flow = args.flow if args.flow != "auto" else (
+        "exact" if args.data == "synthetic" else "raft" if args.raft else "classical")
+    if flow == "raft" and not args.raft:
+        raise SystemExit("error: --flow raft needs --raft PATH, torchvision's RAFT weights file")
+    if flow == "exact" and args.data != "synthetic":
+        raise SystemExit(f"error: --flow exact needs --data synthetic, the only data that carries its flow "
+                         f"(got --data {args.data}); use --flow classical")
+    align = Targets(load_features(args.dino, args.inception), cfg.depth, cfg.width, f,
+                               h // cfg.patch_size, h // cfg.patch_size, device, amp, flow,
+                               load_raft(args.raft) if flow == "raft" else None)
+    log(f"flow alignment: {align.describe()}"
+        f"{'' if args.dino else ' (the offline default, not DINO: give --dino PATH for the paper features)'}; "
+        f"alpha {args.align_alpha}, margin {args.align_margin}")
+    return align

@@ -9,6 +9,7 @@ import torch
 
 import checkpoint
 import dit
+import latents
 import train
 import train_vae
 import vae
@@ -72,19 +73,19 @@ def test_damaged_checkpoints_are_named(tmp_path):
 def test_damaged_latent_cache_is_named(tmp_path):
     folder = str(tmp_path / "latents")
     os.makedirs(folder)
-    shard = {"indices": torch.arange(4), **{k: torch.randn(4, 2, 3, 16, 2, 2).half() for k in train.CachedLatents.KEYS}}
+    shard = {"indices": torch.arange(4), **{k: torch.randn(4, 2, 3, 16, 2, 2).half() for k in latents.CachedLatents.KEYS}}
     checkpoint.save(shard, os.path.join(folder, "shard0of1.pt"))
     meta = {"key": "k", "shards": ["shard0of1.pt"], "clips": 4}
-    assert train.load_cache(folder, meta)["video_mean"].shape == (4, 2, 3, 16, 2, 2)
+    assert latents.load_cache(folder, meta)["video_mean"].shape == (4, 2, 3, 16, 2, 2)
     with pytest.raises(ValueError, match="not each of the 5"):
-        train.load_cache(folder, {**meta, "clips": 5})
+        latents.load_cache(folder, {**meta, "clips": 5})
     open(os.path.join(folder, "shard0of1.pt"), "r+b").truncate(1000)
     with pytest.raises(ValueError, match="shard0of1.pt is damaged"):
-        train.load_cache(folder, meta)
+        latents.load_cache(folder, meta)
     with open(os.path.join(folder, "meta.json"), "w") as f:
         f.write('{"key": "k", "sha')  # cut off
     with pytest.raises(ValueError, match="meta.json is damaged"):
-        train.build_cache(None, None, folder, "k", 0, 1, "cpu", False, 1, 0, print)
+        latents.build_cache(None, None, folder, "k", 0, 1, "cpu", False, 1, 0, print)
 
 
 def latent_batch(B=2, f=3, n=1, C=16, h=4):

@@ -435,3 +435,19 @@ def test_precision_flag_turns_autocast_off_on_cuda_only():
     assert train.autocast_on(train.parse_args([]), cuda)
     assert not train.autocast_on(train.parse_args(["--precision", "fp32"]), cuda)
     assert not train.autocast_on(train.parse_args([]), cpu)
+
+
+def test_preset_sets_defaults_and_flags_still_win():
+    demo = train.parse_args(["--preset", "cpu-demo"])
+    assert (demo.size, demo.num_frames, demo.max_steps, list(demo.betas)) == (64, 8, 1500, [0.9, 0.95])
+    mine = train.parse_args(["--preset", "cpu-demo", "--max-steps", "20", "--size", "32"])
+    assert (mine.max_steps, mine.size, mine.num_frames) == (20, 32, 8)
+    assert train.parse_args([]).max_steps is None  # no preset: the paper's recipe
+
+
+def test_temporal_scan_flag_reaches_the_model_and_a_resume_keeps_it(vae_ckpt, tmp_path):
+    run(vae_ckpt, tmp_path, "--max-steps", "1", "--temporal-scan", "forward")
+    ckpt = torch.load(os.path.join(tmp_path, "ckpt.pt"), weights_only=False)
+    assert ckpt["config"]["temporal_bidirectional"] is False
+    with pytest.raises(SystemExit, match="--temporal-scan: 'forward' -> 'bidirectional'"):
+        run(vae_ckpt, tmp_path, "--max-steps", "2", "--resume")  # the default (both ways) is another model
