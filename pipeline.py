@@ -117,6 +117,26 @@ def report(stats):
     return lines
 
 
+def verdict(stats):
+    """One line, in words: whether the samples are within the data's range, and if not what to do. Far outside:
+    latents spread over 2x the data's (per channel) or 1 % of their values beyond the data's largest, or over 5 %
+    saturated pixels and 5x the training clips' share (noise from a model that learned little, or diverged)."""
+    g, d, why = stats["latents"], stats["data_latents"], []
+    if d is not None:
+        ratio = float((torch.tensor(g["std"]) / torch.tensor(d["std"])).max())
+        if ratio > 2:
+            why.append(f"latents spread {ratio:.1f}x the data's")
+        if stats["outliers"] > 0.01:
+            why.append(f"{100 * stats['outliers']:.1f} % of latent values beyond the data's largest")
+    if stats["saturated"] > max(0.05, 5 * (stats["data_saturated"] or 0)):
+        why.append(f"{100 * stats['saturated']:.1f} % saturated pixels")
+    if why:
+        return (f"These samples are far outside the data's range ({'; '.join(why)}): the model has learned "
+                f"too little or diverged. Train longer (raise --max-steps and add --resume) or check loss.png; "
+                f"--clip-x0 4 keeps a young model's latents in range.")
+    return "The samples are within the data's range (latents and pixels): look at grid.png and the GIFs."
+
+
 def newest_checkpoint(run):
     found = sorted(glob.glob(os.path.join(run, "*.pt")), key=os.path.getmtime)
     if not found:

@@ -53,7 +53,7 @@ import pipeline
 import reuse
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/medsora", help="run folder: its newest checkpoint is used")
     p.add_argument("--ckpt", default=None, help="a checkpoint file instead")
@@ -93,7 +93,22 @@ def main(argv=None):
         p.error("--reuse and --cache-threshold are two ways to sample faster: choose one")
     if args.reuse and args.eta > 0:
         p.error(f"--reuse needs deterministic DDIM (--eta 0, not {args.eta:g})")
+    return args
 
+
+def reuse_sampler(args, model, vae, ckpt, size, rank, device):
+    """--reuse: the denoising-reuse sampler with its trained networks, checked against this model."""
+    mtn, dss, state = reuse.load(args.reuse, device)
+    grid = size // vae.spatial_compression // model.cfg.patch_size
+    reuse.check_model(mtn.cfg, model.cfg, (grid, grid), args.reuse)
+    if state["ckpt_step"] != ckpt["step"] and rank == 0:
+        print(f"note: {args.reuse} was trained on step {state['ckpt_step']} of {state['ckpt']}, this is step "
+              f"{ckpt['step']}")
+    return reuse.ReuseSampler(mtn, dss, args.reuse_t)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     rank, world, device = distributed.setup()
     amp = device.type == "cuda"
     ckpt_path = args.ckpt or pipeline.newest_checkpoint(args.run)
@@ -103,15 +118,7 @@ def main(argv=None):
     f, size = ckpt["latent_frames"], ckpt["args"]["size"]
     if args.num_frames is not None:  # the VAE's first frame alone, then one latent frame per group of frames
         f = args.num_frames // vae.cfg.temporal_compression_ratio + 1
-    sampler = None
-    if args.reuse:
-        mtn, dss, state = reuse.load(args.reuse, device)
-        grid = size // vae.spatial_compression // model.cfg.patch_size
-        reuse.check_model(mtn.cfg, model.cfg, (grid, grid), args.reuse)
-        if state["ckpt_step"] != ckpt["step"] and rank == 0:
-            print(f"note: {args.reuse} was trained on step {state['ckpt_step']} of {state['ckpt']}, this is step "
-                  f"{ckpt['step']}")
-        sampler = reuse.ReuseSampler(mtn, dss, args.reuse_t)
+    sampler = reuse_sampler(args, model, vae, ckpt, size, rank, device) if args.reuse else None
     cache_counts = {"run": 0, "reused": 0}  # --cache-threshold: block calls, over all batches
     seconds = 0.0  # in pipeline.generate (denoising and decoding), over this invocation's batches
     if rank == 0:
@@ -149,29 +156,34 @@ def main(argv=None):
     if saver is not None:
         writing = [job.result() for job in writing]  # every one: an error is never left unseen
         saver.shutdown()
-    mp4 = all(writing)
     distributed.barrier(world)
     if rank == 0:
-        shown = [os.path.join(out, "frames", f"{j:06d}") for j in range(min(16, args.num_videos))]
-        data.save_grid(shown, os.path.join(out, "grid.png"))
-        print(f"wrote {args.num_videos} videos to {out}: frames/, gif/, " + ("mp4/, " if mp4 else "") + "grid.png"
-              + ("" if mp4 else " (no MP4: PyAV is not installed)"))
-        # the numbers that tell samples in range from noise; under torchrun, of rank 0's share
-        z, saturated, bright = zip(*(load_done(out, j) for j in mine))
-        stats = pipeline.sample_stats(torch.stack(z), sum(saturated) / len(mine), ckpt.get("latent_stats"),
-                                      ckpt.get("data_saturated"), sum(bright) / len(mine))
         speed = speed_report(sampler, cache_counts, args, seconds, sum(len(idx) for idx in todo))
-        for line in pipeline.report(stats) + speed["lines"]:
-            print(line)
-        path = os.path.join(out, "stats.json")  # written last and whole: curve.py takes it as "finished"
-        with open(path + ".tmp", "w") as f:
-            json.dump({"ckpt": ckpt_path, "step": ckpt["step"], "steps": args.steps, "clip_x0": args.clip_x0,
-                       **stats}, f, indent=1)
-        os.replace(path + ".tmp", path)
-        if speed["videos"]:  # this invocation's time, apart: stats.json depends on the videos alone
-            with open(os.path.join(out, "speed.json"), "w") as f:
-                json.dump({k: v for k, v in speed.items() if k != "lines"}, f, indent=1)
+        summarise(out, args, ckpt, ckpt_path, mine, all(writing), speed)
     distributed.teardown(world)
+
+
+def summarise(out, args, ckpt, ckpt_path, mine, mp4, speed):
+    """The grid, the samples' statistics beside the data's (stats.json, printed), the speed (speed.json), and as
+    the last line, in words, whether the samples are in the data's range."""
+    shown = [os.path.join(out, "frames", f"{j:06d}") for j in range(min(16, args.num_videos))]
+    data.save_grid(shown, os.path.join(out, "grid.png"))
+    print(f"wrote {args.num_videos} videos to {out}: frames/, gif/, " + ("mp4/, " if mp4 else "") + "grid.png"
+          + ("" if mp4 else " (no MP4: PyAV is not installed)"))
+    # the numbers that tell samples in range from noise; under torchrun, of rank 0's share
+    z, saturated, bright = zip(*(load_done(out, j) for j in mine))
+    stats = pipeline.sample_stats(torch.stack(z), sum(saturated) / len(mine), ckpt.get("latent_stats"),
+                                  ckpt.get("data_saturated"), sum(bright) / len(mine))
+    for line in pipeline.report(stats) + speed["lines"] + [pipeline.verdict(stats)]:
+        print(line)
+    path = os.path.join(out, "stats.json")  # written last and whole: curve.py takes it as "finished"
+    with open(path + ".tmp", "w") as f:
+        json.dump({"ckpt": ckpt_path, "step": ckpt["step"], "steps": args.steps, "clip_x0": args.clip_x0,
+                   **stats}, f, indent=1)
+    os.replace(path + ".tmp", path)
+    if speed["videos"]:  # this invocation's time, apart: stats.json depends on the videos alone
+        with open(os.path.join(out, "speed.json"), "w") as f:
+            json.dump({k: v for k, v in speed.items() if k != "lines"}, f, indent=1)
 
 
 def speed_report(sampler, cache_counts, args, seconds, videos):

@@ -3,6 +3,7 @@ Train the video VAE (paper Sec. 3.3, Eq. 16, Sec. 4.1).
 
     python train_vae.py --finetune path/to/CogVideoX/vae     # frozen CogVideoX VAE, train the frequency compensation
     python train_vae.py --model tiny                         # a whole (tiny) VAE from scratch: no weights needed
+    python train_vae.py --preset cpu-demo                    # the same, the CPU demo's size and steps
     torchrun --nproc_per_node=4 train_vae.py --finetune ...  # the same on several GPUs
     python evaluate.py --vae runs/vae/ckpt.pt --real kvasir  # PSNR, SSIM and speed of a trained VAE
 
@@ -19,6 +20,7 @@ import argparse
 import os
 import time
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -118,12 +120,20 @@ def build(args, device):
     return model.to(device)
 
 
+# Named sets of defaults; flags given beside a preset still win. cpu-demo: the README's quickstart, a tiny VAE on
+# 64 x 64 clips of 9 frames, to a number of steps (not minutes: the same on any machine).
+PRESETS = {"cpu-demo": dict(size=64, num_frames=8, batch_size=2, steps=300, val_every=100)}
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a named set of defaults (PRESETS)")
     parser.add_argument("--data", default="synthetic")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--model", default="tiny", choices=sorted(vae.MODELS), help="VAE config when training from scratch")
-    parser.add_argument("--finetune", default=None, help="CogVideoX VAE weights (file or vae/ folder): train only the frequency compensation")
+    parser.add_argument("--model", default="tiny", choices=sorted(vae.MODELS),
+                        help="VAE config when training from scratch")
+    parser.add_argument("--finetune", default=None, help="CogVideoX VAE weights (file or vae/ folder): train only the "
+                        "frequency compensation")
     parser.add_argument("--out", default="runs/vae")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     parser.add_argument("--steps", type=int, default=2000)
@@ -135,7 +145,8 @@ def parse_args(argv):
     parser.add_argument("--lpips", nargs=2, metavar=("VGG16_PTH", "LPIPS_VGG_HEADS_PTH"), default=None,
                         help="local weight files for the perceptual loss; without them it is left out")
     parser.add_argument("--lpips-weight", type=float, default=1.0)
-    parser.add_argument("--disc-start", type=int, default=-1, help="step at which the patch discriminator starts; -1 = never")
+    parser.add_argument("--disc-start", type=int, default=-1, help="step at which the patch discriminator starts; "
+                        "-1 = never")
     parser.add_argument("--disc-weight", type=float, default=0.1)
     parser.add_argument("--num-frames", type=int, default=16, help="clip frames (+1 for the causal first frame)")
     parser.add_argument("--size", type=int, default=128)
@@ -147,7 +158,7 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-freq-comp", action="store_true", help="from scratch without the compensation modules")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (as if done) after this much training")
-    args = parser.parse_args(argv)
+    args = distributed.parse_with_preset(parser, argv, PRESETS)
     # checked before any work; each failure is one line, exit status 2
     distributed.check_args(parser, args, folder="out", positive=(
         "steps", "batch_size", "lr", "log_every", "ckpt_every", "val_every", "val_clips"), non_negative=(
@@ -159,6 +170,68 @@ def parse_args(argv):
 
 
 RESUME_KEYS = ("data", "model", "finetune", "num_frames", "size", "no_freq_comp")  # what a resumed run must keep
+
+
+def restore(ckpt, ckpt_path, model, opt, disc, disc_opt, args, rank, log):
+    """Where training stands: from the checkpoint with --resume (weights, optimisers, RNG), else the start."""
+    at = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    if ckpt is None:
+        torch.manual_seed(distributed.mix_seed(args.seed, rank))
+        return at
+    model.load_state_dict(checkpoint.check_finite(ckpt["model"], ckpt_path))
+    opt.load_state_dict(ckpt["optimizer"])
+    if disc and ckpt.get("disc"):
+        disc.load_state_dict(ckpt["disc"])
+        disc_opt.load_state_dict(ckpt["disc_optimizer"])
+    checkpoint.set_rng_state(ckpt["rng"][rank])
+    log(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return {k: ckpt[k] for k in at}
+
+
+def train_loop(args, r, rank, world, device, amp, log):
+    """One train_step per batch, then logging, checkpoints and validation, until --steps, --max-minutes or a stop
+    signal (every rank stops at the same step). Returns the stop signal, if one came. r: the run's parts (main)."""
+    stop, at = distributed.StopSignals(), r.at
+    deadline = time.perf_counter() + 60 * args.max_minutes if args.max_minutes is not None else None
+    bar = tqdm(total=args.steps, initial=at["step"], disable=rank != 0, desc="train_vae")
+    t_last, clips_since = time.perf_counter(), 0
+    while at["step"] < args.steps and stop.signal is None:
+        if hasattr(r.train_set, "set_epoch"):
+            r.train_set.set_epoch(at["epoch"])
+        batches = data.epoch_batches(len(r.train_set), args.batch_size, rank, world, args.seed, at["epoch"],
+                                     at["batch_in_epoch"])  # mid-epoch on resume: the batches not yet seen
+        loader = DataLoader(r.train_set, batch_sampler=batches, num_workers=args.workers,
+                            generator=torch.Generator().manual_seed(distributed.mix_seed(args.seed, at["epoch"])))
+        for batch in loader:
+            x = batch["video"].to(device).transpose(1, 2)  # (B, 3, F, H, W)
+            losses = train_step(r.net, r.opt, x, args, at["step"], amp, r.lpips, r.critic, r.disc_opt)
+            at["step"] += 1
+            at["batch_in_epoch"] += 1
+            step = at["step"]
+            if distributed.agree(stop.signal is not None, world, device):
+                stop.signal = stop.signal or "from another rank"
+            if deadline is not None and distributed.agree(time.perf_counter() > deadline, world, device):
+                log(f"time budget of {args.max_minutes} min reached at step {step}")
+                args.steps = step  # finish as if this were the last step: checkpoint, validate, scaling factor
+            clips_since += x.shape[0] * world
+            bar.update(1)
+            if step % args.log_every == 0:
+                now = time.perf_counter()
+                log.write({"step": step, **{k: v.item() for k, v in losses.items()}, "lr": r.lr,
+                           "clips_per_s": clips_since / (now - t_last)})
+                t_last, clips_since = now, 0
+                bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
+            if step % args.ckpt_every == 0 or step == args.steps or stop.signal is not None:
+                checkpoint.save_run(r.state(), r.ckpt_path, rank, world)
+            if (step % args.val_every == 0 or step == args.steps) and rank == 0:
+                validate(r.model, r.val_set, args, step, device, amp, log)
+            if step >= args.steps or stop.signal is not None:
+                break
+        else:
+            at.update(epoch=at["epoch"] + 1, batch_in_epoch=0)
+    bar.close()
+    stop.restore()
+    return stop.signal
 
 
 def main(argv=None):
@@ -183,26 +256,14 @@ def main(argv=None):
     val_set = data.make_dataset(args.data, "val", args.data_root, **{**clip_kwargs, "flip": False})
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build(args, device)
-    params = [p for p in model.parameters() if p.requires_grad]
     lr = args.lr if args.lr is not None else (2e-7 if args.finetune else 1e-4)
-    opt = torch.optim.Adam(params, lr=lr, betas=tuple(args.betas))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(args.betas))
     disc = PatchDiscriminator().to(device) if args.disc_start >= 0 else None
     disc_opt = torch.optim.Adam(disc.parameters(), lr=lr, betas=tuple(args.betas)) if disc else None
     lpips = metric_nets.LPIPS.from_files(*args.lpips).to(device) if args.lpips else None
     if lpips is None:
         log("note: no LPIPS weights given (--lpips VGG16 HEADS): training without the perceptual loss")
-    at = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    if ckpt is not None:
-        model.load_state_dict(checkpoint.check_finite(ckpt["model"], ckpt_path))
-        opt.load_state_dict(ckpt["optimizer"])
-        if disc and ckpt.get("disc"):
-            disc.load_state_dict(ckpt["disc"])
-            disc_opt.load_state_dict(ckpt["disc_optimizer"])
-        at = {k: ckpt[k] for k in at}
-        checkpoint.set_rng_state(ckpt["rng"][rank])
-        log(f"resumed from {ckpt_path} at step {at['step']}")
-    else:
-        torch.manual_seed(distributed.mix_seed(args.seed, rank))
+    at = restore(ckpt, ckpt_path, model, opt, disc, disc_opt, args, rank, log)
     net, critic = model, disc
     if world > 1:  # DDP broadcasts rank 0's weights, then averages the gradients of every backward
         ids = [device.index] if device.type == "cuda" else None
@@ -215,58 +276,22 @@ def main(argv=None):
                 "disc_optimizer": disc_opt.state_dict() if disc else None, **at,
                 "config": asdict(model.cfg), "args": vars(args)}
 
-    # the loop: one train_step per batch, then logging, checkpoints and validation
-    stop = distributed.StopSignals()
-    deadline = time.perf_counter() + 60 * args.max_minutes if args.max_minutes is not None else None
-    bar = tqdm(total=args.steps, initial=at["step"], disable=rank != 0, desc="train_vae")
-    t_last, clips_since = time.perf_counter(), 0
-    while at["step"] < args.steps and stop.signal is None:
-        if hasattr(train_set, "set_epoch"):
-            train_set.set_epoch(at["epoch"])
-        batches = data.epoch_batches(len(train_set), args.batch_size, rank, world, args.seed, at["epoch"],
-                                     at["batch_in_epoch"])  # mid-epoch on resume: the batches not yet seen
-        loader = DataLoader(train_set, batch_sampler=batches, num_workers=args.workers,
-                            generator=torch.Generator().manual_seed(distributed.mix_seed(args.seed, at["epoch"])))
-        for batch in loader:
-            x = batch["video"].to(device).transpose(1, 2)  # (B, 3, F, H, W)
-            losses = train_step(net, opt, x, args, at["step"], amp, lpips, critic, disc_opt)
-            at["step"] += 1
-            at["batch_in_epoch"] += 1
-            step = at["step"]
-            if distributed.agree(stop.signal is not None, world, device):
-                stop.signal = stop.signal or "from another rank"
-            if deadline is not None and distributed.agree(time.perf_counter() > deadline, world, device):
-                log(f"time budget of {args.max_minutes} min reached at step {step}")
-                args.steps = step  # finish as if this were the last step: checkpoint, validate, scaling factor
-            clips_since += x.shape[0] * world
-            bar.update(1)
-            if step % args.log_every == 0:
-                now = time.perf_counter()
-                log.write({"step": step, **{k: v.item() for k, v in losses.items()}, "lr": lr,
-                           "clips_per_s": clips_since / (now - t_last)})
-                t_last, clips_since = now, 0
-                bar.set_postfix(loss=f"{losses['loss'].item():.4f}")
-            if step % args.ckpt_every == 0 or step == args.steps or stop.signal is not None:
-                checkpoint.save_run(state(), ckpt_path, rank, world)
-            if (step % args.val_every == 0 or step == args.steps) and rank == 0:
-                validate(model, val_set, args, step, device, amp, log)
-            if step >= args.steps or stop.signal is not None:
-                break
-        else:
-            at.update(epoch=at["epoch"] + 1, batch_in_epoch=0)
-    bar.close()
-    stop.restore()
+    # the loop
+    run = SimpleNamespace(model=model, net=net, opt=opt, critic=critic, disc_opt=disc_opt, lpips=lpips, lr=lr,
+                          train_set=train_set, val_set=val_set, at=at, state=state, ckpt_path=ckpt_path)
+    signal = train_loop(args, run, rank, world, device, amp, log)
 
     # the end: the latent scaling factor, measured on training clips, goes into the checkpoint's config
-    if stop.signal is not None:
-        log(f"stopped by signal {stop.signal} at step {at['step']}; checkpoint saved, continue with --resume")
+    if signal is not None:
+        log(f"stopped by signal {signal} at step {at['step']}; checkpoint saved, continue with --resume")
     elif rank == 0:
         loader = DataLoader(train_set, args.batch_size, num_workers=args.workers)
         model.cfg.scaling_factor = measure_scaling_factor(model, loader, device)
         saved = checkpoint.load(ckpt_path)
         saved["config"] = asdict(model.cfg)
         checkpoint.save(saved, ckpt_path)
-        log(f"latent scaling factor measured on training clips: {model.cfg.scaling_factor:.5f} (stored in {ckpt_path})")
+        log(f"latent scaling factor measured on training clips: {model.cfg.scaling_factor:.5f} "
+            f"(stored in {ckpt_path})")
     log.close()
     lock.release()
     distributed.teardown(world)

@@ -192,6 +192,20 @@ def test_sample_deterministic_and_layout(vae_ckpt, tmp_path):
         sample.main(["--run", str(tmp_path / "empty")])
 
 
+def test_sample_ends_by_saying_whether_the_samples_are_in_range(vae_ckpt, tmp_path, capsys):
+    """The last line says it in words: noise from a 2-step model is far outside; clamped latents (--clip-x0 0,
+    all zero, well inside the data's range) are not."""
+    run_dir = tmp_path / "run"
+    run(vae_ckpt, run_dir, "--max-steps", "2")
+    capsys.readouterr()
+    sample.main(["--run", str(run_dir), "--num-videos", "2", "--steps", "4", "--out", str(tmp_path / "a")])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("These samples are far outside the data's range") and "--max-steps" in last
+    sample.main(["--run", str(run_dir), "--num-videos", "1", "--steps", "4", "--clip-x0", "0", "--out",
+                 str(tmp_path / "b")])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("The samples are within the data's range")
+
+
 def test_saturated_pixels_dark_and_bright():
     video = torch.zeros(1, 3, 2, 4, 4)  # mid-grey: 8 pixels, none saturated
     video[0, 0, 0, 0, 0] = 1.0  # one red channel at 255
