@@ -526,28 +526,33 @@ def main(argv=None):
         results[side], speeds[side] = extract(source, extractor, args.num_clips, args.batch_size, args.cache,
                                               rank, world, args.workers)
     if rank == 0:
-        rows = compute_metrics(results["real"], results["fake"], metrics)
-        print(f"\n{args.fake} ({args.fake_split}, stride {args.fake_stride}) vs {args.real} ({args.real_split}, "
-              f"stride {args.real_stride}): {args.num_clips} clips of {args.frames} frames, {args.size}px")
-        print_table(rows)
-        for side in ("real", "fake"):
-            if speeds[side]:
-                print(f"{side}: {speeds[side]:.2f} clips/s feature extraction on {world} x {device.type}")
-            if int(results[side]["skipped"]):
-                print(f"{side}: {int(results[side]['skipped'])} unreadable clips were replaced by others "
-                      f"(warnings above)")
-        out = args.out or os.path.join("runs", "eval", f"{label(args.fake)}_vs_{label(args.real)}.json")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        report = {"metrics": {name: value for name, value, _ in rows}, "notes": {name: note for name, _, note in rows},
-                  "args": vars(args), "weights": extractor.ids, "clips_per_s": speeds, "world": world,
-                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  "skipped_clips": {s: int(results[s]["skipped"]) for s in results}}
-        with open(out + ".tmp", "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(out + ".tmp", out)
-        print(f"wrote {out}")
+        write_report(args, metrics, results, speeds, extractor, world, device)
     distributed.barrier(world)
     distributed.teardown(world)
+
+
+def write_report(args, metrics, results, speeds, extractor, world, device):
+    """The metrics from both sides' features: printed as a table, and the JSON report (--out)."""
+    rows = compute_metrics(results["real"], results["fake"], metrics)
+    print(f"\n{args.fake} ({args.fake_split}, stride {args.fake_stride}) vs {args.real} ({args.real_split}, "
+          f"stride {args.real_stride}): {args.num_clips} clips of {args.frames} frames, {args.size}px")
+    print_table(rows)
+    for side in ("real", "fake"):
+        if speeds[side]:
+            print(f"{side}: {speeds[side]:.2f} clips/s feature extraction on {world} x {device.type}")
+        if int(results[side]["skipped"]):
+            print(f"{side}: {int(results[side]['skipped'])} unreadable clips were replaced by others "
+                  f"(warnings above)")
+    out = args.out or os.path.join("runs", "eval", f"{label(args.fake)}_vs_{label(args.real)}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    report = {"metrics": {name: value for name, value, _ in rows}, "notes": {name: note for name, _, note in rows},
+              "args": vars(args), "weights": extractor.ids, "clips_per_s": speeds, "world": world,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "skipped_clips": {s: int(results[s]["skipped"]) for s in results}}
+    with open(out + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -556,6 +556,48 @@ def decide(dss, motion):
     return choice, seen
 
 
+def train_motion_net(train_set, cfg, args, gen, device):
+    """The motion network, trained on the trajectories' base-frame features and latents (Eq. 11)."""
+    mtn = MotionNet(cfg).to(device)
+    opt = torch.optim.AdamW(mtn.parameters(), lr=args.lr)
+    data = batches(train_set, args.batch_size, gen, device)
+    bar = tqdm(range(args.iters), desc="motion network (Eq. 11)")
+    for it in bar:
+        loss, terms = motion_loss(mtn, next(data), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(mtn.parameters(), 1.0)
+        opt.step()
+        if it % 10 == 0:
+            bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
+    return mtn.eval()
+
+
+def labelled(mtn, dataset, cfg, batch_size, device):
+    """Each trajectory's reuse error at each probe, the base pair's motion, and Eq. 12's t* (as a probe index)."""
+    parts = [{k: v[i:i + batch_size].to(device).float() for k, v in dataset.items()}
+             for i in range(0, len(dataset["z"]), batch_size)]
+    errors = torch.cat([reuse_errors(mtn, part) for part in parts])
+    with torch.no_grad():
+        motion = torch.cat([pair_logits(mtn, part["base_feats"])[:, :, 0] for part in parts])
+    return errors, motion, transition_labels(errors, cfg)
+
+
+def train_step_selector(motion, labels, cfg, args, gen, device):
+    """The step selector, trained to predict t* from the motion seen so far: later probes are hidden (Sec. IV-C)."""
+    dss = StepSelector(cfg).to(device)
+    opt = torch.optim.AdamW(dss.parameters(), lr=args.lr)
+    P = len(cfg.probes)
+    for _ in tqdm(range(args.dss_iters), desc="step selector"):
+        idx = torch.randint(0, len(labels), (min(args.batch_size * 4, len(labels)),), generator=gen)
+        seen = torch.randint(2, P + 1, (len(idx),), generator=gen).to(device)
+        loss = F.cross_entropy(dss(motion[idx], seen), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return dss.eval()
+
+
 def train(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = device.type == "cuda"
@@ -589,46 +631,16 @@ def train(args):
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # 1. the motion network, Eq. 11
-    mtn = MotionNet(cfg).to(device)
-    opt = torch.optim.AdamW(mtn.parameters(), lr=args.lr)
-    data = batches(train_set, args.batch_size, gen, device)
-    bar = tqdm(range(args.iters), desc="motion network (Eq. 11)")
-    for it in bar:
-        loss, terms = motion_loss(mtn, next(data), generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(mtn.parameters(), 1.0)
-        opt.step()
-        if it % 10 == 0:
-            bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
-    mtn.eval()
-
+    mtn = train_motion_net(train_set, cfg, args, gen, device)  # 1. the motion network, Eq. 11
     # 2. Eq. 12's t* of every trajectory, and the step selector that predicts it from the base pair's motion
-    def labelled(dataset):
-        parts = [{k: v[i:i + args.batch_size].to(device).float() for k, v in dataset.items()}
-                 for i in range(0, len(dataset["z"]), args.batch_size)]
-        errors = torch.cat([reuse_errors(mtn, part) for part in parts])
-        with torch.no_grad():
-            motion = torch.cat([pair_logits(mtn, part["base_feats"])[:, :, 0] for part in parts])
-        return errors, motion, transition_labels(errors, cfg)
-    train_err, train_motion, train_labels = labelled(train_set)
-    val_err, val_motion, val_labels = labelled(val_set)
-    dss = StepSelector(cfg).to(device)
-    opt = torch.optim.AdamW(dss.parameters(), lr=args.lr)
-    P = len(cfg.probes)
-    for it in tqdm(range(args.dss_iters), desc="step selector"):
-        idx = torch.randint(0, len(train_labels), (min(args.batch_size * 4, len(train_labels)),), generator=gen)
-        seen = torch.randint(2, P + 1, (len(idx),), generator=gen).to(device)  # later probes hidden (Sec. IV-C)
-        loss = F.cross_entropy(dss(train_motion[idx], seen), train_labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    dss.eval()
+    train_err, train_motion, train_labels = labelled(mtn, train_set, cfg, args.batch_size, device)
+    val_err, val_motion, val_labels = labelled(mtn, val_set, cfg, args.batch_size, device)
+    dss = train_step_selector(train_motion, train_labels, cfg, args, gen, device)
     with torch.no_grad():
         chosen, seen = decide(dss, val_motion)
 
     # what the networks achieve on the validation trajectories
+    P = len(cfg.probes)
     probes_t = torch.tensor(cfg.probes)
     labels = val_labels.cpu()
     summary = {"reuse_error_by_probe": dict(zip(map(int, cfg.probes[1:]), val_err[:, 1:].mean(0).tolist())),

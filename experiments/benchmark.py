@@ -434,7 +434,7 @@ def sample_table(args, device, kind="medsora", videos=16):
     return rows
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="B", choices=sorted(dit.MODELS))
     parser.add_argument("--batch", type=int, default=8)
@@ -475,9 +475,14 @@ def main():
                         "of its branches (attention, spatial Mamba, temporal Mamba) for each --compile mode")
     parser.add_argument("--warm-cache", action="store_true", help="keep torch.compile's cache (default: a new "
                         "empty one, so that the first step shows a cold start)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.recompute and "graphs" in args.compile:  # pytorch/pytorch#154306: checkpointed CUDA-graph regions
         parser.error("--recompute with --compile graphs: CUDA graphs inside recomputed blocks are not supported")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if not args.warm_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="medsora-inductor-")
     if args.train_step or args.long:
@@ -501,7 +506,12 @@ def main():
         if args.json:
             write_json(args.json, device, args, rows)
         return
+    scan_path_table(args)
 
+
+def scan_path_table(args):
+    """The forward + backward of MedSora on each --paths scan path and --dtypes precision, and with --layers one
+    Mamba2 layer at given shapes."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     F = args.frames + args.images

@@ -2,7 +2,7 @@
 Learning curves on one GPU: FVD and FID of MedSora checkpoints against the validation split, as training goes,
 for one or more training recipes trained side by side on the same GPU.
 
-    python -m experiments.curve --out runs/curve --model S --points 3 6 10 15 --recipes short paper   # minutes of training
+    python -m experiments.curve --out runs/curve --model S --points 3 6 10 15 --recipes short paper  # minutes
 
 Stages, each skipped when its result is already there, so that a curve split over several calls
 (`--budget-minutes`) continues where the last one stopped:
@@ -195,7 +195,8 @@ def plot(curves, floors, path, width=720, height=400):
 
 def plot_losses(runs, path, width=720, height=360, window=20):
     """Training loss against step (log scale; a moving average over `window` log records), one line per run, and
-    each run's last step marked, with a magenta cross where it ended on a non-finite loss. runs: {name: train.py log.jsonl records}."""
+    each run's last step marked, with a magenta cross where it ended on a non-finite loss.
+    runs: {name: train.py log.jsonl records}."""
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     left, right, top, bottom = 60, width - 15, 25, height - 30
@@ -259,7 +260,7 @@ def log_records(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/curve")
     p.add_argument("--model", default="S")
@@ -283,156 +284,171 @@ def main(argv=None):
     p.add_argument("--train-flags", default="", help="more train.py flags for every recipe, e.g. \"--max-clips 64\"")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="start no training segment that would end later than this; finish the evaluations")
-    args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = args.metrics.split(",")
-    vae_ckpt = os.path.join(args.out, "vae", "ckpt.pt")
-    if not os.path.exists(vae_ckpt):
-        print(f"training the VAE for {args.vae_minutes} min", flush=True)
-        run(["train_vae.py", "--model", "tiny", "--out", os.path.join(args.out, "vae"), "--batch-size", "8",
-             "--steps", "100000", "--max-minutes", str(args.vae_minutes), "--workers", str(args.workers)],
-            os.path.join(args.out, "vae.log"))
-        print(f"{(time.perf_counter() - t0) / 60:.1f} min: the VAE is trained", flush=True)
+    return p.parse_args(argv)
 
-    # from here on the trainers and the evaluations run at once (the VAE, alone, had every core)
-    share_cpus(len(args.recipes) + args.eval_jobs)
-    # evaluations run in --eval-jobs background threads, beside the training
-    queued, failures = queue.Queue(), []
 
-    def worker():
-        while True:
-            label, job = queued.get()
-            try:
-                job()
-                print(f"{(time.perf_counter() - t0) / 60:.1f} min: {label} evaluated", flush=True)
-            except Exception as e:  # reported at the end; the curve goes on
-                failures.append(f"{label}: {e}")
-            queued.task_done()
-    def start_workers():
-        for _ in range(args.eval_jobs):
-            threading.Thread(target=worker, daemon=True).start()
-    if not args.eval_after_training:
-        start_workers()
-    submit = queued.put
+class Curve:
+    """One call of the curve: the stages of the module's docstring, each skipped when its result is there.
+    Evaluations run in --eval-jobs background threads beside the training (or after it)."""
 
-    floor_files = {"train vs val": os.path.join(args.out, "floor_train.json"),
-                   "reconstruction vs val": os.path.join(args.out, "floor_recon.json")}
-    floors_submitted = []
+    def __init__(self, args):
+        self.args, self.t0 = args, time.perf_counter()
+        self.metrics = args.metrics.split(",")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.vae_ckpt = os.path.join(args.out, "vae", "ckpt.pt")
+        self.queued, self.failures, self.floors_submitted = queue.Queue(), [], False
+        self.floor_files = {"train vs val": os.path.join(args.out, "floor_train.json"),
+                            "reconstruction vs val": os.path.join(args.out, "floor_recon.json")}
 
-    def submit_floors():
-        """Once: the floors, after the latent cache (their clips are made on the same CPUs)."""
-        if floors_submitted:
-            return
-        floors_submitted.append(True)
-        if evaluated(floor_files["train vs val"], metrics) is None:
-            submit(("floor train vs val", lambda: evaluate("synthetic", floor_files["train vs val"], args,
-                                                           fake_stride=3, fake_split="train")))
-        if evaluated(floor_files["reconstruction vs val"], metrics) is None:
-            recon = os.path.join(args.out, "recon")
+    def say(self, what):
+        print(f"{(time.perf_counter() - self.t0) / 60:.1f} min: {what}", flush=True)
 
-            def recon_floor():
-                if reconstructions_in(recon) < args.clips:
-                    write_reconstructions(vae_ckpt, recon, args.clips, 128, 16, device, workers=args.workers)
-                evaluate(recon, floor_files["reconstruction vs val"], args)
-            submit(("floor reconstruction vs val", recon_floor))
-
-    def paths(recipe, point):
-        name = f"min{point:g}"
-        root = os.path.join(args.out, recipe)
+    def paths(self, recipe, point):
+        name, root = f"min{point:g}", os.path.join(self.args.out, recipe)
         return dict(run=os.path.join(root, "medsora"), ckpt=os.path.join(root, "ckpts", f"{name}.pt"),
                     gen=os.path.join(root, "generated", name), result=os.path.join(root, f"eval_{name}.json"),
                     record=os.path.join(root, "ckpts", f"{name}.json"))
 
-    trained, stopped, failed = 0.0, False, set()
-    for point in args.points:
-        todo = [r for r in args.recipes if not os.path.exists(paths(r, point)["ckpt"]) and r not in failed]
-        if todo:
-            elapsed = (time.perf_counter() - t0) / 60
-            if args.budget_minutes is not None and elapsed + (point - trained) + 0.5 > args.budget_minutes:
-                print(f"budget: stopping before the segment to {point:g} min", flush=True)
-                stopped = True
-                break
-            print(f"training MedSora-{args.model} ({', '.join(todo)}) from {trained:g} to {point:g} min", flush=True)
-            procs = []
-            for recipe in todo:
-                at = paths(recipe, point)
-                os.makedirs(os.path.dirname(at["ckpt"]), exist_ok=True)
-                resume = ["--resume"] if os.path.exists(os.path.join(at["run"], "ckpt.pt")) else []
-                procs.append(start(["train.py", "--model", args.model, "--vae", vae_ckpt, "--out", at["run"],
-                                    *RECIPES[recipe], *args.train_flags.split(), "--max-minutes",
-                                    str(point - trained), "--sample-every", "0",
-                                    "--workers", str(args.workers), "--cache-dir", cache_of(recipe, args),
-                                    *resume, *(["--inception", args.inception] if "--align" in RECIPES[recipe]
-                                               and args.inception else [])],
-                                   os.path.join(args.out, recipe, "train.log")))
-                wait_for(os.path.join(cache_of(recipe, args), "meta.json"), procs[-1])  # one encodes each cache
-            print(f"{(time.perf_counter() - t0) / 60:.1f} min: the latent cache is ready", flush=True)
-            submit_floors()
-            for recipe, proc in zip(list(todo), procs):
+    def train_vae(self):
+        args = self.args
+        if not os.path.exists(self.vae_ckpt):
+            print(f"training the VAE for {args.vae_minutes} min", flush=True)
+            run(["train_vae.py", "--model", "tiny", "--out", os.path.join(args.out, "vae"), "--batch-size", "8",
+                 "--steps", "100000", "--max-minutes", str(args.vae_minutes), "--workers", str(args.workers)],
+                os.path.join(args.out, "vae.log"))
+            self.say("the VAE is trained")
+
+    def start_workers(self):
+        def worker():
+            while True:
+                label, job = self.queued.get()
                 try:
-                    finish(proc)
-                except RuntimeError as e:  # that recipe stops here; the others go on
-                    print(f"{recipe}: {e}", flush=True)
-                    failures.append(f"{recipe}: {e}")
-                    failed.add(recipe)
-                    todo.remove(recipe)
-            for recipe in todo:
-                at = paths(recipe, point)
+                    job()
+                    self.say(f"{label} evaluated")
+                except Exception as e:  # reported at the end; the curve goes on
+                    self.failures.append(f"{label}: {e}")
+                self.queued.task_done()
+        for _ in range(self.args.eval_jobs):
+            threading.Thread(target=worker, daemon=True).start()
+
+    def submit_floors(self):
+        """Once: the floors, after the latent cache (their clips are made on the same CPUs)."""
+        if self.floors_submitted:
+            return
+        self.floors_submitted, args, files = True, self.args, self.floor_files
+        if evaluated(files["train vs val"], self.metrics) is None:
+            self.queued.put(("floor train vs val", lambda: evaluate("synthetic", files["train vs val"], args,
+                                                                    fake_stride=3, fake_split="train")))
+        if evaluated(files["reconstruction vs val"], self.metrics) is None:
+            recon = os.path.join(args.out, "recon")
+
+            def recon_floor():
+                if reconstructions_in(recon) < args.clips:
+                    write_reconstructions(self.vae_ckpt, recon, args.clips, 128, 16, self.device, workers=args.workers)
+                evaluate(recon, files["reconstruction vs val"], args)
+            self.queued.put(("floor reconstruction vs val", recon_floor))
+
+    def train_segment(self, todo, point, trained):
+        """Every recipe of `todo` trained from `trained` to `point` minutes at once; their checkpoints kept. A
+        recipe whose train.py fails is named and left out from here on. Returns the recipes that failed."""
+        args, procs, failed = self.args, [], []
+        print(f"training MedSora-{args.model} ({', '.join(todo)}) from {trained:g} to {point:g} min", flush=True)
+        for recipe in todo:
+            at = self.paths(recipe, point)
+            os.makedirs(os.path.dirname(at["ckpt"]), exist_ok=True)
+            resume = ["--resume"] if os.path.exists(os.path.join(at["run"], "ckpt.pt")) else []
+            procs.append(start(["train.py", "--model", args.model, "--vae", self.vae_ckpt, "--out", at["run"],
+                                *RECIPES[recipe], *args.train_flags.split(), "--max-minutes", str(point - trained),
+                                "--sample-every", "0", "--workers", str(args.workers), "--cache-dir",
+                                cache_of(recipe, args), *resume,
+                                *(["--inception", args.inception] if "--align" in RECIPES[recipe]
+                                  and args.inception else [])],
+                               os.path.join(args.out, recipe, "train.log")))
+            wait_for(os.path.join(cache_of(recipe, args), "meta.json"), procs[-1])  # one encodes each cache
+        self.say("the latent cache is ready")
+        self.submit_floors()
+        for recipe, proc in zip(todo, procs):
+            try:
+                finish(proc)
+            except RuntimeError as e:  # that recipe stops here; the others go on
+                print(f"{recipe}: {e}", flush=True)
+                self.failures.append(f"{recipe}: {e}")
+                failed.append(recipe)
+        for recipe in todo:
+            if recipe not in failed:
+                at = self.paths(recipe, point)
                 shutil.copy(os.path.join(at["run"], "ckpt.pt"), at["ckpt"] + ".tmp")
                 os.replace(at["ckpt"] + ".tmp", at["ckpt"])
                 with open(at["record"], "w") as f:
                     json.dump(last_record(at["run"]), f)
-        trained = point
-        for recipe in args.recipes:
-            at = paths(recipe, point)
-            if os.path.exists(at["ckpt"]) and evaluated(at["result"], metrics) is None:
-                submit((f"{recipe} {point:g} min", lambda at=at: sample_and_evaluate(at["ckpt"], at["gen"],
-                                                                                      at["result"], args)))
-        print(f"{(time.perf_counter() - t0) / 60:.1f} min: checkpoints at {point:g} min of training", flush=True)
-    clip = None
-    if args.clip_x0 is not None and trained > 0 and not stopped:  # the last point's checkpoint, once it is there
-        at = paths(args.recipes[0], trained)
+        return failed
+
+    def train_points(self):
+        """The training segments, point by point, each point's checkpoints queued for evaluation. Returns the
+        minutes trained, and whether --budget-minutes stopped it early."""
+        args, trained, failed = self.args, 0.0, set()
+        for point in args.points:
+            todo = [r for r in args.recipes if not os.path.exists(self.paths(r, point)["ckpt"]) and r not in failed]
+            if todo:
+                elapsed = (time.perf_counter() - self.t0) / 60
+                if args.budget_minutes is not None and elapsed + (point - trained) + 0.5 > args.budget_minutes:
+                    print(f"budget: stopping before the segment to {point:g} min", flush=True)
+                    return trained, True
+                failed.update(self.train_segment(todo, point, trained))
+            trained = point
+            for recipe in args.recipes:
+                at = self.paths(recipe, point)
+                if os.path.exists(at["ckpt"]) and evaluated(at["result"], self.metrics) is None:
+                    self.queued.put((f"{recipe} {point:g} min", lambda at=at: sample_and_evaluate(
+                        at["ckpt"], at["gen"], at["result"], args)))
+            self.say(f"checkpoints at {point:g} min of training")
+        return trained, False
+
+    def clipped_run(self, trained):
+        """--clip-x0: the first recipe's last checkpoint sampled again with DDIM's x0 clamped."""
+        args = self.args
+        at = self.paths(args.recipes[0], trained)
         clip = dict(recipe=args.recipes[0], minutes=trained, gen=f"{at['gen']}_clip{args.clip_x0:g}",
                     result=at["result"].replace(".json", f"_clip{args.clip_x0:g}.json"))
-        if evaluated(clip["result"], metrics) is None:
-            submit((f"clip-x0 {args.clip_x0:g}", lambda: sample_and_evaluate(at["ckpt"], clip["gen"], clip["result"],
-                                                                            args, ["--clip-x0", str(args.clip_x0)])))
-    submit_floors()
-    if args.eval_after_training:
-        print(f"{(time.perf_counter() - t0) / 60:.1f} min: training has ended in this call; evaluating", flush=True)
-        start_workers()
-    queued.join()
+        if evaluated(clip["result"], self.metrics) is None:
+            self.queued.put((f"clip-x0 {args.clip_x0:g}", lambda: sample_and_evaluate(
+                at["ckpt"], clip["gen"], clip["result"], args, ["--clip-x0", str(args.clip_x0)])))
+        return clip
 
-    curves = {}
-    for recipe in args.recipes:
-        curves[recipe] = []
-        for point in args.points:
-            at = paths(recipe, point)
-            got = evaluated(at["result"], [])
-            if got:
-                record = json.load(open(at["record"])) if os.path.exists(at["record"]) else {}
-                curves[recipe].append({"minutes": point, "steps": record.get("step"),
-                                       "clips_per_s": record.get("clips_per_s"), "peak_gib": record.get("peak_gib"),
-                                       **measured(got, metrics),
-                                       **sample_record(at["gen"])})
-    floors = {k: measured(evaluated(v, []) or {}, metrics) for k, v in floor_files.items()}
-    got = evaluated(clip["result"], []) if clip is not None else None
-    clipped = None
-    if got:
-        clipped = {"recipe": clip["recipe"], "minutes": clip["minutes"], "clip_x0": args.clip_x0,
-                   **measured(got, metrics), **sample_record(clip["gen"])}
-    steady = {r: stability(log_records(paths(r, args.points[0])["run"])) for r in args.recipes}
-    wall = (time.perf_counter() - t0) / 60
+    def results(self, clip):
+        """What was measured: each recipe's points, the floors, the clipped run, each recipe's loss spikes."""
+        args, metrics, curves = self.args, self.metrics, {}
+        for recipe in args.recipes:
+            curves[recipe] = []
+            for point in args.points:
+                at = self.paths(recipe, point)
+                got = evaluated(at["result"], [])
+                if got:
+                    record = json.load(open(at["record"])) if os.path.exists(at["record"]) else {}
+                    curves[recipe].append({"minutes": point, "steps": record.get("step"),
+                                           "clips_per_s": record.get("clips_per_s"),
+                                           "peak_gib": record.get("peak_gib"), **measured(got, metrics),
+                                           **sample_record(at["gen"])})
+        floors = {k: measured(evaluated(v, []) or {}, metrics) for k, v in self.floor_files.items()}
+        got = evaluated(clip["result"], []) if clip is not None else None
+        clipped = None
+        if got:
+            clipped = {"recipe": clip["recipe"], "minutes": clip["minutes"], "clip_x0": args.clip_x0,
+                       **measured(got, metrics), **sample_record(clip["gen"])}
+        steady = {r: stability(log_records(self.paths(r, args.points[0])["run"])) for r in args.recipes}
+        return curves, floors, clipped, steady
+
+
+def write_results(args, curves, floors, clipped, steady, wall):
+    """curve.json, curve.png, losses.png, and the same numbers printed."""
     with open(os.path.join(args.out, "curve.json"), "w") as f:
         json.dump({"recipes": {r: {"flags": RECIPES[r], "points": curves[r], "stability": steady[r]}
                                for r in args.recipes},
                    "floors": floors, "clipped": clipped, "steps": args.steps, "clips": args.clips,
                    "model": args.model, "wall_minutes_this_call": wall}, f, indent=1)
     plot(curves, floors, os.path.join(args.out, "curve.png"))
-    plot_losses({r: log_records(paths(r, args.points[0])["run"]) for r in args.recipes},
-                os.path.join(args.out, "losses.png"))
+    first = {r: os.path.join(args.out, r, "medsora") for r in args.recipes}
+    plot_losses({r: log_records(run_dir) for r, run_dir in first.items()}, os.path.join(args.out, "losses.png"))
     for recipe, points in curves.items():
         for row in points:
             print(recipe, "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -445,8 +461,27 @@ def main(argv=None):
     if clipped:
         print("clip-x0", "  ".join(f"{k} {v}" for k, v in clipped.items()))
     print(f"{wall:.1f} min in this call")
-    if failures:
-        sys.exit("failed: " + "; ".join(failures))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    curve = Curve(args)
+    curve.train_vae()
+    # from here on the trainers and the evaluations run at once (the VAE, alone, had every core)
+    share_cpus(len(args.recipes) + args.eval_jobs)
+    if not args.eval_after_training:
+        curve.start_workers()
+    trained, stopped = curve.train_points()
+    clip = curve.clipped_run(trained) if args.clip_x0 is not None and trained > 0 and not stopped else None
+    curve.submit_floors()
+    if args.eval_after_training:
+        curve.say("training has ended in this call; evaluating")
+        curve.start_workers()
+    curve.queued.join()
+    write_results(args, *curve.results(clip), wall=(time.perf_counter() - curve.t0) / 60)
+    if curve.failures:
+        sys.exit("failed: " + "; ".join(curve.failures))
 
 
 if __name__ == "__main__":
