@@ -6,7 +6,7 @@ frames in all), 128 x 128, values in [-1, 1], from a random position in a video.
 the whole clip, and to its flow, whose x component changes sign. For joint image-video training every sample
 also carries 8 independent frames from other videos of the same split.
 
-Data sets (`--data`): kvasir, colonoscopic, cholectriplet (prepared frame folders; README says where to get
+Data sets (`--data`): kvasir, colonoscopic, cholectriplet (prepared frame folders; docs/data.md says where to get
 them), synthetic (procedural colonoscopy with exact flow, `synthetic.py`; no download), or any PATH of
 prepared frame folders. The root of a named data set is `--data-root`, else $MEDSORA_DATA_ROOT/NAME, else
 ./data/NAME.

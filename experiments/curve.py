@@ -22,8 +22,8 @@ Stages, each skipped when its result is already there, so that a curve split ove
        and each point's sample statistics (largest |latent|, values beyond the data's range, saturated pixels);
        OUT/losses.png: each recipe's training loss against step.
 
-The recipes (README, "Training on a budget"): `paper` is train.py's defaults (Sec. 4.1), the others keep lr 1e-3;
-`short-b2` (AdamW's beta2 0.95) is the one README recommends for runs of minutes. Recipes that share the GPU slow
+The recipes (docs/training.md, "Training on a budget"): `paper` is train.py's defaults (Sec. 4.1), the others keep lr 1e-3;
+`short-b2` (AdamW's beta2 0.95) is the one docs/training.md recommends for runs of minutes. Recipes that share the GPU slow
 each other a little: curve.json keeps each one's steps, clips/s and loss spikes. With --eval-after-training the
 sampling and evaluation wait until the call's training has ended (they slow the trainers several times over).
 """
@@ -52,7 +52,7 @@ RECIPES = {  # train.py flags of each recipe
     "short": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16"],
     "short-b64": ["--lr", "1e-3", "1e-3", "--batch-size", "64", "64"],
     "short-align": ["--lr", "1e-3", "1e-3", "--batch-size", "16", "16", "--align"],  # + the flow alignment loss
-    # candidates against the divergence of lr 1e-3 held for 1,000+ steps (README, "Training on a budget"):
+    # candidates against the divergence of lr 1e-3 held for 1,000+ steps (docs/training.md, "Training on a budget"):
     # the paper's drop to 1e-4 after 12 epochs (750 steps of the 1,000 synthetic clips) instead of 2;
     "short-decay": ["--lr", "1e-3", "1e-4", "--batch-size", "16", "16", "--phase-epochs", "12"],
     # AdamW's beta2 0.95: the second moment follows a sudden large gradient within ~20 steps, not ~1,000;
