@@ -7,7 +7,7 @@ Checkpoints: written atomically, read without running code, damage detected and 
     checkpoint.rng_state()          every random generator (Python, NumPy, torch, CUDA) as tensors and numbers
     checkpoint.save_run(...)        a trainer's checkpoint with each rank's RNG state, from rank 0, then a barrier
 
-    python checkpoint.py upgrade runs/medsora/ckpt.pt    # a checkpoint of an earlier version, in the safe form
+    python checkpoint.py upgrade runs/medsora/ckpt.pt    # an earlier version's checkpoint, in the safe form
 
 `torch.load(weights_only=True)` rebuilds only tensors, numbers, strings, lists, tuples and dicts: a file that
 asks for any other object (which is how a pickle runs code) is refused. So nothing here is stored as such an
@@ -70,8 +70,9 @@ def load(path, what="checkpoint"):
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: refused to load: it holds objects other than tensors and plain values, and "
-                         f"rebuilding them could run code ({first}). If you wrote it yourself with an earlier "
-                         f"version of this project, `python checkpoint.py upgrade {path}` rewrites it safely") from None
+                         f"rebuilding them could run code ({first}). A checkpoint of an earlier version of this "
+                         f"project: `python checkpoint.py upgrade {path}` rewrites it (it runs nothing from the "
+                         f"file)") from None
 
 
 def check_finite(state, path, what="weights"):
@@ -83,6 +84,14 @@ def check_finite(state, path, what="weights"):
     return state
 
 
+def non_finite(state, prefix=""):
+    """The names of the floating-point tensors in a (nested) state that hold NaN or infinite values."""
+    if torch.is_tensor(state):
+        return [prefix] if state.is_floating_point() and not state.isfinite().all() else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else []
+    return [name for k, v in items for name in non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
 def resume(out, args, keys, defaults=None):
     """OUT/ckpt.pt for --resume, loaded, or an error that says what to do. The options named in `keys` must be
     those the checkpoint was trained with (its "args"); the error lists every one that differs. An option that
@@ -92,6 +101,10 @@ def resume(out, args, keys, defaults=None):
     if not os.path.exists(path):
         raise SystemExit(f"error: --resume given but {path} does not exist; start without --resume")
     ckpt = load(path)
+    bad = non_finite({k: ckpt[k] for k in ("model", "ema", "optimizer") if k in ckpt})
+    if bad:  # resuming would carry them into the weights (an optimizer's moments, for one)
+        raise SystemExit(f"error: {path} holds NaN or infinite values in {len(bad)} tensors (first {bad[0]}): it "
+                         f"cannot be resumed; take an earlier checkpoint")
     trained = {k: ckpt["args"].get(k, defaults.get(k)) for k in keys}
     changed = [f"--{k.replace('_', '-')}: {trained[k]!r} -> {getattr(args, k)!r}" for k in keys
                if trained[k] != getattr(args, k)]
@@ -99,6 +112,17 @@ def resume(out, args, keys, defaults=None):
         raise SystemExit(f"error: --resume with other options than {path} was trained with: "
                          f"{'; '.join(changed)}. Give the same options, or a new --out")
     return ckpt
+
+
+def check_same_vae(ckpt, vae_config, vae_path, path):
+    """--resume continues in the latent space it trained in: the VAE's configuration, its latent scaling included,
+    must be the checkpoint's."""
+    trained = ckpt.get("vae_config")
+    if trained is not None and trained != vae_config:
+        changed = [f"{k}: {trained.get(k)!r} -> {vae_config.get(k)!r}" for k in sorted(set(trained) | set(vae_config))
+                   if trained.get(k) != vae_config.get(k)]
+        raise SystemExit(f"error: --vae {vae_path} is not the VAE {path} was trained with ({'; '.join(changed)}); "
+                         f"give --vae {ckpt.get('vae_path')}, or a new --out")
 
 
 def rng_state():
@@ -126,15 +150,35 @@ def save_run(state, path, rank, world):
     """A trainer's checkpoint: `state` plus every rank's RNG state ("rng", in rank order), written by rank 0;
     all ranks wait until it is on disk."""
     rngs = distributed.gather(rng_state(), world)
+    bad = non_finite({k: state[k] for k in ("model", "ema", "optimizer") if k in state})
+    if bad:  # a good checkpoint is never replaced by one that cannot be used
+        raise RuntimeError(f"not saving {path}: the weights or optimizer hold NaN or infinite values (first "
+                           f"{bad[0]}); the last checkpoint is kept. Lower --lr, or --resume from it")
     if rank == 0:
         save({**state, "rng": rngs, "world": world}, path)
     distributed.barrier(world)
 
 
+def _old_numpy_pieces():
+    """What earlier versions of this project wrote besides tensors and plain values: NumPy's RNG state as a pickled
+    uint32 array (written under NumPy 1 or 2, whose module paths differ)."""
+    core = getattr(np, "_core", None) or np.core
+    rebuild = core.multiarray._reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), rebuild, (rebuild, "numpy.core.multiarray._reconstruct")]
+
+
 def upgrade(path):
-    """Rewrite a checkpoint of an earlier version, whose NumPy RNG states were pickled arrays, in the safe
-    form. This runs the file's pickle: use it only on files you wrote yourself."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """Rewrite a checkpoint of an earlier version, whose NumPy RNG states were pickled arrays, in the safe form.
+    It never runs anything from the file: torch's weights-only unpickler reads it, admitting besides tensors and
+    plain values only the NumPy array pieces those versions wrote; a file that asks for anything else is refused
+    and left as it was."""
+    try:
+        with torch.serialization.safe_globals(_old_numpy_pieces()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not upgraded, and left as it was: it asks for objects that no version of this "
+                         f"project wrote, and rebuilding them could run code ({first[:120]})") from None
     states = ckpt.get("rng")
     for state in states if isinstance(states, list) else [states] if states else []:
         if isinstance(state.get("numpy"), tuple):

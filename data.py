@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from multiprocessing import Pool
 
 import numpy as np
@@ -33,6 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+import distributed
 from distributed import mix_seed
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".mpg", ".mpeg", ".webm")
@@ -61,7 +63,9 @@ def resize_center_crop(img, size):
 
 
 def find_sources(src):
-    """Videos (files) and frame folders (directories holding images) under src, with unique output names."""
+    """Videos (files) and frame folders (directories holding images) under src, each with its own output name:
+    its path under src with "__" for the separators, without the extension; where two sources would get the same
+    name (clip.avi and clip.mkv, a__b/ and a/b/), each of them gets a short hash of its path added."""
     sources = []
     for dirpath, dirnames, filenames in os.walk(src):
         dirnames.sort()
@@ -73,7 +77,9 @@ def find_sources(src):
             if f.lower().endswith(VIDEO_EXTS):
                 name = os.path.splitext(f if rel == "." else os.path.join(rel, f))[0].replace(os.sep, "__")
                 sources.append(("video", os.path.join(dirpath, f), name))
-    return sources
+    names = Counter(name for _, _, name in sources)
+    tag = lambda path: hashlib.sha1(os.path.relpath(path, src).encode()).hexdigest()[:8]  # noqa: E731
+    return [(kind, path, f"{name}-{tag(path)}" if names[name] > 1 else name) for kind, path, name in sources]
 
 
 def iter_frames(kind, path):
@@ -92,8 +98,21 @@ def iter_frames(kind, path):
     except ImportError:
         raise ImportError("decoding videos needs PyAV: pip install av") from None
     with av.open(path) as container:
-        for frame in container.decode(video=0):
-            yield frame.to_image()
+        n = 0
+        try:
+            for frame in container.decode(video=0):
+                if getattr(frame, "is_corrupt", False):  # the decoder concealed an error: damaged pixels
+                    raise DamagedVideo(f"frame {n} is damaged (the decoder reports it corrupt)")
+                yield frame.to_image()
+                n += 1
+        except av.error.FFmpegError as e:
+            if n == 0:
+                raise
+            raise DamagedVideo(f"the decoder fails at frame {n} ({e})") from None
+
+
+class DamagedVideo(Exception):
+    """A video that decodes up to a damaged frame: what comes before it is kept, where it makes a clip."""
 
 
 def prepare_one(job):
@@ -104,20 +123,24 @@ def prepare_one(job):
         return "done before", name, ""
     shutil.rmtree(partial, ignore_errors=True)  # a half-written attempt is redone from the start
     os.makedirs(partial)
-    modes, n = set(), 0
+    modes, n, damage = set(), 0, None
     try:
         for img in iter_frames(kind, path):
             modes.add(f"{img.mode} {img.size[0]}x{img.size[1]}")
             resize_center_crop(img, size).save(os.path.join(partial, f"{n:06d}.jpg"), quality=95)
             n += 1
+    except DamagedVideo as e:  # cut at the damage: the frames before it are sound
+        damage = str(e)
     except Exception as e:
         shutil.rmtree(partial, ignore_errors=True)
         return "failed", name, f"{path}: {type(e).__name__}: {e}"
     if n < min_frames:
         shutil.rmtree(partial, ignore_errors=True)
-        return "failed", name, (f"{path}: {n} frames, a clip needs {min_frames}; lower --min-frames or drop the "
-                                f"file")
+        return "failed", name, (f"{path}: {n} {'sound ' if damage else ''}frames, a clip needs {min_frames}"
+                                f"{'; ' + damage if damage else ''}; lower --min-frames or drop the file")
     os.rename(partial, final)  # atomic: a folder without ".partial" is always complete
+    if damage:
+        return "cut", name, f"{path}: {damage}: kept the {n} frames before it"
     return "prepared", name, f"{n} frames from {', '.join(sorted(modes))}"
 
 
@@ -132,15 +155,17 @@ def prepare(src, dst, size=128, min_frames=clip_span(), workers=4):
     if not sources:
         raise FileNotFoundError(f"no videos ({', '.join(VIDEO_EXTS)}) or frame folders found under {src}")
     os.makedirs(dst, exist_ok=True)
+    lock = distributed.RunLock(dst, 0, "--dst")  # a second prepare into the same --dst stops at once
     jobs = [(kind, path, dst, name, size, min_frames) for kind, path, name in sources]
-    results = {"prepared": [], "done before": [], "failed": []}
+    results = {"prepared": [], "cut": [], "done before": [], "failed": []}
     with Pool(max(1, workers)) as pool:
         for status, name, message in tqdm(pool.imap_unordered(prepare_one, jobs), total=len(jobs), desc="prepare"):
             results[status].append((name, message))
-            if status == "failed":
-                tqdm.write(f"skipped {message}")
-    print(f"prepared {len(results['prepared'])}, already done {len(results['done before'])}, "
-          f"failed {len(results['failed'])} (of {len(jobs)}) -> {dst}")
+            if status in ("failed", "cut"):
+                tqdm.write(f"{'skipped' if status == 'failed' else 'cut'} {message}")
+    print(f"prepared {len(results['prepared'])}, cut at damage {len(results['cut'])}, already done "
+          f"{len(results['done before'])}, failed {len(results['failed'])} (of {len(jobs)}) -> {dst}")
+    lock.release()
     return results
 
 
@@ -462,6 +487,7 @@ def main(argv=None):
     s.add_argument("--samples", type=int, default=8)
     args = parser.parse_args(argv)
     if args.command == "prepare":
+        distributed.check_args(p, args, positive=("size", "min_frames", "workers"))
         try:
             results = prepare(args.src, args.dst, args.size, args.min_frames, args.workers)
         except (OSError, ValueError) as e:

@@ -14,6 +14,7 @@ gloo on CPU). Rank 0 logs and writes files; every rank meets the others at the b
 
 import fcntl
 import json
+import math
 import os
 import signal
 import socket
@@ -134,7 +135,7 @@ class RunLock:
 
     held = {}  # path -> file, of this process: a later run in the same process (after an error) takes over
 
-    def __init__(self, out, rank):
+    def __init__(self, out, rank, option="--out"):
         self.file = None
         if rank != 0:
             return
@@ -148,7 +149,7 @@ class RunLock:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise SystemExit(f"error: {out} is in use by {holder}; wait for that run to end, or give another --out")
+            raise SystemExit(f"error: {out} is in use by {holder}; wait for that run to end, or give another {option}")
         f.seek(0)
         f.truncate()
         f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -170,10 +171,19 @@ def parse_with_preset(parser, argv, presets):
     return parser.parse_args(argv)
 
 
-def check_args(parser, args, positive=(), non_negative=(), multiples=None, folder=None):
+def check_args(parser, args, positive=(), non_negative=(), multiples=None, folder=None, ranges=None):
     """The checks every script makes before any work, each failure one line that names the value (exit status 2):
-    options that must be positive or not negative (None is left alone; a pair is checked as a whole), positive
-    multiples ({name: (k, why)}), and an output folder that must not be a file."""
+    every number finite (NaN and infinity are refused everywhere), options that must be positive or not negative
+    (None is left alone; a pair is checked as a whole), closed ranges ({name: (low, high)}), positive multiples
+    ({name: (k, why)}), and an output folder that must not be a file or an empty name."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            parser.error(f"--{name.replace('_', '-')} {' '.join(map(str, values))}: not a finite number")
+    for name, (low, high) in (ranges or {}).items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            parser.error(f"--{name.replace('_', '-')} {value}: it must be between {low} and {high}")
     for name, (k, why) in (multiples or {}).items():
         value = getattr(args, name)
         if value <= 0 or value % k:
@@ -187,6 +197,8 @@ def check_args(parser, args, positive=(), non_negative=(), multiples=None, folde
                 which = "both" if len(values) == 2 else "it"
                 parser.error(f"--{name.replace('_', '-')} {' '.join(map(str, values))}: {which} must {must}")
     path = getattr(args, folder) if folder else None
+    if path is not None and not path.strip():
+        parser.error(f"--{folder} is empty; give a folder")
     if path is not None and os.path.exists(path) and not os.path.isdir(path):
         parser.error(f"--{folder} {path}: it is a file; give a folder")
 

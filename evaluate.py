@@ -494,7 +494,7 @@ def main(argv=None):
     if (args.fake is None) == (args.vae is None):
         p.error("give --fake (generated videos) or --vae (a VAE to measure), not both")
     distributed.check_args(p, args, positive=("num_clips", "frames", "real_stride", "fake_stride", "size",
-                                              "batch_size"), non_negative=("workers",))
+                                              "batch_size"), non_negative=("workers", "seed"))
     if args.num_clips < 2:
         p.error(f"--num-clips {args.num_clips}: the metrics compare distributions, which takes at least 2 clips "
                 f"(2048 in the paper)")

@@ -694,7 +694,7 @@ def main(argv=None):
     # checked before the model loads; each failure is one line, exit status 2
     distributed.check_args(p, args, positive=("videos", "val_videos", "steps", "probes", "lowest_probe", "iters",
                                               "dss_iters", "batch_size", "lr", "beta"),
-                           non_negative=("blocks",), folder=None)
+                           non_negative=("blocks", "seed"), folder=None)
     if not args.lowest_probe < 999 or args.steps > 1000:
         p.error(f"--lowest-probe {args.lowest_probe} must be under 999, and --steps {args.steps} at most 1000")
     if args.probes < 2 or args.base_frames < 2 or not (args.radius == -1 or args.radius >= 1):

@@ -81,8 +81,8 @@ def parse_args(argv):
                    "its input has moved less than this (relative L1; e.g. 0.05): the training-free comparator")
     args = p.parse_args(argv)
     # checked before the model loads; each failure is one line, exit status 2
-    distributed.check_args(p, args, positive=("num_videos", "batch_size", "fps"),
-                           non_negative=("eta", "clip_x0", "reuse_t", "cache_threshold", "save_threads"), folder="out",
+    distributed.check_args(p, args, positive=("num_videos", "batch_size", "fps"), ranges={"eta": (0, 1)},
+                           non_negative=("clip_x0", "reuse_t", "cache_threshold", "save_threads", "seed"), folder="out",
                            multiples={"num_frames": (8, "clips are 8k + 1 frames")} if args.num_frames is not None
                            else None)
     if not 1 <= args.steps <= 1000:
@@ -130,6 +130,9 @@ def main(argv=None):
                 "cache_threshold": args.cache_threshold}
     if args.eta > 0:  # then a batch's later noise depends on its first video: the batches must stay the same
         settings.update(batch_size=args.batch_size, world=world, num_videos=args.num_videos, device=device.type)
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+    lock = distributed.RunLock(out, rank)  # a second sample.py on the same --out stops at once
     check_settings(out, settings, rank, world)
     mine = list(range(rank, args.num_videos, world))
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
@@ -160,6 +163,7 @@ def main(argv=None):
     if rank == 0:
         speed = speed_report(sampler, cache_counts, args, seconds, sum(len(idx) for idx in todo))
         summarise(out, args, ckpt, ckpt_path, mine, all(writing), speed)
+    lock.release()
     distributed.teardown(world)
 
 

@@ -10,11 +10,9 @@ their own (joint training, Sec. 3.4) and learns the noise epsilon (Eq. 1) at a r
 Sec. 4.1 is the default, each part a flag: AdamW (0.9, 0.999); lr 1e-3 at batch 16 for 2 epochs, then 1e-4 at
 batch 2 (per process); EMA 0.9999; gradient clipping at 1.0 from epoch 25; bf16 autocast and compiled blocks
 on CUDA. For runs of minutes: --lr 1e-3 1e-3 --batch-size 16 16 --betas 0.9 0.95 (docs/training.md).
-
 Latents come from latents.py: cached once per clip and flip (the default for more than 2 epochs), or encoded
 every batch (--latents online). The run folder OUT gets log.jsonl, loss.png, samples/ (GIFs from the EMA
 weights) and ckpt.pt (atomic; --resume continues exactly). SIGTERM or SIGINT saves and exits.
-
 Dimension names: B batch, f video latent frames, n images, F = f + n, C latent channels, h, w latent size.
 """
 
@@ -170,8 +168,9 @@ def parse_args(argv):
     # checked before any work; each failure is one line, exit status 2
     distributed.check_args(p, args, folder="out", positive=(
         "batch_size", "lr", "epochs", "max_steps", "log_every", "ckpt_every", "max_bad_steps", "sample_steps",
-        "max_clips"), non_negative=("num_images", "workers", "sample_every", "weight_decay", "clip_from_epoch",
-                                    "align_alpha", "align_margin", "max_minutes"), multiples={
+        "max_clips", "clip_norm"), non_negative=("num_images", "workers", "sample_every", "weight_decay",
+                                                 "clip_from_epoch", "align_alpha", "align_margin", "max_minutes",
+                                                 "seed"), ranges={"ema": (0, 1)}, multiples={
         "num_frames": (8, "clips are 8k + 1 frames: the VAE's causal first frame, then groups of 4; e.g. 8 or 16"),
         "size": (16, "the VAE's 8x times the 2x2 patch; e.g. 64 or 128")})
     if not all(0 <= b < 1 for b in args.betas):
@@ -188,10 +187,9 @@ def autocast_on(args, device):
 
 
 def compile_mode(choice, device, world=1, recompute=False):
-    """What --compile means here. On CUDA, one process: the compiled blocks replayed as CUDA graphs (the fastest
-    measured, docs/performance.md). Under torchrun, or with --recompute, the compiled blocks without graphs: CUDA
-    graphs beside DDP's gradient hooks have not been run, and recomputed regions cannot hold them
-    (pytorch/pytorch#154306). On the CPU compiling costs more than it gives back in a short run."""
+    """What --compile means: on CUDA in one process the compiled blocks replayed as CUDA graphs (the fastest measured);
+    under torchrun or with --recompute without graphs (untried beside DDP's hooks; recomputed regions cannot hold
+    them, pytorch/pytorch#154306); eager on the CPU, where compiling costs more than a short run gives back."""
     if choice == "auto":
         if device.type != "cuda":
             return "none"
@@ -368,6 +366,8 @@ def main(argv=None):
 
     # the data: the frozen VAE, the training clips and their latents (cached, or encoded every step)
     vae = vae_lib.load(args.vae).to(device).eval().requires_grad_(False)
+    if ckpt is not None:  # the same latent space as the checkpoint's
+        checkpoint.check_same_vae(ckpt, asdict(vae.cfg), args.vae, ckpt_path)
     f = args.num_frames // vae.cfg.temporal_compression_ratio + 1  # latent frames of a 8k + 1 frame clip
     h = args.size // vae.spatial_compression
     cfg = dit.make_config(args.model, in_channels=vae.cfg.latent_channels,

@@ -162,10 +162,12 @@ def parse_args(argv):
     # checked before any work; each failure is one line, exit status 2
     distributed.check_args(parser, args, folder="out", positive=(
         "steps", "batch_size", "lr", "log_every", "ckpt_every", "val_every", "val_clips"), non_negative=(
-        "ffl_weight", "kl_weight", "lpips_weight", "disc_weight", "workers", "max_minutes"), multiples={
+        "ffl_weight", "kl_weight", "lpips_weight", "disc_weight", "workers", "max_minutes", "seed"), multiples={
         "num_frames": (8, "clips are 8k + 1 frames: the causal first frame, then groups of 4 for the latents and of "
                           "8 for the discriminator; e.g. 8 or 16"),
         "size": (8, "the VAE's spatial factor; e.g. 64 or 128")})
+    if not all(0 <= b < 1 for b in args.betas):
+        parser.error(f"--betas {args.betas[0]:g} {args.betas[1]:g}: each must be in [0, 1) (e.g. 0.5 0.9)")
     return args
 
 

@@ -43,6 +43,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 import data
+import distributed
 import vae as vae_lib
 from experiments.runs import evaluate, evaluated, finish, measured, run, start, videos_in
 
@@ -284,7 +285,15 @@ def parse_args(argv):
     p.add_argument("--train-flags", default="", help="more train.py flags for every recipe, e.g. \"--max-clips 64\"")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="start no training segment that would end later than this; finish the evaluations")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # checked before any work (the VAE stage alone takes minutes); each failure is one line, exit status 2
+    distributed.check_args(p, args, folder="out", positive=("vae_minutes", "clips", "steps", "eval_jobs", "points",
+                                                            "budget_minutes"), non_negative=("workers", "clip_x0"))
+    if args.clips < 2:
+        p.error(f"--clips {args.clips}: FVD compares two distributions, which takes at least 2 clips (512 default)")
+    if sorted(set(args.points)) != list(args.points):
+        p.error(f"--points {' '.join(map(str, args.points))}: give increasing minutes, each once")
+    return args
 
 
 class Curve:

@@ -33,7 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image, ImageDraw
 
+import checkpoint
 import data
+import distributed
 from experiments import runs
 
 SETTING = re.compile(r"^(plain|reuse|reuse-t(\d+)|cache(\d*\.?\d+))$")
@@ -172,6 +174,15 @@ def main(argv=None):
     for name in ("clips", "steps", "batch_size", "eval_jobs"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    distributed.check_args(p, args, folder="out", non_negative=("workers", "seed"))
+    if args.clips < 2:
+        p.error(f"--clips {args.clips}: FVD compares two distributions, which takes at least 2 videos (512 default)")
+    if args.reuse is not None and not os.path.isfile(args.reuse):
+        p.error(f"--reuse {args.reuse}: no such file")
+    try:  # a checkpoint that cannot be used is named here, not by a sampler's log after minutes of work
+        checkpoint.load(args.ckpt)
+    except ValueError as e:
+        p.error(f"--ckpt {e}")
     os.makedirs(args.out, exist_ok=True)
 
     reuse_file = args.reuse or os.path.join(args.out, "reuse.pt")

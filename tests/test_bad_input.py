@@ -84,7 +84,7 @@ ARGUMENTS = [  # (script, arguments, what the one line must say): each is refuse
     ("sample", ["--run", "{root}/none", "--batch-size", "0"], "--batch-size 0: it must be positive"),
     ("sample", ["--run", "{root}/none", "--steps", "0"], "--steps 0: DDIM takes 1 to 1000 steps"),
     ("sample", ["--run", "{root}/none", "--steps", "1001"], "--steps 1001: DDIM takes 1 to 1000 steps"),
-    ("sample", ["--run", "{root}/none", "--eta", "-1"], "--eta -1.0: it must not be negative"),
+    ("sample", ["--run", "{root}/none", "--eta", "-1"], "--eta -1.0: it must be between 0 and 1"),
     ("sample", ["--run", "{root}/none", "--out", "{notes}"], "--out {notes}: it is a file"),
     ("evaluate", ["--real", "synthetic", "--fake", "{root}", "--frames", "8"], "--frames 8: the I3D network of FVD"),
     ("evaluate", ["--real", "synthetic", "--fake", "{root}", "--num-clips", "1"], "--num-clips 1: the metrics"),
@@ -140,7 +140,7 @@ def resumed_run(files, tmp_path, name):
 
 
 @pytest.mark.parametrize("name, message", [("truncated", "is damaged"), ("overwritten", "is damaged"),
-                                           ("nan", "the EMA weights hold NaN")])
+                                           ("nan", "holds NaN or infinite values in 1 tensors (first ema.")])
 def test_resume_refuses_a_damaged_checkpoint_and_keeps_it(name, message, files, capsys, tmp_path):
     out, argv = resumed_run(files, tmp_path, name)
     before = open(os.path.join(out, "ckpt.pt"), "rb").read()
@@ -223,3 +223,170 @@ def test_a_script_error_that_is_a_bug_keeps_its_traceback():
     with pytest.raises(IndexError):
         distributed.cli(buggy, [])
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The silent failures of a second sweep: each once wrong with exit 0, now one line and nothing written
+# ---------------------------------------------------------------------------------------------------------
+
+class Payload:
+    """What a crafted checkpoint carries: unpickling it would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_upgrade_never_runs_a_files_code(files, tmp_path):
+    marker, path = str(tmp_path / "ran"), str(tmp_path / "crafted.pt")
+    ckpt = torch.load(files["ckpt"], weights_only=True)
+    torch.save({**ckpt, "extra": Payload(marker)}, path)
+    before = open(path, "rb").read()
+    with pytest.raises(ValueError, match="not upgraded, and left as it was: it asks for objects that no version"):
+        checkpoint.upgrade(path)
+    assert not os.path.exists(marker) and open(path, "rb").read() == before
+    with pytest.raises(ValueError, match="runs nothing from the file"):  # what a loader's refusal recommends
+        checkpoint.load(path)
+    assert not os.path.exists(marker)
+
+
+def test_upgrade_rewrites_what_earlier_versions_wrote(files, tmp_path):
+    """Earlier versions pickled NumPy's RNG state as an array: upgraded, the file loads without running code."""
+    import numpy as np
+    path = str(tmp_path / "old.pt")
+    ckpt = torch.load(files["ckpt"], weights_only=True)
+    ckpt["rng"] = [{**ckpt["rng"][0], "numpy": np.random.get_state()}]
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="refused to load"):
+        checkpoint.load(path)
+    checkpoint.upgrade(path)
+    state = checkpoint.load(path)["rng"][0]["numpy"]
+    assert torch.equal(state["keys"], torch.from_numpy(np.random.get_state()[1].astype(np.int64)))
+
+
+def test_nan_in_the_optimizer_state_is_refused_and_the_checkpoint_kept(files, capsys, tmp_path):
+    out, argv = resumed_run(files, tmp_path, None)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    moments = ckpt["optimizer"]["state"][0]
+    moments["exp_avg"] = torch.full_like(moments["exp_avg"], float("nan"))
+    checkpoint.save(ckpt, os.path.join(out, "ckpt.pt"))
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    code, line = fails("train", argv, capsys)
+    assert code == 1 and "holds NaN or infinite values in 1 tensors (first optimizer.state.0.exp_avg)" in line
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+
+
+def test_non_finite_weights_never_replace_a_checkpoint(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save({"model": {"w": torch.ones(2)}}, path)
+    with pytest.raises(RuntimeError, match="not saving .*NaN or infinite values \\(first model.w\\); the last "
+                                           "checkpoint is kept"):
+        checkpoint.save_run({"model": {"w": torch.tensor([1.0, float("inf")])}}, path, 0, 1)
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(2))
+
+
+def test_resume_with_another_vae_is_refused(files, capsys, tmp_path):
+    other = str(tmp_path / "other_vae.pt")
+    saved = torch.load(files["vae"], weights_only=True)
+    checkpoint.save({**saved, "config": {**saved["config"], "scaling_factor": 2.44}}, other)
+    out, argv = resumed_run(files, tmp_path, None)
+    argv[argv.index("--vae") + 1] = other
+    code, line = fails("train", argv, capsys)
+    assert code == 1 and f"--vae {other} is not the VAE" in line and "scaling_factor" in line
+
+
+SECOND_SWEEP = [  # refused before any work, status 2
+    ("train", ["--ema", "nan"], "--ema nan: not a finite number"),
+    ("train", ["--clip-norm", "nan"], "--clip-norm nan: not a finite number"),
+    ("train", ["--ema", "1.5"], "--ema 1.5: it must be between 0 and 1"),
+    ("train", ["--ema", "-1"], "--ema -1.0: it must be between 0 and 1"),
+    ("train", ["--clip-norm", "0"], "--clip-norm 0.0: it must be positive"),
+    ("train", ["--lr", "inf", "1e-4"], "--lr inf 0.0001: not a finite number"),
+    ("train", ["--seed", "-1"], "--seed -1: it must not be negative"),
+    ("train", ["--out", ""], "--out is empty"),
+    ("train_vae", ["--betas", "0.5", "1.5"], "--betas 0.5 1.5: each must be in [0, 1)"),
+    ("train_vae", ["--max-minutes", "nan"], "--max-minutes nan: not a finite number"),
+    ("sample", ["--run", "{root}/none", "--eta", "5"], "--eta 5.0: it must be between 0 and 1"),
+    ("sample", ["--run", "{root}/none", "--clip-x0", "inf"], "--clip-x0 inf: not a finite number"),
+    ("evaluate", ["--real", "synthetic", "--fake", "{root}", "--seed", "-3"], "--seed -3: it must not be negative"),
+    ("data", ["prepare", "--src", "{root}", "--dst", "{root}/../out", "--size", "0"], "--size 0: it must be positive"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", SECOND_SWEEP)
+def test_second_sweep_arguments(script, argv, message, files, capsys):
+    code, line = fails(script, [a.format(**files) for a in argv], capsys)
+    assert code == 2 and message.format(**files) in line, line
+
+
+def avi(path, frames=60, damage=False):
+    """A small MPEG-4 AVI written with PyAV; with damage, bytes in its middle overwritten (as a bad copy would)."""
+    av = pytest.importorskip("av")
+    import numpy as np
+    container = av.open(path, "w")
+    stream = container.add_stream("mpeg4", rate=25)
+    stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+    for i in range(frames):
+        img = np.zeros((96, 128, 3), np.uint8)
+        img[:, :, 0] = (np.arange(128)[None] * 2 + 3 * i) % 255
+        img[:, :, 1] = (np.arange(96)[:, None] * 2) % 255
+        img[20:40, (2 * i) % 100:(2 * i) % 100 + 20] = 255
+        for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    if damage:
+        data_ = bytearray(open(path, "rb").read())
+        g = torch.Generator().manual_seed(1)
+        start = int(0.7 * len(data_))  # late in the file: the frames before the damage decode soundly
+        for offset in range(start, start + 2000, 97):
+            data_[offset] = int(torch.randint(256, (1,), generator=g))
+        open(path, "wb").write(bytes(data_))
+
+
+def test_prepare_cuts_a_video_at_the_damage_and_counts_it(tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    avi(str(src / "bad.avi"), damage=True)
+    avi(str(src / "good.avi"))
+    results = data.prepare(str(src), str(dst), size=32, min_frames=10, workers=1)
+    (name, message), = results["cut"]
+    assert name == "bad" and "is damaged (the decoder reports it corrupt)" in message
+    kept = int(message.split("kept the ")[1].split()[0])
+    assert 10 <= kept < 60 and len(os.listdir(dst / "bad")) == kept
+    assert [n for n, _ in results["prepared"]] == ["good"] and len(os.listdir(dst / "good")) == 60
+    assert "cut at damage 1" in capsys.readouterr().out
+
+
+def test_prepare_gives_every_source_its_own_name(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for folder in ("a__b", "a/b"):
+        (src / folder).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(src / folder / f"{i:06d}.jpg")
+    avi(str(src / "clip.avi"), frames=3)
+    avi(str(src / "clip.mkv"), frames=3)
+    results = data.prepare(str(src), str(dst), size=16, min_frames=3, workers=2)
+    names = sorted(n for n, _ in results["prepared"])
+    assert len(names) == 4 and len(set(names)) == 4 and not results["failed"]
+    assert all(n.startswith(("a__b-", "clip-")) for n in names)
+    assert sorted(os.listdir(dst)) == sorted(names + ["lock"])
+
+
+def test_experiments_check_their_arguments_before_any_work(files, capsys, tmp_path):
+    from experiments import curve, tradeoff
+    for main, argv, message in (
+            (curve.main, ["--eval-jobs", "0"], "--eval-jobs 0: it must be positive"),
+            (curve.main, ["--budget-minutes", "nan"], "--budget-minutes nan: not a finite number"),
+            (curve.main, ["--out", files["notes"]], f"--out {files['notes']}: it is a file"),
+            (curve.main, ["--points", "6", "3"], "--points 6.0 3.0: give increasing minutes"),
+            (tradeoff.main, ["--ckpt", files["truncated"]], f"{files['truncated']} is damaged"),
+            (tradeoff.main, ["--ckpt", files["ckpt"], "--clips", "1"], "--clips 1: FVD compares two distributions")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--out", str(tmp_path / "x")] if "--out" not in argv else argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, err
+    assert not os.path.exists(tmp_path / "x")  # nothing written

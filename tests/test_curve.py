@@ -82,9 +82,11 @@ def fake_scripts(monkeypatch, started, threads=None, failing=None):
             os.makedirs(cache, exist_ok=True)
             open(os.path.join(cache, "meta.json"), "w").close()
         elif cmd[0] == "sample.py":
-            os.makedirs(os.path.join(out, "frames", "000000"), exist_ok=True)
-            for k in range(4):  # four 8 x 8 frames
-                Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(os.path.join(out, "frames", "000000", f"{k:03d}.png"))
+            for v in range(int(cmd[cmd.index("--num-videos") + 1])):
+                os.makedirs(os.path.join(out, "frames", f"{v:06d}"), exist_ok=True)
+                for k in range(4):  # four 8 x 8 frames
+                    Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(os.path.join(out, "frames", f"{v:06d}",
+                                                                            f"{k:03d}.png"))
             with open(os.path.join(out, "ckpt_used"), "w") as f:
                 f.write(open(cmd[cmd.index("--ckpt") + 1]).read())
             clip = float(cmd[cmd.index("--clip-x0") + 1]) if "--clip-x0" in cmd else None
@@ -109,7 +111,7 @@ def test_segments_resume_and_recipes(tmp_path, monkeypatch):
     monkeypatch.setattr(curve.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setattr(curve.os, "cpu_count", lambda: 16)
     out = str(tmp_path / "curve")
-    curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "1", "--clip-x0", "4",
+    curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "2", "--clip-x0", "4",
                 "--train-flags", "--max-clips 64", "--eval-jobs", "3"])
     assert started[0][0] == "train_vae.py" and threads[0] is None  # alone: every core
     assert threads[1:] == ["3"] * (len(started) - 1)  # 16 cores shared by 2 trainers and 3 evaluations
@@ -142,12 +144,12 @@ def test_segments_resume_and_recipes(tmp_path, monkeypatch):
     assert got["floors"]["reconstruction vs val"]["fvd"] == 1000.0
     assert Image.open(os.path.join(out, "curve.png")).size == (720, 400)
     assert Image.open(os.path.join(out, "losses.png")).size == (720, 360)
-    picture = Image.open(os.path.join(out, "short", "generated", "min3.png"))  # every other frame of video 0
-    assert picture.size == (16, 8) and picture.getpixel((8, 0)) == (80, 0, 0)
+    picture = Image.open(os.path.join(out, "short", "generated", "min3.png"))  # every other frame, 2 videos
+    assert picture.size == (16, 16) and picture.getpixel((8, 0)) == (80, 0, 0)
 
     # everything is there: a second call runs nothing
     started.clear()
-    curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "1", "--clip-x0", "4"])
+    curve.main(["--out", out, "--recipes", "short", "paper", "--points", "1", "3", "--clips", "2", "--clip-x0", "4"])
     assert started == []
 
 
@@ -155,7 +157,7 @@ def test_budget_stops_before_a_segment_that_would_overrun(tmp_path, monkeypatch)
     started = []
     fake_scripts(monkeypatch, started)
     out = str(tmp_path / "curve")
-    curve.main(["--out", out, "--points", "1", "5", "--clips", "1", "--budget-minutes", "3", "--clip-x0", "4"])
+    curve.main(["--out", out, "--points", "1", "5", "--clips", "2", "--budget-minutes", "3", "--clip-x0", "4"])
     trains = [c for c in started if c[0] == "train.py"]
     assert len(trains) == 1
     assert not any("--clip-x0" in c for c in started)  # the last point is not there yet
@@ -163,7 +165,7 @@ def test_budget_stops_before_a_segment_that_would_overrun(tmp_path, monkeypatch)
     assert [p["minutes"] for p in got["recipes"]["short"]["points"]] == [1]
     # a later call with more budget continues from the first checkpoint
     started.clear()
-    curve.main(["--out", out, "--points", "1", "5", "--clips", "1"])
+    curve.main(["--out", out, "--points", "1", "5", "--clips", "2"])
     trains = [c for c in started if c[0] == "train.py"]
     assert len(trains) == 1 and "--resume" in trains[0] and trains[0][trains[0].index("--max-minutes") + 1] == "4.0"
 
@@ -172,7 +174,7 @@ def test_an_align_recipe_has_its_own_cache_and_the_feature_weights(tmp_path, mon
     started = []
     fake_scripts(monkeypatch, started)
     out = str(tmp_path / "curve")
-    curve.main(["--out", out, "--recipes", "short", "short-align", "--points", "1", "--clips", "1",
+    curve.main(["--out", out, "--recipes", "short", "short-align", "--points", "1", "--clips", "2",
                 "--inception", "/weights/default_1.pt"])
     plain, aligned = [c for c in started if c[0] == "train.py"]
     assert "--align" not in plain and "--inception" not in plain
@@ -186,7 +188,7 @@ def test_a_failing_recipe_is_named_and_the_others_go_on(tmp_path, monkeypatch):
     fake_scripts(monkeypatch, started, failing="short-align")
     out = str(tmp_path / "curve")
     with pytest.raises(SystemExit, match=r"short-align: train.py failed with exit status 1; see .*train.log"):
-        curve.main(["--out", out, "--recipes", "short", "short-align", "--points", "1", "2", "--clips", "1"])
+        curve.main(["--out", out, "--recipes", "short", "short-align", "--points", "1", "2", "--clips", "2"])
     trains = [c for c in started if c[0] == "train.py"]
     assert len(trains) == 3  # short at both points; short-align once, then no more
     got = json.load(open(os.path.join(out, "curve.json")))
@@ -217,7 +219,7 @@ def test_evaluations_wait_for_the_training_when_asked(tmp_path, monkeypatch):
     started = []
     fake_scripts(monkeypatch, started)
     out = str(tmp_path / "curve")
-    curve.main(["--out", out, "--recipes", "short", "short-b2", "--points", "1", "2", "3", "--clips", "1",
+    curve.main(["--out", out, "--recipes", "short", "short-b2", "--points", "1", "2", "3", "--clips", "2",
                 "--eval-jobs", "3", "--eval-after-training"])
     kinds = [c[0] for c in started]
     last_train = max(i for i, k in enumerate(kinds) if k == "train.py")

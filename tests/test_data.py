@@ -35,7 +35,7 @@ def prepared_real(tmp_path_factory):
 
 
 def test_prepare_real_video(prepared_real):
-    names = sorted(os.listdir(prepared_real))
+    names = sorted(n for n in os.listdir(prepared_real) if os.path.isdir(os.path.join(prepared_real, n)))
     assert {"bikes", "carphone_pristine", "bigbuckbunny"} <= set(names)
     assert len(os.listdir(os.path.join(prepared_real, "bikes"))) == 250  # every decoded frame
     assert len(os.listdir(os.path.join(prepared_real, "carphone_pristine"))) == 120
@@ -59,8 +59,8 @@ def test_loader_on_real_video(prepared_real):
     expected = torch.from_numpy(first).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.allclose(video[0], expected) or torch.allclose(video[0], expected.flip(-1))
     every = data.FrameFolderClips(prepared_real, "all", num_images=0)  # evaluation on every video
-    assert {v[0] for v in every.videos} == set(os.listdir(prepared_real)) - {f for f in os.listdir(prepared_real)
-                                                                                if f.endswith(".json")}
+    folders = {f for f in os.listdir(prepared_real) if os.path.isdir(os.path.join(prepared_real, f))}
+    assert {v[0] for v in every.videos} == folders
 
 
 def test_split_is_by_video_deterministic_and_written(tmp_path):
@@ -88,7 +88,7 @@ def test_prepare_bad_input(tmp_path):
     failed = dict(results["failed"])
     assert set(failed) == {"corrupt", "short"}
     assert "corrupt.mp4" in failed["corrupt"] and "5 frames, a clip needs 49" in failed["short"]
-    assert sorted(os.listdir(dst)) == ["gray_odd", "rgba"]  # no half-written folders left behind
+    assert sorted(os.listdir(dst)) == ["gray_odd", "lock", "rgba"]  # no half-written folders left behind
     with Image.open(dst / "gray_odd" / "000049.jpg") as img:
         assert img.size == (32, 32) and img.mode == "RGB"
     assert sorted(os.listdir(src)) == ["corrupt.mp4", "gray_odd", "rgba", "short"]  # nothing written in src
