@@ -50,7 +50,12 @@ def save(obj, path):
         kept = "the previous checkpoint is intact; " if os.path.exists(path) else ""
         raise OSError(errno.ENOSPC, f"no space left on the disk while writing {path} ({free / 2**20:.0f} MiB free): "
                       f"{kept}free some space, then --resume") from None
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # PATH is a folder, say: nothing is left behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def load(path, what="checkpoint"):

@@ -426,7 +426,7 @@ def save_frames(video, folder):
 
 
 def save_mp4(video, path, fps=6):
-    """H.264 through PyAV; returns False when PyAV is not installed."""
+    """H.264 through PyAV, the same bytes on every machine; returns False when PyAV is not installed."""
     try:
         import av
     except ImportError:
@@ -438,6 +438,7 @@ def save_mp4(video, path, fps=6):
         stream = out.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
         stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1  # x264's output depends on its thread count: one, on every machine
         for a in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(a[:stream.height, :stream.width], format="rgb24")))
         out.mux(stream.encode())

@@ -12,6 +12,7 @@ The same script runs under `python` (one process) and under `torchrun` (one proc
 gloo on CPU). Rank 0 logs and writes files; every rank meets the others at the barrier after a checkpoint.
 """
 
+import errno
 import fcntl
 import json
 import math
@@ -95,6 +96,25 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+def read_log(path):
+    """The records of a log.jsonl. A torn last line (a run killed mid-write) is dropped; damage anywhere else is an
+    error that names the file and the line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if all(not rest.strip() for rest in lines[i + 1:]):  # the last line, cut off: its step runs again
+                break
+            raise ValueError(f"{path} is damaged at line {i + 1} ({e}); move it away to resume without the "
+                             f"earlier records") from None
+    return records
+
+
 class RunLog:
     """OUT/log.jsonl and the console, from rank 0 only. On resume, what was logged after the checkpoint's step
     is dropped first: those steps run again."""
@@ -104,8 +124,7 @@ class RunLog:
         if rank != 0:
             return
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [r for r in map(json.loads, f) if r.get("step", 0) <= resume_step]
+            kept = [r for r in read_log(self.path) if r.get("step", 0) <= resume_step]
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
             os.replace(self.path + ".tmp", self.path)
@@ -217,11 +236,20 @@ def cli(main, argv=None):
     except torch.OutOfMemoryError:
         sys.exit("error: out of GPU memory: lower --batch-size (--debug shows where)")
     except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, OSError) and e.strerror and e.filename:
-            msg = f"{e.strerror}: {e.filename}"
-        else:
-            msg = str(e.args[0]) if e.args else type(e).__name__
-        sys.exit(f"error: {' '.join(msg.split())} (--debug shows where)")
+        sys.exit(f"error: {' '.join(describe(e).split())} (--debug shows where)")
+
+
+def describe(e):
+    """The words of an expected failure: an OSError's own message and file, never its bare number (a full disk is
+    said as such, with what to do), else the exception's message."""
+    if isinstance(e, OSError) and not e.strerror and e.args and isinstance(e.args[0], int):
+        e = OSError(e.args[0], os.strerror(e.args[0]))  # only a number: its words
+    if isinstance(e, OSError) and e.strerror:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.strerror.startswith("no space left on the disk"):
+            where = f" while writing {e.filename}" if e.filename else ""
+            return f"no space left on the disk{where}: free some space, then run it again (--resume where it has one)"
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e.args[0]) if e.args else type(e).__name__
 
 
 def plot_loss(records, path, width=640, height=360):

@@ -114,6 +114,10 @@ class Source:
         self.spec, self.split, self.frames, self.stride, self.size, self.seed = spec, split, frames, stride, size, seed
         self.span = (frames - 1) * stride + 1
         if spec == "synthetic":
+            from synthetic import VIDEO_FRAMES
+            if self.span > VIDEO_FRAMES:
+                raise ValueError(f"synthetic videos have {VIDEO_FRAMES} frames, and --frames {frames} at stride "
+                                 f"{stride} spans {self.span}; lower --frames or the stride")
             self.synthetic = data.SyntheticClips("val" if split == "val" else "train", num_frames=frames,
                                                  stride=stride, size=size, num_images=0, flip=False,
                                                  seed=seed, with_flow=False)
@@ -282,7 +286,12 @@ class Extractor:
 
 def save_npz(path, arrays):
     tmp = f"{path}.{os.getpid()}.tmp.npz"                                 # private to this process
-    np.savez(tmp, **arrays)
+    try:
+        np.savez(tmp, **arrays)
+    except BaseException:  # a full disk, an interrupt: no half-written file is left to grow or be read
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)  # an interrupted write leaves the previous file whole
 
 

@@ -95,7 +95,7 @@ def load_raft(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"RAFT weights not found at {path}; give torchvision's RAFT weights file "
                                 f"(e.g. raft_large_C_T_SKHT_V2-ff5fadd5.pth), or use --flow classical")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = metric_nets.load_torch_weights(path, "RAFT")
     if any(k.startswith(("fnet.", "module.fnet.")) for k in state):
         raise KeyError(f"{path} is in the princeton-vl RAFT layout (e.g. raft-things.pth), which is not supported; "
                        f"give torchvision's RAFT weights (raft_large_C_T_SKHT_V2-ff5fadd5.pth)")
@@ -275,7 +275,7 @@ def load_dino(path, arch=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DINO weights not found at {path}; give an official DINO v1 ViT checkpoint "
                                 f"(e.g. dino_deitsmall8_pretrain.pth), or leave --align-features at its offline default")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = metric_nets.load_torch_weights(path, "DINO")
     if "teacher" in state:  # a full training checkpoint: its teacher's backbone, without the projection head
         state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state["teacher"].items()}
         state = {k: v for k, v in state.items() if not k.startswith("head.")}

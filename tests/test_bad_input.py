@@ -390,3 +390,79 @@ def test_experiments_check_their_arguments_before_any_work(files, capsys, tmp_pa
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err, err
     assert not os.path.exists(tmp_path / "x")  # nothing written
+
+
+def test_os_errors_are_words_never_bare_numbers(capsys):
+    import errno
+
+    def full_disk(argv):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def bare(argv):
+        raise OSError(errno.ENOENT)
+    for main, expected in ((full_disk, "error: no space left on the disk: free some space, then run it again"),
+                           (bare, "error: No such file or directory")):
+        with pytest.raises(SystemExit) as e:
+            distributed.cli(main, [])
+        assert str(e.value.code).startswith(expected), e.value.code
+
+
+WRONG_KIND = [  # a file of another kind where weights are expected: one line naming it, status 1
+    ("train", ["--vae", "{notes}"], "{notes} is not a .safetensors weights file"),
+    ("train_vae", ["--finetune", "{ckpt}"], "{ckpt} is a torch checkpoint, not CogVideoX's weights"),
+    ("evaluate", ["--vae", "{pth}", "--real", "synthetic", "--frames", "8", "--size", "32", "--num-clips", "2"],
+     "{pth} is not a train_vae.py checkpoint"),
+    ("train", ["--align", "--dino", "{notes}"], "{notes} is not a weight file for DINO"),
+    ("train", ["--align", "--dino", "{pickled}"], "{pickled}: refused to load as DINO weights"),
+    ("train", ["--align", "--inception", "{pickled}"], "{pickled}: refused to load as Inception-v3 weights"),
+    ("train_vae", ["--lpips", "{pickled}", "{pickled}"], "{pickled}: refused to load as LPIPS VGG16 weights"),
+    ("evaluate", ["--real", "synthetic", "--fake", "synthetic", "--metrics", "fc", "--clip", "{notes}",
+                  "--num-clips", "2", "--frames", "8", "--size", "32"], "{notes} is not a TorchScript CLIP file"),
+    ("evaluate", ["--real", "synthetic", "--fake", "synthetic", "--frames", "100000", "--num-clips", "2"],
+     "--frames 100000 at stride 3 spans 299998; lower --frames or the stride"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", WRONG_KIND)
+def test_files_of_the_wrong_kind(script, argv, message, files, capsys, tmp_path):
+    pickled, pth = str(tmp_path / "pickled.pt"), str(tmp_path / "weights.pth")
+    torch.save({"a": Payload(str(tmp_path / "ran"))}, pickled)
+    torch.save({"a": torch.ones(2)}, pth)
+    names = {**files, "pickled": pickled, "pth": pth}
+    base = {"train": TRAIN + ["--vae", files["vae"], "--max-steps", "1", "--out", str(tmp_path / "out")],
+            "train_vae": VAE + ["--steps", "1", "--out", str(tmp_path / "out")], "evaluate": []}[script]
+    argv = [a.format(**names) for a in argv]
+    if script == "train" and "--vae" in argv:
+        base = base[:base.index("--vae")] + base[base.index("--vae") + 2:]
+    code, line = fails(script, base + argv, capsys)
+    assert code == 1 and message.format(**names) in line, line
+    assert not os.path.exists(tmp_path / "ran")  # nothing from the file ran
+
+
+def test_a_torn_last_log_line_is_dropped_and_other_damage_named(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    log = distributed.RunLog(str(tmp_path), 0, resume_step=2)
+    log.close()
+    assert [r["step"] for r in distributed.read_log(str(path))] == [1, 2]
+    path.write_text('{"step": 1, "loss": 0.5}\n{"st\n{"step": 3, "loss": 0.4}\n')
+    with pytest.raises(ValueError, match=f"{path} is damaged at line 2"):
+        distributed.RunLog(str(tmp_path), 0, resume_step=3)
+
+
+def test_a_checkpoint_that_cannot_be_renamed_leaves_nothing_behind(tmp_path):
+    folder = tmp_path / "reuse.pt"
+    folder.mkdir()  # a folder where the file should go
+    with pytest.raises(OSError):
+        checkpoint.save({"w": torch.ones(2)}, str(folder))
+    assert sorted(os.listdir(tmp_path)) == ["reuse.pt"]
+
+
+def test_mp4_is_the_same_bytes_every_time(tmp_path):
+    pytest.importorskip("av")
+    torch.manual_seed(0)
+    video = torch.rand(3, 9, 32, 32) * 2 - 1
+    paths = [str(tmp_path / f"{i}.mp4") for i in range(2)]
+    for p in paths:
+        assert data.save_mp4(video, p)
+    assert open(paths[0], "rb").read() == open(paths[1], "rb").read()
