@@ -144,7 +144,7 @@ def plot(rows, path, width=720, height=420):
     img.save(path)
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint")
     p.add_argument("--out", default="runs/tradeoff")
@@ -183,16 +183,11 @@ def main(argv=None):
         checkpoint.load(args.ckpt)
     except ValueError as e:
         p.error(f"--ckpt {e}")
-    os.makedirs(args.out, exist_ok=True)
+    return args
 
-    reuse_file = args.reuse or os.path.join(args.out, "reuse.pt")
-    if any(s.startswith("reuse") for s in args.settings) and not os.path.exists(reuse_file):
-        if args.reuse:
-            p.error(f"--reuse {args.reuse}: no such file")
-        print("training the reuse networks on the checkpoint", flush=True)
-        runs.run(["reuse.py", "train", "--ckpt", args.ckpt, "--out", reuse_file, *args.reuse_flags.split()],
-                  os.path.join(args.out, "reuse.log"))
 
+def sample_all(args, reuse_file):
+    """Sample each (length, setting) not sampled yet; return the pairs done."""
     done = []
     for frames in args.num_frames:
         for setting in args.settings:
@@ -211,6 +206,19 @@ def main(argv=None):
                       f"speed.json); delete the folder to sample and time it again", flush=True)
             data.save_grid([os.path.join(gen, "frames", f"{j:06d}") for j in range(min(3, args.clips))], gen + ".png")
             done.append((frames, setting))
+    return done
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    reuse_file = args.reuse or os.path.join(args.out, "reuse.pt")
+    if any(s.startswith("reuse") for s in args.settings) and not os.path.exists(reuse_file):
+        print("training the reuse networks on the checkpoint", flush=True)
+        runs.run(["reuse.py", "train", "--ckpt", args.ckpt, "--out", reuse_file, *args.reuse_flags.split()],
+                  os.path.join(args.out, "reuse.log"))
+
+    done = sample_all(args, reuse_file)
 
     todo = [gen for gen in (folder(args, f, s) for f, s in done) if not scored(gen + ".json", args)]
     if todo:  # the first alone: it caches the real clips' features, which the others then share
