@@ -23,6 +23,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 import zipfile
 
 import numpy as np
@@ -60,6 +61,20 @@ def save(obj, path):
 
 def load(path, what="checkpoint"):
     """A file written by `save` (or any torch.save zip file), checked, on the CPU. Errors name the file."""
+    check_whole(path, what)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused to load: it holds objects other than tensors and plain values, and "
+                         f"rebuilding them could run code ({first}). A checkpoint of an earlier version of this "
+                         f"project: `python checkpoint.py upgrade {path}` rewrites it (it runs nothing from the "
+                         f"file)") from None
+
+
+def check_whole(path, what="checkpoint"):
+    """Refuse a missing file, one that is not a zip archive (torch.save's form), or one whose parts fail their
+    CRC-32 checksums; each error names the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {what} at {path}")
     try:
@@ -70,14 +85,6 @@ def load(path, what="checkpoint"):
                          f"while being copied or written. Delete it or use another copy") from None
     if bad is not None:
         raise ValueError(f"{path} is damaged: its part {bad} fails its checksum. Delete it or use another copy")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: refused to load: it holds objects other than tensors and plain values, and "
-                         f"rebuilding them could run code ({first}). A checkpoint of an earlier version of this "
-                         f"project: `python checkpoint.py upgrade {path}` rewrites it (it runs nothing from the "
-                         f"file)") from None
 
 
 def check_finite(state, path, what="weights"):
@@ -177,6 +184,7 @@ def upgrade(path):
     It never runs anything from the file: torch's weights-only unpickler reads it, admitting besides tensors and
     plain values only the NumPy array pieces those versions wrote; a file that asks for anything else is refused
     and left as it was."""
+    check_whole(path)
     try:
         with torch.serialization.safe_globals(_old_numpy_pieces()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -200,4 +208,7 @@ if __name__ == "__main__":
     p.add_argument("command", choices=["upgrade"])
     p.add_argument("paths", nargs="+")
     for path in p.parse_args().paths:
-        upgrade(path)
+        try:
+            upgrade(path)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {e}")

@@ -249,7 +249,9 @@ def retry(read, where, tries=10):
             return read(attempt), attempt
         except (OSError, ValueError) as e:
             print(f"warning: skipped an unreadable clip: {e}", file=sys.stderr)
-    raise ValueError(f"{tries} clips in a row near {where} were unreadable; check the data")
+            last = e
+    raise ValueError(f"{tries} clips in a row near {where} were unreadable, the last: {last}; replace or remove "
+                     f"the damaged files (python data.py prepare reports them)")
 
 
 class FrameFolderClips(Dataset):
@@ -488,20 +490,21 @@ def main(argv=None):
     s.add_argument("--samples", type=int, default=8)
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        distributed.check_args(p, args, positive=("size", "min_frames", "workers"))
+        distributed.check_args(p, args, positive=("size", "min_frames", "workers"), folder="dst")
         try:
             results = prepare(args.src, args.dst, args.size, args.min_frames, args.workers)
         except (OSError, ValueError) as e:
             sys.exit(f"error: {e}")
         sys.exit(1 if results["failed"] else 0)
+    distributed.check_args(s, args, positive=("samples",))
     try:
         ds = make_dataset(args.data, args.split, args.data_root)
+        t0 = time.perf_counter()
+        for i in range(args.samples):
+            sample = ds[i % len(ds)]
+        dt = time.perf_counter() - t0
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    t0 = time.perf_counter()
-    for i in range(args.samples):
-        sample = ds[i % len(ds)]
-    dt = time.perf_counter() - t0
     print(f"{args.data} {args.split}: {len(ds)} samples; " +
           ", ".join(f"{k} {tuple(v.shape)}" for k, v in sample.items() if torch.is_tensor(v)))
     print(f"{args.samples / dt:.1f} samples/s in one process")

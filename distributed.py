@@ -129,6 +129,9 @@ class RunLog:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
             os.replace(self.path + ".tmp", self.path)
             self.records = [r for r in kept if "loss" in r]
+        elif resume_step is not None:
+            print(f"note: {self.path} is missing; the log goes on from step {resume_step} without the earlier "
+                  f"records", flush=True)
         self.file = open(self.path, "a")
 
     def __call__(self, *msg):
@@ -190,11 +193,12 @@ def parse_with_preset(parser, argv, presets):
     return parser.parse_args(argv)
 
 
-def check_args(parser, args, positive=(), non_negative=(), multiples=None, folder=None, ranges=None):
+def check_args(parser, args, positive=(), non_negative=(), multiples=None, folder=(), ranges=None, file=()):
     """The checks every script makes before any work, each failure one line that names the value (exit status 2):
     every number finite (NaN and infinity are refused everywhere), options that must be positive or not negative
     (None is left alone; a pair is checked as a whole), closed ranges ({name: (low, high)}), positive multiples
-    ({name: (k, why)}), and an output folder that must not be a file or an empty name."""
+    ({name: (k, why)}), output folders (`folder`, a name or several) that must not be files or empty names, and
+    output files (`file`) that must not be folders."""
     for name, value in vars(args).items():
         values = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
@@ -215,11 +219,16 @@ def check_args(parser, args, positive=(), non_negative=(), multiples=None, folde
             if value is not None and not all(holds(v) for v in values):
                 which = "both" if len(values) == 2 else "it"
                 parser.error(f"--{name.replace('_', '-')} {' '.join(map(str, values))}: {which} must {must}")
-    path = getattr(args, folder) if folder else None
-    if path is not None and not path.strip():
-        parser.error(f"--{folder} is empty; give a folder")
-    if path is not None and os.path.exists(path) and not os.path.isdir(path):
-        parser.error(f"--{folder} {path}: it is a file; give a folder")
+    for name in (folder,) if isinstance(folder, str) else folder or ():
+        path, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if path is not None and not path.strip():
+            parser.error(f"{flag} is empty; give a folder")
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
+            parser.error(f"{flag} {path}: it is a file; give a folder")
+    for name in (file,) if isinstance(file, str) else file or ():
+        path, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if path is not None and (not path.strip() or os.path.isdir(path)):
+            parser.error(f"{flag} {path!r}: give the path of a file to write, not a folder")
 
 
 def cli(main, argv=None):
@@ -249,7 +258,10 @@ def describe(e):
             where = f" while writing {e.filename}" if e.filename else ""
             return f"no space left on the disk{where}: free some space, then run it again (--resume where it has one)"
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    return str(e.args[0]) if e.args else type(e).__name__
+    text = str(e.args[0]) if e.args else type(e).__name__
+    if "Original Traceback" in text:  # raised in a DataLoader worker: its own last line is the message
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def plot_loss(records, path, width=640, height=360):
@@ -278,6 +290,19 @@ def plot_loss(records, path, width=640, height=360):
     tmp = path + ".tmp.png"
     img.save(tmp)
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """Write obj as JSON to path whole or not at all: an interrupted or failed write leaves the previous file and
+    no temporary one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class LossMeter:

@@ -463,9 +463,7 @@ def evaluate_vae(args, device):
     result = {"vae": args.vae, "data": args.real, "split": args.real_split, "freq_comp": model.cfg.freq_comp,
               **vae_lib.reconstruction_quality(model, loader, device, amp, args.num_clips, first=picture),
               **measure_speed(model, device, amp, args.batch_size, args.frames, args.size)}
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(out + ".tmp", out)
+    distributed.write_json(out, result)
     print(json.dumps(result))
     print(f"wrote {out}")
     return result
@@ -503,7 +501,7 @@ def main(argv=None):
     if (args.fake is None) == (args.vae is None):
         p.error("give --fake (generated videos) or --vae (a VAE to measure), not both")
     distributed.check_args(p, args, positive=("num_clips", "frames", "real_stride", "fake_stride", "size",
-                                              "batch_size"), non_negative=("workers", "seed"))
+                                              "batch_size"), non_negative=("workers", "seed"), folder="cache", file="out")
     if args.num_clips < 2:
         p.error(f"--num-clips {args.num_clips}: the metrics compare distributions, which takes at least 2 clips "
                 f"(2048 in the paper)")
@@ -558,9 +556,7 @@ def write_report(args, metrics, results, speeds, extractor, world, device):
               "args": vars(args), "weights": extractor.ids, "clips_per_s": speeds, "world": world,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "skipped_clips": {s: int(results[s]["skipped"]) for s in results}}
-    with open(out + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(out + ".tmp", out)
+    distributed.write_json(out, report)
     print(f"wrote {out}")
 
 

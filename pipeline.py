@@ -149,7 +149,7 @@ def load(ckpt_path, use_ema=True, vae_path=None):
     ckpt = checkpoint.load(ckpt_path)
     if not {"config", "ema", "model", "vae_path"} <= set(ckpt):
         raise ValueError(f"{ckpt_path} is not a train.py checkpoint (it has {', '.join(sorted(ckpt)[:6])}); "
-                         f"sample.py needs the ckpt.pt of a MedSora run")
+                         f"give the ckpt.pt of a MedSora run (train.py)")
     weights = "ema" if use_ema else "model"
     model = dit.MedSora(dit.DiTConfig(**ckpt["config"]))
     model.load_state_dict(checkpoint.check_finite(ckpt[weights], ckpt_path, f"{'EMA' if use_ema else 'raw'} weights"))

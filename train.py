@@ -166,7 +166,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     args = distributed.parse_with_preset(p, argv, PRESETS)
     # checked before any work; each failure is one line, exit status 2
-    distributed.check_args(p, args, folder="out", positive=(
+    distributed.check_args(p, args, folder=("out", "cache_dir"), positive=(
         "batch_size", "lr", "epochs", "max_steps", "log_every", "ckpt_every", "max_bad_steps", "sample_steps",
         "max_clips", "clip_norm"), non_negative=("num_images", "workers", "sample_every", "weight_decay",
                                                  "clip_from_epoch", "align_alpha", "align_margin", "max_minutes",

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
 
+import distributed
 import dit
 import ssm
 from diffusion import Diffusion
@@ -476,6 +477,9 @@ def parse_args(argv=None):
     parser.add_argument("--warm-cache", action="store_true", help="keep torch.compile's cache (default: a new "
                         "empty one, so that the first step shows a cold start)")
     args = parser.parse_args(argv)
+    distributed.check_args(parser, args, positive=("batch", "frames", "repeat", "batches", "sample_videos",
+                                                   "sample_steps", "long"), non_negative=("images",),
+                           multiples={"size": (2, "the 2x2 patch")}, file=("json", "plot"))
     if args.recompute and "graphs" in args.compile:  # pytorch/pytorch#154306: checkpointed CUDA-graph regions
         parser.error("--recompute with --compile graphs: CUDA graphs inside recomputed blocks are not supported")
     return args

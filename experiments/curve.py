@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 import data
 import distributed
+import dit
 import vae as vae_lib
 from experiments.runs import evaluate, evaluated, finish, measured, run, start, videos_in
 
@@ -264,7 +265,7 @@ def log_records(run_dir):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/curve")
-    p.add_argument("--model", default="S")
+    p.add_argument("--model", default="S", choices=sorted(dit.MODELS))
     p.add_argument("--recipes", nargs="+", default=["short"], choices=sorted(RECIPES),
                    help="recipes trained side by side, each its own train.py process on the same GPU")
     p.add_argument("--points", type=float, nargs="+", default=[3, 6, 10, 15],

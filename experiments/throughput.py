@@ -29,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import distributed
 import dit
 import flow_align
 from experiments.measure import free, time_call, write_json
@@ -180,6 +181,8 @@ def main():
     args = parser.parse_args()
     if not (args.end_to_end or args.align):
         parser.error("say what to measure: --end-to-end, --align or both")
+    distributed.check_args(parser, args, positive=("e2e_steps", "e2e_timeout", "batch", "frames", "repeat"),
+                           non_negative=("images",), multiples={"size": (2, "the 2x2 patch")}, file="json")
     if args.end_to_end and not args.vae:
         parser.error("--end-to-end needs --vae PATH (a train_vae.py checkpoint or CogVideoX's vae/ folder)")
     if not args.warm_cache:  # the train.py subprocesses inherit it

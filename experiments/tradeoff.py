@@ -171,10 +171,8 @@ def parse_args(argv):
         p.error(f"--ckpt {args.ckpt}: no such file")
     if any(f <= 0 or f % 8 for f in args.num_frames):
         p.error("--num-frames: each must be a positive multiple of 8 (16: 17-frame videos)")
-    for name in ("clips", "steps", "batch_size", "eval_jobs"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    distributed.check_args(p, args, folder="out", non_negative=("workers", "seed"))
+    distributed.check_args(p, args, folder="out", positive=("clips", "steps", "batch_size", "eval_jobs"),
+                           non_negative=("workers", "seed"))
     if args.clips < 2:
         p.error(f"--clips {args.clips}: FVD compares two distributions, which takes at least 2 videos (512 default)")
     if args.reuse is not None and not os.path.isfile(args.reuse):

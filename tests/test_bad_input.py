@@ -466,3 +466,75 @@ def test_mp4_is_the_same_bytes_every_time(tmp_path):
     for p in paths:
         assert data.save_mp4(video, p)
     assert open(paths[0], "rb").read() == open(paths[1], "rb").read()
+
+
+THIRD_SWEEP = [  # refused before any work, status 2
+    ("train", ["--cache-dir", "{notes}"], "--cache-dir {notes}: it is a file; give a folder"),
+    ("evaluate", ["--real", "synthetic", "--fake", "synthetic", "--cache", "{notes}"], "--cache {notes}: it is a file"),
+    ("evaluate", ["--real", "synthetic", "--fake", "synthetic", "--out", "{root}/empty"],
+     "--out '{root}/empty': give the path of a file to write, not a folder"),
+    ("data", ["prepare", "--src", "{root}/few", "--dst", "{notes}"], "--dst {notes}: it is a file"),
+    ("data", ["stats", "--samples", "0"], "--samples 0: it must be positive"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", THIRD_SWEEP)
+def test_third_sweep_arguments(script, argv, message, files, capsys):
+    code, line = fails(script, [a.format(**files) for a in argv], capsys)
+    assert code == 2 and message.format(**files) in line, line
+
+
+def test_benchmarks_check_their_arguments(files, capsys):
+    from experiments import benchmark, curve
+    for main, argv, message in (
+            (benchmark.main, ["--batch", "0"], "--batch 0: it must be positive"),
+            (benchmark.main, ["--repeat", "0"], "--repeat 0: it must be positive"),
+            (benchmark.main, ["--size", "5"], "--size 5: it must be a positive multiple of 2"),
+            (benchmark.main, ["--train-step", "--json", files["root"]], "give the path of a file to write"),
+            (curve.main, ["--model", "XL"], "invalid choice: 'XL'")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err, err
+
+
+def test_upgrade_names_a_missing_or_damaged_file_in_one_line(files, tmp_path):
+    for path, message in ((str(tmp_path / "none.pt"), "no checkpoint at"), (files["truncated"], "is damaged"),
+                          (files["notes"], "is damaged")):
+        before = open(path, "rb").read() if os.path.exists(path) else None
+        p = subprocess.run([sys.executable, "checkpoint.py", "upgrade", path], cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 1 and p.stderr.startswith(f"error: ") and message in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert (open(path, "rb").read() if os.path.exists(path) else None) == before
+
+
+def test_a_data_loader_workers_error_is_its_own_last_line(tmp_path, capsys):
+    """An error raised in a DataLoader worker reaches the user as its message, not as the worker's traceback."""
+    folder = tmp_path / "v0"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i:06d}.jpg").write_bytes(b"garbage")
+
+    def read(argv):
+        ds = data.FrameFolderClips(str(tmp_path), "all", num_frames=0, num_images=0, stride=1, size=16)
+        list(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1))
+
+    with pytest.raises(SystemExit) as e:
+        distributed.cli(read, [])
+    assert "Original Traceback" not in e.value.code and "File \"" not in e.value.code, e.value.code
+    assert e.value.code.startswith("error: 10 clips in a row near index 0") and "000000.jpg" in e.value.code
+
+
+def test_resume_without_its_log_says_so(tmp_path, capsys):
+    log = distributed.RunLog(str(tmp_path), 0, resume_step=7)
+    log.file.close()
+    assert "log.jsonl is missing; the log goes on from step 7" in capsys.readouterr().out
+
+
+def test_a_json_report_that_cannot_be_written_leaves_nothing(tmp_path):
+    (tmp_path / "report.json").mkdir()  # a folder where the file should go
+    with pytest.raises(OSError):
+        distributed.write_json(str(tmp_path / "report.json"), {"fvd": 1.0})
+    assert os.listdir(tmp_path) == ["report.json"]
+    distributed.write_json(str(tmp_path / "ok.json"), {"fvd": 1.0})
+    assert open(tmp_path / "ok.json").read() == '{\n "fvd": 1.0\n}'

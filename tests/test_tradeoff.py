@@ -67,7 +67,7 @@ def test_settings_are_sampled_timed_scored_and_compared(ckpt, tmp_path, monkeypa
 @pytest.mark.parametrize("extra, message", [
     (["--settings", "plain", "fast"], "unknown setting(s) fast"),
     (["--num-frames", "12"], "multiple of 8"),
-    (["--clips", "0"], "--clips must be positive"),
+    (["--clips", "0"], "--clips 0: it must be positive"),
     (["--reuse", "missing.pt"], "--reuse missing.pt: no such file"),
 ])
 def test_bad_options_exit_2_before_any_work(ckpt, tmp_path, monkeypatch, extra, message, capsys):
