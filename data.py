@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import Counter
 from multiprocessing import Pool
@@ -144,6 +145,19 @@ def prepare_one(job):
     return "prepared", name, f"{n} frames from {', '.join(sorted(modes))}"
 
 
+def exit_with_parent():
+    """A worker's initializer: the worker ends within a second of its parent (a killed prepare leaves no worker
+    writing frames; its half-written folder is redone by the next run)."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def prepare(src, dst, size=128, min_frames=clip_span(), workers=4):
     """Convert every video / frame folder under src into dst/<name>/%06d.jpg. Resumable; never writes in src."""
     if not os.path.isdir(src):
@@ -158,7 +172,7 @@ def prepare(src, dst, size=128, min_frames=clip_span(), workers=4):
     lock = distributed.RunLock(dst, 0, "--dst")  # a second prepare into the same --dst stops at once
     jobs = [(kind, path, dst, name, size, min_frames) for kind, path, name in sources]
     results = {"prepared": [], "cut": [], "done before": [], "failed": []}
-    with Pool(max(1, workers)) as pool:
+    with Pool(max(1, workers), initializer=exit_with_parent) as pool:
         for status, name, message in tqdm(pool.imap_unordered(prepare_one, jobs), total=len(jobs), desc="prepare"):
             results[status].append((name, message))
             if status in ("failed", "cut"):

@@ -5,6 +5,7 @@ is damaged. The scripts run in-process through distributed.cli, as their `__main
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 
 import pytest
@@ -538,3 +539,45 @@ def test_a_json_report_that_cannot_be_written_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == ["report.json"]
     distributed.write_json(str(tmp_path / "ok.json"), {"fvd": 1.0})
     assert open(tmp_path / "ok.json").read() == '{\n "fvd": 1.0\n}'
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads a process's state from /proc")
+def test_a_killed_prepare_leaves_no_worker_running(tmp_path):
+    src, pids = tmp_path / "src", tmp_path / "pids"
+    for i in range(2):
+        (src / f"v{i}").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(src / f"v{i}" / "000000.jpg")
+    pids.mkdir()
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {ROOT!r})
+import data
+def slow(job):  # a long video: the worker is busy when its parent dies
+    open(os.path.join({str(pids)!r}, str(os.getpid())), "w").close()
+    time.sleep(120)
+data.prepare_one = slow
+data.prepare({str(src)!r}, {str(tmp_path / "dst")!r}, workers=2)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if len(os.listdir(pids)) == 2:
+                break
+            time.sleep(0.1)
+        workers = [int(p) for p in os.listdir(pids)]
+        assert len(workers) == 2
+    finally:
+        parent.kill()
+        parent.wait()
+
+    def running(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+
+    for _ in range(100):
+        if not any(running(pid) for pid in workers):
+            break
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in workers)
