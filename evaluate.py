@@ -27,6 +27,13 @@ clip and rank 0 merges the results.
 With --vae, the VAE's reconstructions of --real are measured instead: PSNR, SSIM, focal-frequency error,
 encode + decode speed, and a picture (original | reconstruction | error) beside the JSON.
 
+With --recon VAE, the generated clips are also scored against that VAE's reconstructions of the same real clips,
+and the reconstructions against the real clips. A diffusion model can at best reproduce its VAE's decodings, so
+the first says what the sampler and the model add, apart from the VAE's own cost, which the second measures
+(the VAE's floor):
+
+    python evaluate.py --real kvasir --real-split val --fake runs/medsora/generated --recon runs/vae/ckpt.pt
+
 Dimension names: N clips, F frames, H, W pixels, D feature width.
 """
 
@@ -315,12 +322,35 @@ def taking_turns(path):
             os.remove(path)
 
 
-def extract(source, extractor, n, batch_size, cache, rank, world, workers, save_every=20):
-    """Features of clips 0..n-1 of `source`, cached in `cache` -> (dict of arrays, clips/s or None when
-    cached) on rank 0, (None, None) on the other ranks."""
+class Reconstruct:
+    """uint8 clips (B, F, H, W, 3) -> a VAE's reconstructions of them (encode, the posterior mean, decode), uint8
+    of the same shape. The VAE takes 4k + 1 frames: a clip is padded with copies of its last frame, then cut."""
+
+    def __init__(self, path, device):
+        self.model = vae_lib.load(path).to(device).eval()
+        self.device, self.amp = device, device.type == "cuda"
+        stat = os.stat(path)
+        self.id = f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"  # part of the cache key
+
+    @torch.no_grad()
+    def __call__(self, clips):
+        x = clips.to(self.device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1       # (B, 3, F, H, W) in [-1, 1]
+        f = x.shape[2]
+        pad = -(f - 1) % self.model.cfg.temporal_compression_ratio
+        x = torch.cat([x, x[:, :, -1:].expand(-1, -1, pad, -1, -1)], dim=2)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            video = self.model.decode(self.model.encode_moments(x)[0], scaled=False)  # the mean is unscaled
+        video = video[:, :, :f].float().clamp(-1, 1)
+        return ((video + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu()
+
+
+def extract(source, extractor, n, batch_size, cache, rank, world, workers, save_every=20, transform=None):
+    """Features of clips 0..n-1 of `source` (passed through `transform`, a Reconstruct, when given), cached in
+    `cache` -> (dict of arrays, clips/s or None when cached) on rank 0, (None, None) on the other ranks."""
     key = hashlib.sha1(json.dumps([FEATURES_VERSION, source.signature, source.frames, source.stride, source.size,
-                                   source.seed, n, sorted(extractor.ids.items())]).encode()).hexdigest()[:16]
-    name = f"{label(source.spec)}-{source.split}-{key}"
+                                   source.seed, n, sorted(extractor.ids.items())] +
+                                  ([transform.id] if transform else [])).encode()).hexdigest()[:16]
+    name = f"{label(source.spec)}-{source.split}{'-recon' if transform else ''}-{key}"
     os.makedirs(cache, exist_ok=True)
     final = os.path.join(cache, f"{name}.npz")
     # one process at a time per part: evaluations side by side (curve.py, tradeoff.py) share the real clips, and
@@ -345,11 +375,12 @@ def extract(source, extractor, n, batch_size, cache, rank, world, workers, save_
         def save():
             save_npz(part, {**{k: np.concatenate(v) for k, v in chunks.items()}, "skipped": np.asarray(skipped)})
 
-        bar = tqdm(total=len(mine), initial=start, desc=f"{label(source.spec)} ({source.split})", unit="clip",
+        bar = tqdm(total=len(mine), initial=start, desc=f"{label(source.spec)} ({source.split}"
+                   f"{', reconstructed' if transform else ''})", unit="clip",
                    disable=rank != 0)
         t0, count = time.time(), 0
         for step, (clips, attempts) in enumerate(loader):
-            feats = extractor(clips)
+            feats = extractor(transform(clips) if transform else clips)
             feats["index"] = np.asarray(mine[start + count: start + count + len(clips)])
             for k, v in feats.items():
                 chunks.setdefault(k, []).append(v)
@@ -478,6 +509,8 @@ def main(argv=None):
     p.add_argument("--fake", default=None, help="sample.py's output folder, or any source as --real")
     p.add_argument("--vae", default=None, help="instead of --fake: a VAE (train_vae.py checkpoint or CogVideoX "
                                                "weights) whose reconstructions of --real are measured")
+    p.add_argument("--recon", default=None, metavar="VAE", help="also score --fake against this VAE's "
+                   "reconstructions of the same --real clips, and the reconstructions against --real (see above)")
     p.add_argument("--real-split", default="all", choices=["train", "val", "all"],
                    help="videos of the data split (synthetic: all = train)")
     p.add_argument("--fake-split", default="all", choices=["train", "val", "all"])
@@ -505,6 +538,8 @@ def main(argv=None):
     if args.num_clips < 2:
         p.error(f"--num-clips {args.num_clips}: the metrics compare distributions, which takes at least 2 clips "
                 f"(2048 in the paper)")
+    if args.vae and args.recon:
+        p.error("--recon scores generated videos (--fake); with --vae the reconstructions themselves are measured")
     if args.vae:
         return evaluate_vae(args, distributed.setup()[2])
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -520,6 +555,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
     extractor = Extractor(metrics, device, args.i3d, args.inception, args.videomae, args.clip, args.frames)
+    reconstruct = Reconstruct(args.recon, device) if args.recon else None
     results, speeds = {}, {}
     for side, spec, split, stride in [("real", args.real, args.real_split, args.real_stride),
                                       ("fake", args.fake, args.fake_split, args.fake_stride)]:
@@ -532,6 +568,9 @@ def main(argv=None):
             print(f"note: {spec} has {source.distinct()} distinct clips; {args.num_clips} repeat some", file=sys.stderr)
         results[side], speeds[side] = extract(source, extractor, args.num_clips, args.batch_size, args.cache,
                                               rank, world, args.workers)
+        if side == "real" and reconstruct:  # the same clips, through the VAE
+            results["recon"], speeds["recon"] = extract(source, extractor, args.num_clips, args.batch_size,
+                                                        args.cache, rank, world, args.workers, transform=reconstruct)
     if rank == 0:
         write_report(args, metrics, results, speeds, extractor, world, device)
     distributed.barrier(world)
@@ -544,7 +583,19 @@ def write_report(args, metrics, results, speeds, extractor, world, device):
     print(f"\n{args.fake} ({args.fake_split}, stride {args.fake_stride}) vs {args.real} ({args.real_split}, "
           f"stride {args.real_stride}): {args.num_clips} clips of {args.frames} frames, {args.size}px")
     print_table(rows)
-    for side in ("real", "fake"):
+    extra = {}
+    if "recon" in results:  # the distances between distributions, against the reconstructions
+        paired = [m for m in metrics if m in ("fvd", "cdfvd", "fid")]
+        vs_recon = compute_metrics(results["recon"], results["fake"], paired)
+        floor = compute_metrics(results["real"], results["recon"], paired)
+        print(f"\nagainst the reconstructions of the same real clips by {args.recon}:")
+        print(f"{'metric':<8}  {'generated vs reconstructions':>28}  {'reconstructions vs real (the floor)':>35}")
+        for (name, value, _), (_, base, _) in zip(vs_recon, floor):
+            show = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            print(f"{name:<8}  {show(value):>28}  {show(base):>35}")
+        extra = {"vs_recon": {name: value for name, value, _ in vs_recon},
+                 "vae_floor": {name: value for name, value, _ in floor}}
+    for side in results:
         if speeds[side]:
             print(f"{side}: {speeds[side]:.2f} clips/s feature extraction on {world} x {device.type}")
         if int(results[side]["skipped"]):
@@ -555,7 +606,7 @@ def write_report(args, metrics, results, speeds, extractor, world, device):
     report = {"metrics": {name: value for name, value, _ in rows}, "notes": {name: note for name, _, note in rows},
               "args": vars(args), "weights": extractor.ids, "clips_per_s": speeds, "world": world,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "skipped_clips": {s: int(results[s]["skipped"]) for s in results}}
+              "skipped_clips": {s: int(results[s]["skipped"]) for s in results}, **extra}
     distributed.write_json(out, report)
     print(f"wrote {out}")
 

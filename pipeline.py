@@ -83,16 +83,24 @@ def saturated_fraction(videos, levels=(0, 255)):
     return float(sum(u == v for v in levels).bool().any(dim=1).float().mean())
 
 
-def sample_stats(gen_z, gen_saturated, data_stats=None, data_saturated=None, gen_bright=None):
+def motion(videos):
+    """Mean change between consecutive frames, in grey levels of 0..255, over pixels and channels: (N, 3, F, H, W)
+    in [-1, 1]. A model that makes too still (or too jittery) videos shows here beside the data's value."""
+    return float((videos[:, :, 1:] - videos[:, :, :-1]).abs().mean() * 127.5)
+
+
+def sample_stats(gen_z, gen_saturated, data_stats=None, data_saturated=None, gen_bright=None, gen_motion=None,
+                 data_motion=None):
     """Samples beside the data, as numbers: latent statistics, the fraction of latent values beyond the data's
-    largest |value| (None without data statistics), saturated pixels (and of them those at 255)."""
+    largest |value| (None without data statistics), saturated pixels (and of them those at 255), motion."""
     outliers = None if data_stats is None else float((gen_z.abs() > data_stats["absmax"]).float().mean())
     return {"latents": latent_stats(gen_z), "outliers": outliers, "saturated": gen_saturated,
-            "bright": gen_bright, "data_latents": data_stats, "data_saturated": data_saturated}
+            "bright": gen_bright, "data_latents": data_stats, "data_saturated": data_saturated,
+            "motion": gen_motion, "data_motion": data_motion}
 
 
 def report(stats):
-    """Lines of sample_stats: per-channel latent mean and std, outliers, saturated pixels."""
+    """Lines of sample_stats: per-channel latent mean and std, outliers, saturated pixels, motion."""
     g, d = stats["latents"], stats["data_latents"]
     lines = []
     if d is not None:
@@ -114,6 +122,11 @@ def report(stats):
     if stats.get("bright") is not None:
         sat += f"; bright ones (a channel at 255): {100 * stats['bright']:.2f} %"
     lines.append(sat)
+    if stats.get("motion") is not None:
+        data_motion = stats.get("data_motion")
+        lines.append(f"motion (mean change between consecutive frames): {stats['motion']:.2f} grey levels"
+                     + (f" (training clips: {data_motion:.2f}; ratio {stats['motion'] / data_motion:.2f})"
+                        if data_motion else ""))
     return lines
 
 

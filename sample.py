@@ -175,9 +175,11 @@ def summarise(out, args, ckpt, ckpt_path, mine, mp4, speed):
     print(f"wrote {args.num_videos} videos to {out}: frames/, gif/, " + ("mp4/, " if mp4 else "") + "grid.png"
           + ("" if mp4 else " (no MP4: PyAV is not installed)"))
     # the numbers that tell samples in range from noise; under torchrun, of rank 0's share
-    z, saturated, bright = zip(*(load_done(out, j) for j in mine))
+    z, saturated, bright, moved = zip(*(load_done(out, j) for j in mine))
+    moved = [m for m in moved if m is not None]  # records of an earlier version have none
     stats = pipeline.sample_stats(torch.stack(z), sum(saturated) / len(mine), ckpt.get("latent_stats"),
-                                  ckpt.get("data_saturated"), sum(bright) / len(mine))
+                                  ckpt.get("data_saturated"), sum(bright) / len(mine),
+                                  sum(moved) / len(moved) if moved else None, ckpt.get("data_motion"))
     for line in pipeline.report(stats) + speed["lines"] + [pipeline.verdict(stats)]:
         print(line)
     path = os.path.join(out, "stats.json")  # written last and whole: curve.py takes it as "finished"
@@ -238,16 +240,16 @@ def save_video(out, j, video, z, fps):
     data.save_gif(video, os.path.join(out, "gif", f"{j:06d}.gif"), fps)
     mp4 = data.save_mp4(video, os.path.join(out, "mp4", f"{j:06d}.mp4"), fps)
     save_done(out, j, z, pipeline.saturated_fraction(video[None]),
-              pipeline.saturated_fraction(video[None], levels=(255,)))
+              pipeline.saturated_fraction(video[None], levels=(255,)), pipeline.motion(video[None]))
     return mp4
 
 
-def save_done(out, j, z, saturated, bright):
-    """Mark video j finished (after its frames): its latents (f, C, h, w), saturated and bright fractions."""
+def save_done(out, j, z, saturated, bright, moved):
+    """Mark video j finished (after its frames): its latents (f, C, h, w), saturated and bright fractions, motion."""
     path = done_file(out, j)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "wb") as f:
-        np.savez(f, z=z.numpy(), saturated=np.float64(saturated), bright=np.float64(bright))
+        np.savez(f, z=z.numpy(), saturated=np.float64(saturated), bright=np.float64(bright), motion=np.float64(moved))
         f.flush()
         os.fsync(f.fileno())  # on disk before it is named: a crash leaves no empty record
     os.replace(path + ".tmp", path)
@@ -264,7 +266,8 @@ def is_done(out, j):
 
 def load_done(out, j):
     with np.load(done_file(out, j), allow_pickle=False) as d:
-        return torch.from_numpy(d["z"]), float(d["saturated"]), float(d["bright"])  # an older record: sampled again
+        moved = float(d["motion"]) if "motion" in d else None  # not in records of an earlier version
+        return torch.from_numpy(d["z"]), float(d["saturated"]), float(d["bright"]), moved
 
 
 if __name__ == "__main__":

@@ -143,6 +143,11 @@ def write_reconstructions(vae_path, out, n, size, num_frames, device, batch_size
         f.write(str(n))
 
 
+def recon_scores(result, metrics):
+    """FVD / FID against the VAE's reconstructions of the same validation clips, as fvd_recon, fid_recon."""
+    return {f"{m}_recon": v for m, v in measured(evaluated(result, [], part="vs_recon") or {}, metrics).items()}
+
+
 def sample_and_evaluate(ckpt, gen, result, args, extra=()):
     """--clips videos from a checkpoint (sample.py, DDIM --steps; a stopped one continues), then their FVD / FID."""
     if videos_in(gen) < args.clips or not os.path.exists(os.path.join(gen, "stats.json")):
@@ -150,7 +155,7 @@ def sample_and_evaluate(ckpt, gen, result, args, extra=()):
              "--batch-size", "128", "--out", gen, *extra], gen + ".log")
     # a small picture beside the numbers (3 videos, every other frame), light enough to copy off a GPU machine
     data.save_grid([os.path.join(gen, "frames", f"{j:06d}") for j in range(min(3, args.clips))], gen + ".png")
-    evaluate(gen, result, args)
+    evaluate(gen, result, args, recon=os.path.join(args.out, "vae", "ckpt.pt"))  # also against its reconstructions
 
 
 COLOURS = [(30, 80, 200), (200, 40, 40), (120, 40, 160), (0, 130, 130)]
@@ -438,13 +443,13 @@ class Curve:
                     curves[recipe].append({"minutes": point, "steps": record.get("step"),
                                            "clips_per_s": record.get("clips_per_s"),
                                            "peak_gib": record.get("peak_gib"), **measured(got, metrics),
-                                           **sample_record(at["gen"])})
+                                           **recon_scores(at["result"], metrics), **sample_record(at["gen"])})
         floors = {k: measured(evaluated(v, []) or {}, metrics) for k, v in self.floor_files.items()}
         got = evaluated(clip["result"], []) if clip is not None else None
         clipped = None
         if got:
             clipped = {"recipe": clip["recipe"], "minutes": clip["minutes"], "clip_x0": args.clip_x0,
-                       **measured(got, metrics), **sample_record(clip["gen"])}
+                       **measured(got, metrics), **recon_scores(clip["result"], metrics), **sample_record(clip["gen"])}
         steady = {r: stability(log_records(self.paths(r, args.points[0])["run"])) for r in args.recipes}
         return curves, floors, clipped, steady
 

@@ -39,12 +39,14 @@ def run(cmd, log):
     finish(start(cmd, log))
 
 
-def evaluated(path, metrics):
-    """The metrics of an evaluate.py JSON, or None when it is missing or lacks one of `metrics`."""
+def evaluated(path, metrics, part="metrics"):
+    """The metrics of an evaluate.py JSON, or None when it is missing or lacks one of `metrics`. `part`:
+    "metrics" (against the real clips) or, from an evaluation with --recon, "vs_recon" (against the VAE's
+    reconstructions of them) or "vae_floor" (the reconstructions against the real clips)."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        got = json.load(f)["metrics"]
+        got = json.load(f).get(part, {})
     got = {NAMES.get(k, k.lower()): v for k, v in got.items()}  # evaluate.py's display names -> metric ids
     return got if all(isinstance(got.get(m), float) for m in metrics) else None
 
@@ -59,7 +61,7 @@ def videos_in(folder):
     return len(glob.glob(os.path.join(folder, "done", "*.npz")))
 
 
-def evaluate(fake, out, args, fake_stride=1, fake_split="all"):
+def evaluate(fake, out, args, fake_stride=1, fake_split="all", recon=None):
     cmd = ["evaluate.py", "--real", "synthetic", "--real-split", "val", "--fake", fake, "--fake-split", fake_split,
            "--fake-stride", str(fake_stride), "--num-clips", str(args.clips), "--metrics", args.metrics,
            "--cache", os.path.join(args.out, "eval_cache"), "--out", out, "--batch-size", "32",
@@ -67,4 +69,6 @@ def evaluate(fake, out, args, fake_stride=1, fake_split="all"):
     for flag in ("i3d", "inception"):
         if getattr(args, flag):
             cmd += [f"--{flag}", getattr(args, flag)]
+    if recon:  # also against this VAE's reconstructions of the same validation clips
+        cmd += ["--recon", recon]
     run(cmd, out.replace(".json", ".log"))

@@ -2,8 +2,9 @@
 Speed against quality of the samplers on one MedSora checkpoint: plain DDIM, denoising reuse (reuse.py, Dr. Mo)
 with its step selector or a fixed transition step t*, and the training-free block cache (cache.py). Every setting
 samples the same seeds with sample.py, is timed there (speed.json), and is scored by evaluate.py against the
-validation split; the result is a table, OUT/tradeoff.json and OUT/tradeoff.png (FVD against the speed-up over
-plain DDIM of the same video length).
+validation split and against the checkpoint's VAE's reconstructions of the same clips (evaluate.py --recon: the
+VAE's floor removed, so the score shows what the sampler changes); the result is a table, OUT/tradeoff.json and
+OUT/tradeoff.png (FVD against the reconstructions, against the speed-up over plain DDIM of the same length).
 
     python -m experiments.tradeoff --ckpt runs/curve/short-b2/ckpts/min8.5.pt --out runs/tradeoff \\
         --settings plain reuse reuse-t799 reuse-t599 reuse-t399 cache0.05 cache0.2 --num-frames 16 64
@@ -66,8 +67,10 @@ def row_of(args, frames, setting):
         with open(os.path.join(gen, "speed.json")) as f:
             speed = json.load(f)
     got = runs.evaluated(gen + ".json", []) or {}
+    vs_recon = runs.evaluated(gen + ".json", [], part="vs_recon") or {}
     row = {"setting": setting, "frames": frames + 1, "videos": runs.videos_in(gen), "timed_videos": speed["videos"],
-           **runs.measured(got, args.metrics.split(","))}
+           **runs.measured(got, args.metrics.split(",")),
+           **{f"{m}_recon": v for m, v in runs.measured(vs_recon, args.metrics.split(",")).items()}}
     if speed["videos"]:
         row["s_per_video"] = speed["seconds"] / speed["videos"]
     if "frame_steps_ratio" in speed:  # reuse: how much of plain DDIM's work it did, and where it switched
@@ -82,6 +85,8 @@ def scored(path, args):
     """Whether evaluate.py's result at `path` has every metric asked for, over --clips clips."""
     if runs.evaluated(path, args.metrics.split(",")) is None:
         return False
+    if args.recon and runs.evaluated(path, [m for m in ("fvd", "fid") if m in args.metrics], part="vs_recon") is None:
+        return False
     with open(path) as f:
         return json.load(f)["args"]["num_clips"] == args.clips
 
@@ -93,34 +98,39 @@ def compare(rows):
         base = plain.get(r["frames"])
         if base and "s_per_video" in base and "s_per_video" in r:
             r["speedup"] = base["s_per_video"] / r["s_per_video"]
-        if base and "fvd" in r and "fvd" in base:
-            r["fvd_change"] = r["fvd"] / base["fvd"] - 1
+        for key in ("fvd", "fvd_recon"):
+            if base and key in r and key in base:
+                r[f"{key}_change"] = r[key] / base[key] - 1
     return rows
 
 
 def print_table(rows):
     print(f"\n{'frames':>6s} {'setting':14s} {'s/video':>8s} {'speed-up':>8s} {'frame-steps':>11s} {'t* mean':>7s} "
-          f"{'reused':>6s} {'FVD':>8s} {'vs plain':>8s} {'FID':>7s}")
+          f"{'reused':>6s} {'FVD':>8s} {'vs plain':>8s} {'FID':>7s} {'FVD rec':>8s} {'vs plain':>8s}")
     for r in rows:
         cell = lambda key, fmt: format(r[key], fmt) if key in r else "-".rjust(int(fmt.split(".")[0]))  # noqa: E731
         print(f"{r['frames']:6d} {r['setting']:14s} {cell('s_per_video', '8.3f')} {cell('speedup', '8.2f')} "
               f"{cell('frame_steps_ratio', '11.2f')} {cell('t_star_mean', '7.0f')} {cell('cache_reused', '6.2f')} "
               f"{cell('fvd', '8.1f')} {format(100 * r['fvd_change'], '+7.1f') + '%' if 'fvd_change' in r else '-':>8s} "
-              f"{cell('fid', '7.1f')}")
+              f"{cell('fid', '7.1f')} {cell('fvd_recon', '8.1f')} "
+              f"{format(100 * r['fvd_recon_change'], '+7.1f') + '%' if 'fvd_recon_change' in r else '-':>8s}")
 
 
 def plot(rows, path, width=720, height=420):
     """FVD against the speed-up over plain DDIM, one colour per video length, each point named; the band up to
-    10 % over plain's FVD dashed (the quality a faster sampler should keep)."""
-    pts = [r for r in rows if "speedup" in r and "fvd" in r]
+    10 % over plain's FVD dashed (the quality a faster sampler should keep). FVD against the VAE's reconstructions
+    where every point has it, else against the real clips."""
+    key = "fvd_recon" if rows and all("fvd_recon" in r for r in rows if "speedup" in r) else "fvd"
+    pts = [r for r in rows if "speedup" in r and key in r]
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     left, right, top, bottom = 70, width - 20, 30, height - 45
     d.rectangle([left, top, right, bottom], outline="black")
-    d.text((left, 8), "FVD (lower is better) against the speed-up over plain DDIM of the same length", fill="black")
+    d.text((left, 8), f"FVD against the {'reconstructions' if key == 'fvd_recon' else 'real clips'} (lower is "
+                      f"better) against the speed-up over plain DDIM of the same length", fill="black")
     if pts:
         x_hi = max(2.2, max(r["speedup"] for r in pts) * 1.1)
-        y_hi = max(r["fvd"] for r in pts) * 1.15
+        y_hi = max(r[key] for r in pts) * 1.15
         to_px = lambda x, y: (left + x / x_hi * (right - left), bottom - y / y_hi * (bottom - top))  # noqa: E731
         for x in range(1, int(x_hi) + 1):
             px = to_px(x, 0)[0]
@@ -133,11 +143,11 @@ def plot(rows, path, width=720, height=420):
             mine = [r for r in pts if r["frames"] == frames]
             plain = [r for r in mine if r["setting"] == "plain"]
             if plain:  # the 10 % band over plain's FVD, dashed
-                y = to_px(0, plain[0]["fvd"] * 1.1)[1]
+                y = to_px(0, plain[0][key] * 1.1)[1]
                 for x0 in range(left, right, 12):
                     d.line([x0, y, x0 + 6, y], fill=colour)
             for r in mine:
-                x, y = to_px(r["speedup"], r["fvd"])
+                x, y = to_px(r["speedup"], r[key])
                 d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
                 d.text((x + 6, y - 6), r["setting"], fill=colour)
             d.text((right - 150, top + 8 + 14 * k), f"{frames} frames", fill=colour)
@@ -178,9 +188,12 @@ def parse_args(argv):
     if args.reuse is not None and not os.path.isfile(args.reuse):
         p.error(f"--reuse {args.reuse}: no such file")
     try:  # a checkpoint that cannot be used is named here, not by a sampler's log after minutes of work
-        checkpoint.load(args.ckpt)
+        vae_path = checkpoint.load(args.ckpt).get("vae_path")
     except ValueError as e:
         p.error(f"--ckpt {e}")
+    args.recon = vae_path if vae_path and os.path.exists(vae_path) else None  # evaluate.py --recon
+    if not args.recon:
+        print(f"note: the checkpoint's VAE ({vae_path}) is not there: scored against the real clips only")
     return args
 
 
@@ -220,9 +233,9 @@ def main(argv=None):
 
     todo = [gen for gen in (folder(args, f, s) for f, s in done) if not scored(gen + ".json", args)]
     if todo:  # the first alone: it caches the real clips' features, which the others then share
-        runs.evaluate(todo[0], todo[0] + ".json", args)
+        runs.evaluate(todo[0], todo[0] + ".json", args, recon=args.recon)
     with ThreadPoolExecutor(args.eval_jobs) as pool:  # an evaluation that fails raises here, naming its log
-        list(pool.map(lambda gen: runs.evaluate(gen, gen + ".json", args), todo[1:]))
+        list(pool.map(lambda gen: runs.evaluate(gen, gen + ".json", args, recon=args.recon), todo[1:]))
 
     # plain DDIM is the baseline of each length, also when it was measured by an earlier call and not listed now
     baselines = [(f, "plain") for f in args.num_frames if "plain" not in args.settings

@@ -94,11 +94,15 @@ def fake_scripts(monkeypatch, started, threads=None, failing=None):
                       open(os.path.join(out, "stats.json"), "w"))
         return Done()
 
-    def evaluate(fake, out, args, fake_stride=1, fake_split="all"):
+    def evaluate(fake, out, args, fake_stride=1, fake_split="all", recon=None):
         floor = {"synthetic": 100.0}.get(fake, 1000.0)
         if os.path.exists(os.path.join(fake, "ckpt_used")):
             floor = 5000.0 / json.load(open(os.path.join(fake, "ckpt_used")))["minutes"]
-        json.dump({"metrics": {"FVD": floor, "FID": floor / 10}}, open(out, "w"))
+        result = {"metrics": {"FVD": floor, "FID": floor / 10}}
+        if recon:  # against the reconstructions: the VAE's part taken away
+            assert recon == os.path.join(args.out, "vae", "ckpt.pt")
+            result["vs_recon"] = {"FVD": floor / 2, "FID": floor / 20}
+        json.dump(result, open(out, "w"))
 
     monkeypatch.setattr(runs.subprocess, "Popen", popen)
     monkeypatch.setattr(curve, "evaluate", evaluate)
@@ -137,6 +141,7 @@ def test_segments_resume_and_recipes(tmp_path, monkeypatch):
         assert [p["minutes"] for p in points] == [1, 3]
         assert [p["steps"] for p in points] == [100, 300]
         assert [round(p["fvd"]) for p in points] == [5000, 1667]  # each point sampled its own checkpoint
+        assert [round(p["fvd_recon"]) for p in points] == [2500, 833]  # and scored against the reconstructions
         assert [(p["max_abs_z"], p["outliers_pct"], p["saturated_pct"], p["bright_pct"]) for p in points] == [(9.0, 0.1, 0.2, None)] * 2
     assert got["clipped"]["recipe"] == "short" and got["clipped"]["minutes"] == 3
     assert round(got["clipped"]["fvd"]) == 1667 and got["clipped"]["max_abs_z"] == 4.0

@@ -390,3 +390,62 @@ def test_a_second_extraction_of_the_same_clips_waits_and_takes_the_first_ones_ca
     waiting.join(timeout=30)
     assert not waiting.is_alive() and second.calls == 0  # nothing extracted twice
     assert np.array_equal(got["r"][0]["i3d"], first["i3d"])
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    from dataclasses import asdict
+    import checkpoint
+    import vae
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("vae") / "vae.pt")
+    checkpoint.save({"model": vae.VideoVAE(vae.MODELS["tiny"]).state_dict(), "config": asdict(vae.MODELS["tiny"])},
+                    path)
+    return path
+
+
+def test_reconstruct_pads_to_4k_plus_1_frames_and_cuts_back(tiny_vae):
+    rec = evaluate.Reconstruct(tiny_vae, torch.device("cpu"))
+    clips = torch.randint(0, 256, (2, 16, 32, 32, 3), dtype=torch.uint8)
+    out = rec(clips)
+    assert out.shape == clips.shape and out.dtype == torch.uint8
+    x = clips.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    x = torch.cat([x, x[:, :, -1:]], dim=2)                             # 17 frames: one copy of the last
+    with torch.no_grad():
+        ref = rec.model.decode(rec.model.encode_moments(x)[0], scaled=False)[:, :, :16].clamp(-1, 1)
+    assert torch.equal(out, ((ref + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1))
+    assert (out.float() - clips.float()).abs().mean() > 1                # a VAE's decoding, not the input
+
+
+class StandIn(MeanPixel):
+    """MeanPixel in Extractor's place (its constructor's arguments ignored)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+
+def test_recon_scores_against_the_reconstructions_of_the_same_clips(tiny_vae, tmp_path, monkeypatch, capsys):
+    """Generated videos that are the VAE's reconstructions of the real clips score 0 against the reconstructions,
+    and against the real clips exactly the VAE's floor."""
+    monkeypatch.setattr(evaluate, "Extractor", StandIn)
+    real = evaluate.Source("synthetic", "val", frames=9, stride=3, size=32)
+    rec = evaluate.Reconstruct(tiny_vae, torch.device("cpu"))
+    for i in range(6):  # fake clip i (one 9-frame video each, stride 1) = the reconstruction of real clip i
+        for k, frame in enumerate(rec(torch.from_numpy(real.clip(i))[None])[0].numpy()):
+            os.makedirs(tmp_path / "gen" / "frames" / f"{i:06d}", exist_ok=True)
+            Image.fromarray(frame).save(tmp_path / "gen" / "frames" / f"{i:06d}" / f"{k:06d}.png")
+    out = str(tmp_path / "r.json")
+    evaluate.main(["--real", "synthetic", "--real-split", "val", "--fake", str(tmp_path / "gen"), "--recon", tiny_vae,
+                   "--num-clips", "6", "--frames", "9", "--size", "32", "--metrics", "fvd,fid", "--workers", "0",
+                   "--cache", str(tmp_path / "cache"), "--out", out])
+    report = json.load(open(out))
+    assert report["vs_recon"]["FVD"] == pytest.approx(0, abs=1e-6) and report["vs_recon"]["FID"] == pytest.approx(0, abs=1e-6)
+    assert report["vae_floor"]["FVD"] > 1 and report["vae_floor"]["FVD"] == pytest.approx(report["metrics"]["FVD"])
+    assert "reconstructions vs real (the floor)" in capsys.readouterr().out
+    assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".npz")]) == 3  # real, recon, fake
+
+
+def test_recon_is_for_generated_videos(tiny_vae, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--real", "synthetic", "--vae", tiny_vae, "--recon", tiny_vae])
+    assert "--recon scores generated videos (--fake)" in capsys.readouterr().err

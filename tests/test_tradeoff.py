@@ -17,14 +17,17 @@ def ckpt(tiny_run):
     return str(tiny_run / "ckpt.pt")
 
 
-def test_settings_are_sampled_timed_scored_and_compared(ckpt, tmp_path, monkeypatch, capsys):
+def test_settings_are_sampled_timed_scored_and_compared(ckpt, tiny_run, tmp_path, monkeypatch, capsys):
     fvd = {"plain": 100.0, "reuse-t500": 105.0, "cache0.2": 130.0}
-    evaluated = []
+    fvd_recon = {"plain": 40.0, "reuse-t500": 46.0, "cache0.2": 60.0}  # against the VAE's reconstructions
+    evaluated, recons = [], set()
 
-    def fake_evaluate(fake, out, args):  # evaluate.py's result file, without the I3D
+    def fake_evaluate(fake, out, args, recon=None):  # evaluate.py's result file, without the I3D
         evaluated.append(os.path.basename(fake))
+        recons.add(recon)
         with open(out, "w") as f:
             json.dump({"metrics": {"FVD": fvd[os.path.basename(fake)], "FID": 50.0},
+                       "vs_recon": {"FVD": fvd_recon[os.path.basename(fake)], "FID": 20.0},
                        "args": {"num_clips": args.clips}}, f)
     monkeypatch.setattr(runs, "evaluate", fake_evaluate)
     out = str(tmp_path / "t")
@@ -33,9 +36,11 @@ def test_settings_are_sampled_timed_scored_and_compared(ckpt, tmp_path, monkeypa
     rows = {r["setting"]: r for r in tradeoff.main(argv)}  # reuse.py train and sample.py run for real
 
     assert os.path.exists(os.path.join(out, "reuse.pt")) and sorted(evaluated) == sorted(fvd)
+    assert recons == {str(tiny_run.parent / "vae.pt")}  # the checkpoint's VAE
     for name, r in rows.items():
         assert r["frames"] == 17 and r["videos"] == 2 and r["timed_videos"] == 2 and r["s_per_video"] > 0
         assert abs(r["fvd_change"] - (fvd[name] / 100 - 1)) < 1e-9
+        assert abs(r["fvd_recon_change"] - (fvd_recon[name] / 40 - 1)) < 1e-9
         assert len(os.listdir(os.path.join(out, "F17", name, "frames", "000001"))) == 17
         assert os.path.exists(os.path.join(out, "F17", name + ".png"))
     assert rows["plain"]["speedup"] == 1.0 and "frame_steps_ratio" not in rows["plain"]
@@ -46,7 +51,8 @@ def test_settings_are_sampled_timed_scored_and_compared(ckpt, tmp_path, monkeypa
     saved = json.load(open(os.path.join(out, "tradeoff.json")))
     assert [r["setting"] for r in saved["rows"]] == ["plain", "reuse-t500", "cache0.2"]
     assert Image.open(os.path.join(out, "tradeoff.png")).size == (720, 420)
-    assert "+5.0%" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "+5.0%" in table and "+15.0%" in table
 
     # a second call: nothing is trained, sampled or evaluated again, and the table is the same
     started = []

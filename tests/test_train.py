@@ -188,6 +188,11 @@ def test_sample_deterministic_and_layout(vae_ckpt, tmp_path):
     stats = json.load(open(os.path.join(a, "stats.json")))
     assert stats["latents"]["absmax"] > 0 and len(stats["latents"]["std"]) == 16 and 0 <= stats["saturated"] <= 1
     assert 0 <= stats["bright"] <= stats["saturated"]
+    # motion beside the data's: the saved frames' mean change, and the training clips' from the checkpoint
+    frames = np.stack([np.stack([np.asarray(Image.open(os.path.join(a, "frames", f"{i:06d}", f"{k:06d}.png")))
+                                 for k in range(9)]).astype(float) for i in range(3)])
+    assert stats["motion"] == pytest.approx(np.abs(np.diff(frames, axis=1)).mean(), abs=0.5)
+    assert stats["data_motion"] == torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)["data_motion"] > 0
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         sample.main(["--run", str(tmp_path / "empty")])
 
@@ -216,6 +221,15 @@ def test_saturated_pixels_dark_and_bright():
     stats = sample.pipeline.sample_stats(torch.zeros(2, 1, 16, 2, 2), 3 / 32, gen_bright=1 / 32)
     assert sample.pipeline.report(stats)[-1] == ("saturated pixels (a channel at 0 or 255): 9.38 %; "
                                                  "bright ones (a channel at 255): 3.12 %")
+
+
+def test_motion_is_the_mean_change_between_frames_in_grey_levels():
+    video = torch.zeros(2, 3, 4, 8, 8)
+    video[:, :, 1::2] = 20 / 127.5  # every other frame 20 grey levels brighter
+    assert sample.pipeline.motion(video) == pytest.approx(20)
+    stats = sample.pipeline.sample_stats(torch.zeros(2, 1, 16, 2, 2), 0.0, gen_motion=2.8, data_motion=6.3)
+    assert sample.pipeline.report(stats)[-1] == ("motion (mean change between consecutive frames): 2.80 grey levels "
+                                                 "(training clips: 6.30; ratio 0.44)")
 
 
 def test_sample_continues_a_stopped_run(vae_ckpt, tmp_path, monkeypatch):
