@@ -12,7 +12,8 @@ the number of GPUs, up to float rounding (with eta = 0, DDIM is deterministic af
     mp4/<i:06d>.mp4              when PyAV is installed
     grid.png                     the first 16 videos, one per row, every other frame
     stats.json                   the samples' latent statistics and saturated pixels beside the data's
-    speed.json                   this invocation's sampling time, and what --reuse / --cache-threshold saved
+    speed.json                   this invocation's sampling time, what --reuse / --cache-threshold saved, and
+                                 their measured speed-up over plain DDIM
     done/<i:06d>.npz             each finished video's latents and saturated pixels (written last)
     sample.json                  the settings the videos were sampled with
 
@@ -20,7 +21,11 @@ Faster sampling (reuse.py): --reuse FILE denoises the first latent frames alone 
 moves them to the other frames there (Dr. Mo's denoising reuse; t* from its step selector, or --reuse-t);
 --cache-threshold reuses a block's output across steps while its input changes little (the training-free
 comparator). What they saved is printed at the end and kept in speed.json, with the time this invocation
-spent sampling.
+spent sampling. With either, plain DDIM then samples the last batch's videos again, untimed by the rest and not
+written, so that the speed-up is measured on the same videos, with the model warm (--no-plain-timing skips it):
+
+    python reuse.py train --run runs/medsora                  # the reuse networks, beside the checkpoint
+    python sample.py --reuse runs/medsora/reuse/reuse.pt      # prints the speed-up over plain DDIM
 
 A batch's videos are written by --save-threads threads while the GPU samples the next batch, so the GPU does not
 wait for PNGs, GIFs and MP4s; a failed write (a full disk) stops the run one batch later, naming the error. The
@@ -79,6 +84,8 @@ def parse_args(argv):
                    "the lowest); 999 turns reuse off")
     p.add_argument("--cache-threshold", type=float, default=None, help="reuse a block's output across steps while "
                    "its input has moved less than this (relative L1; e.g. 0.05): the training-free comparator")
+    p.add_argument("--no-plain-timing", action="store_true", help="with --reuse or --cache-threshold: do not time "
+                   "plain DDIM on the last batch for the speed-up")
     args = p.parse_args(argv)
     # checked before the model loads; each failure is one line, exit status 2
     distributed.check_args(p, args, positive=("num_videos", "batch_size", "fps"), ranges={"eta": (0, 1)},
@@ -147,7 +154,8 @@ def main(argv=None):
         with cache or contextlib.nullcontext():
             videos, z = pipeline.generate(model, vae, idx, f, args.steps, args.seed, args.eta, device, amp, size,
                                           clip_x0=args.clip_x0, return_latents=True, sampler=sampler)
-        seconds += time.perf_counter() - started  # generate returns CPU tensors: the GPU work is done
+        last = (idx, time.perf_counter() - started)
+        seconds += last[1]  # generate returns CPU tensors: the GPU work is done
         if cache is not None:
             cache_counts = {k: v + cache.counts[k] for k, v in cache_counts.items()}
         if saver is None:
@@ -159,9 +167,13 @@ def main(argv=None):
     if saver is not None:
         writing = [job.result() for job in writing]  # every one: an error is never left unseen
         saver.shutdown()
+    faster = sampler is not None or args.cache_threshold is not None
+    plain = time_plain(model, vae, last[0], f, args, device, amp, size) if faster and todo and not \
+        args.no_plain_timing else None
     distributed.barrier(world)
     if rank == 0:
-        speed = speed_report(sampler, cache_counts, args, seconds, sum(len(idx) for idx in todo))
+        speed = speed_report(sampler, cache_counts, args, seconds, sum(len(idx) for idx in todo),
+                             plain and (len(last[0]), last[1], plain))
         summarise(out, args, ckpt, ckpt_path, mine, all(writing), speed)
     lock.release()
     distributed.teardown(world)
@@ -192,8 +204,17 @@ def summarise(out, args, ckpt, ckpt_path, mine, mp4, speed):
             json.dump({k: v for k, v in speed.items() if k != "lines"}, f, indent=1)
 
 
-def speed_report(sampler, cache_counts, args, seconds, videos):
-    """This invocation's sampling time (under torchrun, rank 0's batches), and what the faster samplers saved."""
+def time_plain(model, vae, idx, f, args, device, amp, size):
+    """Seconds plain DDIM takes on the videos idx (the same seeds and settings, nothing written): the baseline of a
+    faster sampler's speed-up."""
+    started = time.perf_counter()
+    pipeline.generate(model, vae, idx, f, args.steps, args.seed, args.eta, device, amp, size, clip_x0=args.clip_x0)
+    return time.perf_counter() - started
+
+
+def speed_report(sampler, cache_counts, args, seconds, videos, plain=None):
+    """This invocation's sampling time (under torchrun, rank 0's batches), what the faster samplers saved, and
+    with plain = (videos, the faster sampler's seconds, plain DDIM's seconds) on one batch, the speed-up."""
     speed = {"videos": videos, "seconds": seconds,
              "lines": [f"sampled {videos} videos in {seconds:.1f} s (denoising and decoding)"] if videos else []}
     if sampler is not None and sampler.stats:
@@ -208,6 +229,11 @@ def speed_report(sampler, cache_counts, args, seconds, videos):
         speed.update(cache_counts, reused_fraction=reused)
         speed["lines"].append(f"block cache (threshold {args.cache_threshold:g}): {100 * reused:.1f} % of the "
                               f"block calls reused")
+    if plain:
+        n, fast, slow = plain
+        speed.update(plain_batch_videos=n, plain_batch_seconds=slow, batch_seconds=fast, speedup=slow / fast)
+        speed["lines"].append(f"on the last batch's {n} videos: plain DDIM {slow / n:.3f} s per video, this sampler "
+                              f"{fast / n:.3f}: {slow / fast:.2f}x as fast")
     return speed
 
 

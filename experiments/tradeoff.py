@@ -211,7 +211,8 @@ def sample_all(args, reuse_file):
                 runs.run(["sample.py", "--ckpt", args.ckpt, "--num-videos", str(args.clips), "--steps",
                            str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
                            "--num-frames", str(frames), "--save-threads", "0", "--out", gen,
-                           *sampler_flags(setting, reuse_file)], gen + "_sample.log")  # evaluate's: gen + ".log"
+                           *sampler_flags(setting, reuse_file), *(["--no-plain-timing"] if setting != "plain" else [])],
+                          gen + "_sample.log")  # evaluate's: gen + ".log"; plain is timed as a setting of its own
             if not os.path.exists(os.path.join(gen, "speed.json")):
                 print(f"note: {gen} has no time (the call that sampled its last videos stopped before writing "
                       f"speed.json); delete the folder to sample and time it again", flush=True)

@@ -272,7 +272,7 @@ def test_block_cache_decides_per_video():
     assert torch.allclose(runs["batched"][:1], runs["alone"], rtol=1e-5, atol=1e-4)
 
 
-def test_train_then_sample_with_reuse_and_with_the_cache(tiny_run, tmp_path):
+def test_train_then_sample_with_reuse_and_with_the_cache(tiny_run, tmp_path, monkeypatch, capsys):
     path = reuse.main(["train", "--run", str(tiny_run), "--videos", "4", "--val-videos", "2", "--steps", "20",
                        "--iters", "3", "--dss-iters", "3", "--batch-size", "2", "--probes", "5"])
     assert path == str(tiny_run / "reuse" / "reuse.pt") and os.path.exists(path)
@@ -281,13 +281,20 @@ def test_train_then_sample_with_reuse_and_with_the_cache(tiny_run, tmp_path):
     assert len(state["summary"]["labels"]) == 5 and sum(state["summary"]["labels"]) == 2
 
     common = ["--run", str(tiny_run), "--num-videos", "2", "--steps", "20", "--batch-size", "2"]
+    calls, generate = [], sample.pipeline.generate
+    monkeypatch.setattr(sample.pipeline, "generate", lambda *a, **k: calls.append(k.get("sampler")) or generate(*a, **k))
     for extra in (["--reuse", path], ["--reuse", path, "--reuse-t", "500"], ["--cache-threshold", "0.2"]):
         out = str(tmp_path / "_".join(e.strip("-") for e in extra[::2]))
+        calls.clear()
         sample.main(common + ["--out", out] + extra)
+        # the batch with the faster sampler, then plain DDIM on the same videos for the speed-up
+        assert len(calls) == 2 and calls[1] is None and (calls[0] is not None) == ("--reuse" in extra)
+        assert "plain DDIM" in capsys.readouterr().out
         assert len(os.listdir(os.path.join(out, "frames", "000001"))) == 17
         speed = json.load(open(os.path.join(out, "speed.json")))
         print(extra[::2], speed)
-        assert speed["videos"] == 2
+        assert speed["videos"] == 2 and speed["plain_batch_videos"] == 2
+        assert speed["speedup"] == speed["plain_batch_seconds"] / speed["batch_seconds"] > 0
         if "--reuse-t" in extra:  # 500 -> probe 324 -> grid step 13 (t 315): 2 frames for 14 steps, 5 for 7
             assert speed["t_star"] == [315, 315] and speed["frame_steps_ratio"] == (2 * 14 + 5 * 7) / (5 * 20)
         elif "--reuse" in extra:  # the selector: some probe after T, on the grid of 20 steps
@@ -296,7 +303,9 @@ def test_train_then_sample_with_reuse_and_with_the_cache(tiny_run, tmp_path):
             assert speed["run"] + speed["reused"] == 2 * 2 * 20  # 2 videos, 2 blocks, 20 steps
     # a longer video than the model was trained on: 33 frames, 9 latent frames, 7 of them estimated
     out = str(tmp_path / "long")
-    sample.main(common + ["--out", out, "--reuse", path, "--reuse-t", "300", "--num-frames", "32"])
+    calls.clear()
+    sample.main(common + ["--out", out, "--reuse", path, "--reuse-t", "300", "--num-frames", "32", "--no-plain-timing"])
+    assert len(calls) == 1 and "speedup" not in json.load(open(os.path.join(out, "speed.json")))
     assert len(os.listdir(os.path.join(out, "frames", "000000"))) == 33
     assert json.load(open(os.path.join(out, "speed.json")))["frame_steps_ratio"] < 0.8
     with pytest.raises(ValueError, match=r"other settings \(reuse_t: 300 -> 500\)"):
