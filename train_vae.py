@@ -65,8 +65,7 @@ def train_step(net, opt, x, args, step, amp=False, lpips=None, disc=None, disc_o
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         recon, mean, logvar = net(x)
     recon, mean, logvar = recon.float(), mean.float(), logvar.float()
-    losses = {"l1": (recon - x).abs().mean(), "ffl": vae.focal_frequency_loss(frames(recon), frames(x)),
-              "kl": 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()}
+    losses = vae.reconstruction_losses(recon, x, mean, logvar)
     loss = losses["l1"] + args.ffl_weight * losses["ffl"] + args.kl_weight * losses["kl"]
     if lpips is not None:
         losses["lpips"] = lpips(frames(recon), frames(x)).mean()

@@ -362,6 +362,13 @@ def focal_frequency_loss(fake, real, alpha=1.0):
     return (weight * dist2).mean()
 
 
+def reconstruction_losses(recon, x, mean, logvar):
+    """Eq. 16's terms without LPIPS and the discriminator: L1, the focal frequency loss per frame, and the KL of
+    the posterior N(mean, exp(logvar)) from N(0, 1); (B, 3, F, H, W) clips and (B, C, f, h, w) moments."""
+    return {"l1": (recon - x).abs().mean(), "ffl": focal_frequency_loss(frames(recon), frames(x)),
+            "kl": 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()}
+
+
 def psnr(fake, real):
     """Peak signal-to-noise ratio in dB for images in [-1, 1], per sample."""
     mse = ((fake.float() - real.float()) / 2).pow(2).flatten(1).mean(1)

@@ -41,7 +41,7 @@ import dit
 import ssm
 from diffusion import Diffusion
 from experiments import peer
-from experiments.measure import free, sync, time_call, write_json
+from experiments.measure import free, matmul_peak, sync, time_call, write_json
 
 
 def time_step(forward, dtype, repeat, device):
@@ -119,20 +119,6 @@ def layer_table(device, repeat, shapes, paths=("kernel", "chunked")):
               flush=True)
         rows.append(dict(table="Mamba2 layer", sequences=n, length=L, dtype=dtype, **{f"ms_{p}": ms[p] for p in paths}))
     return rows
-
-
-def matmul_peak(device, n=8192, repeat=20):
-    """TFLOP/s of a bf16 n x n matrix multiply (fp32 on CPU, smaller): the peak the step is compared with."""
-    dtype, n = (torch.bfloat16, n) if device.type == "cuda" else (torch.float32, 1024)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e12
 
 
 def build(args, mode, device, kind="medsora", scan="auto"):

@@ -51,6 +51,20 @@ def free(device):
         torch.cuda.reset_peak_memory_stats()
 
 
+def matmul_peak(device, n=8192, repeat=20):
+    """TFLOP/s of a bf16 n x n matrix multiply (fp32 on CPU, smaller): the peak the step is compared with."""
+    dtype, n = (torch.bfloat16, n) if device.type == "cuda" else (torch.float32, 1024)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e12
+
+
 def write_json(path, device, args, rows):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     with open(path + ".tmp", "w") as f:

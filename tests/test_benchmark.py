@@ -275,3 +275,16 @@ def test_recompute_rows_count_one_steps_flops_and_refuse_cuda_graphs(monkeypatch
     with pytest.raises(SystemExit) as e:
         benchmark.main()
     assert e.value.code == 2 and "--recompute with --compile graphs" in capsys.readouterr().err
+
+
+def test_vae_speed_times_each_precision_and_counts_the_flops(tmp_path, capsys):
+    from experiments import vae_speed
+    rows = vae_speed.main(["--size", "16", "--frames", "8", "--batches", "1", "2", "--compile", "none",
+                           "--repeat", "1", "--json", str(tmp_path / "v.json")])
+    assert [(r["batch"], r["precision"]) for r in rows] == [(1, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16")]
+    assert all(r["ms"] > 0 and r["peak_fraction"] > 0 for r in rows)
+    assert rows[2]["tflop_per_step"] == pytest.approx(2 * rows[0]["tflop_per_step"], rel=0.01)  # linear in the batch
+    assert json.load(open(tmp_path / "v.json"))["rows"] == rows
+    with pytest.raises(SystemExit):
+        vae_speed.main(["--frames", "6"])
+    assert "--frames 6: it must be a positive multiple of 8" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"train", "train_vae", "sample", "evaluate"}
-EXPERIMENTS = {"benchmark", "throughput", "curve", "tradeoff"}
+EXPERIMENTS = {"benchmark", "throughput", "curve", "tradeoff", "vae_speed"}
 
 
 def imported(path):
