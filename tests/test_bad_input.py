@@ -504,7 +504,7 @@ def test_upgrade_names_a_missing_or_damaged_file_in_one_line(files, tmp_path):
                           (files["notes"], "is damaged")):
         before = open(path, "rb").read() if os.path.exists(path) else None
         p = subprocess.run([sys.executable, "checkpoint.py", "upgrade", path], cwd=ROOT, capture_output=True, text=True)
-        assert p.returncode == 1 and p.stderr.startswith(f"error: ") and message in p.stderr, p.stderr
+        assert p.returncode == 1 and p.stderr.startswith("error: ") and message in p.stderr, p.stderr
         assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert (open(path, "rb").read() if os.path.exists(path) else None) == before
 
