@@ -121,7 +121,9 @@ def build(args, device):
 
 # Named sets of defaults; flags given beside a preset still win. cpu-demo: the README's quickstart, a tiny VAE on
 # 64 x 64 clips of 9 frames, to a number of steps (not minutes: the same on any machine).
-PRESETS = {"cpu-demo": dict(size=64, num_frames=8, batch_size=2, steps=300, val_every=100)}
+# cpu-demo: lr 5e-4 and betas (0.9, 0.99) reconstructed at 28.7 dB after 300 steps, against 27.4 for the
+# defaults (1e-4; (0.5, 0.9), which suit the discriminator this preset does not use): docs/training.md
+PRESETS = {"cpu-demo": dict(size=64, num_frames=8, batch_size=2, steps=300, val_every=100, lr=5e-4, betas=[0.9, 0.99])}
 
 
 def parse_args(argv):

@@ -99,3 +99,11 @@ def test_time_budget_no_compensation_and_eval(tmp_path):
     with open(report) as f:
         assert json.load(f)["psnr"] == result["psnr"]
     assert os.path.exists(os.path.join(out, "eval_synthetic.png"))
+
+
+def test_the_cpu_demo_preset_and_flags_beside_it():
+    demo = train_vae.parse_args(["--preset", "cpu-demo"])
+    assert (demo.size, demo.num_frames, demo.steps, demo.lr, list(demo.betas)) == (64, 8, 300, 5e-4, [0.9, 0.99])
+    mine = train_vae.parse_args(["--preset", "cpu-demo", "--lr", "1e-4", "--betas", "0.5", "0.9"])
+    assert (mine.lr, list(mine.betas), mine.steps) == (1e-4, [0.5, 0.9], 300)  # flags given beside it win
+    assert train_vae.parse_args([]).lr is None  # without the preset: the from-scratch / fine-tuning default
