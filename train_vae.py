@@ -308,7 +308,9 @@ def validate(model, val_set, args, step, device, amp, log):
         picture = lambda x, recon: data.save_comparison(x, recon, os.path.join(args.out, "recon.png"))  # noqa: E731
         v = vae.reconstruction_quality(model, loader, device, amp, args.val_clips, first=picture)
     log.write({"step": step, **{f"val_{k}": x for k, x in v.items()}})
-    tqdm.write(f"step {step}: validation PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}, focal-frequency error {v['ffl']:.5f}")
+    tqdm.write(f"step {step}: validation PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}, focal-frequency error {v['ffl']:.5f}; "
+               f"PSNR of the error by band, low / mid / high: {v['psnr_low']:.1f} / {v['psnr_mid']:.1f} / "
+               f"{v['psnr_high']:.1f} dB")
 
 
 if __name__ == "__main__":

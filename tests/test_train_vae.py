@@ -96,6 +96,7 @@ def test_time_budget_no_compensation_and_eval(tmp_path):
                             "--workers", "0", "--out", report])
     assert result["clips"] >= 3 and result["freq_comp"] is False
     assert 0 < result["psnr"] < 60 and 0 < result["ssim"] < 1 and result["ffl"] > 0 and result["clips_per_s"] > 0
+    assert all(0 < result[f"psnr_{b}"] < 100 for b in ("low", "mid", "high"))  # by band (test_vae checks the sums)
     with open(report) as f:
         assert json.load(f)["psnr"] == result["psnr"]
     assert os.path.exists(os.path.join(out, "eval_synthetic.png"))

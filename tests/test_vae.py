@@ -101,3 +101,19 @@ def test_freq_comp_works_for_any_clip_length():
             assert model.decode(mean, scaled=False).shape[2] == frames
         with pytest.raises(ValueError, match="odd number of latent frames"):
             model.decode(torch.zeros(1, 16, 2, 2, 2))
+
+
+def test_band_errors_split_the_mse_by_frequency():
+    torch.manual_seed(0)
+    real = torch.rand(3, 3, 32, 32) * 2 - 1
+    fake = real + 0.1 * torch.randn_like(real)
+    bands = vae.band_errors(fake, real)
+    mse = (((fake - real) / 2) ** 2).flatten(1).mean(1)
+    assert torch.allclose(bands.sum(1), mse, rtol=1e-5)  # Parseval: the bands sum to the whole error
+    assert (bands[:, 2] > bands[:, 0]).all()  # white noise: most of the spectrum is high frequency
+    # a sine of 2 cycles over 32 pixels (1/16 cycle/px) lies in the low band alone; of 10 (0.31) in the high
+    x = torch.arange(32.0)
+    for cycles, band in ((2, 0), (10, 2)):
+        wave = 0.2 * torch.sin(2 * torch.pi * cycles * x / 32)[None, None, None, :].expand(1, 3, 32, 32)
+        got = vae.band_errors(real[:1] + wave, real[:1])[0]
+        assert float(got[band]) == pytest.approx(0.1 ** 2 / 2, rel=1e-4) and float(got.sum()) == pytest.approx(float(got[band]), rel=1e-4)
