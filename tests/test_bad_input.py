@@ -93,7 +93,35 @@ ARGUMENTS = [  # (script, arguments, what the one line must say): each is refuse
 ]
 
 
-@pytest.mark.parametrize("script, argv, message", ARGUMENTS)
+SECOND_SWEEP = [  # refused before any work, status 2
+    ("train", ["--ema", "nan"], "--ema nan: not a finite number"),
+    ("train", ["--clip-norm", "nan"], "--clip-norm nan: not a finite number"),
+    ("train", ["--ema", "1.5"], "--ema 1.5: it must be between 0 and 1"),
+    ("train", ["--ema", "-1"], "--ema -1.0: it must be between 0 and 1"),
+    ("train", ["--clip-norm", "0"], "--clip-norm 0.0: it must be positive"),
+    ("train", ["--lr", "inf", "1e-4"], "--lr inf 0.0001: not a finite number"),
+    ("train", ["--seed", "-1"], "--seed -1: it must not be negative"),
+    ("train", ["--out", ""], "--out is empty"),
+    ("train_vae", ["--betas", "0.5", "1.5"], "--betas 0.5 1.5: each must be in [0, 1)"),
+    ("train_vae", ["--max-minutes", "nan"], "--max-minutes nan: not a finite number"),
+    ("sample", ["--run", "{root}/none", "--eta", "5"], "--eta 5.0: it must be between 0 and 1"),
+    ("sample", ["--run", "{root}/none", "--clip-x0", "inf"], "--clip-x0 inf: not a finite number"),
+    ("evaluate", ["--real", "synthetic", "--fake", "{root}", "--seed", "-3"], "--seed -3: it must not be negative"),
+    ("data", ["prepare", "--src", "{root}", "--dst", "{root}/../out", "--size", "0"], "--size 0: it must be positive"),
+]
+
+
+THIRD_SWEEP = [  # refused before any work, status 2
+    ("train", ["--cache-dir", "{notes}"], "--cache-dir {notes}: it is a file; give a folder"),
+    ("evaluate", ["--real", "synthetic", "--fake", "synthetic", "--cache", "{notes}"], "--cache {notes}: it is a file"),
+    ("evaluate", ["--real", "synthetic", "--fake", "synthetic", "--out", "{root}/empty"],
+     "--out '{root}/empty': give the path of a file to write, not a folder"),
+    ("data", ["prepare", "--src", "{root}/few", "--dst", "{notes}"], "--dst {notes}: it is a file"),
+    ("data", ["stats", "--samples", "0"], "--samples 0: it must be positive"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", ARGUMENTS + SECOND_SWEEP + THIRD_SWEEP)
 def test_bad_arguments(script, argv, message, files, capsys):
     code, line = fails(script, [a.format(**files) for a in argv], capsys)
     assert code == 2 and message.format(**files) in line, line
@@ -298,30 +326,6 @@ def test_resume_with_another_vae_is_refused(files, capsys, tmp_path):
     assert code == 1 and f"--vae {other} is not the VAE" in line and "scaling_factor" in line
 
 
-SECOND_SWEEP = [  # refused before any work, status 2
-    ("train", ["--ema", "nan"], "--ema nan: not a finite number"),
-    ("train", ["--clip-norm", "nan"], "--clip-norm nan: not a finite number"),
-    ("train", ["--ema", "1.5"], "--ema 1.5: it must be between 0 and 1"),
-    ("train", ["--ema", "-1"], "--ema -1.0: it must be between 0 and 1"),
-    ("train", ["--clip-norm", "0"], "--clip-norm 0.0: it must be positive"),
-    ("train", ["--lr", "inf", "1e-4"], "--lr inf 0.0001: not a finite number"),
-    ("train", ["--seed", "-1"], "--seed -1: it must not be negative"),
-    ("train", ["--out", ""], "--out is empty"),
-    ("train_vae", ["--betas", "0.5", "1.5"], "--betas 0.5 1.5: each must be in [0, 1)"),
-    ("train_vae", ["--max-minutes", "nan"], "--max-minutes nan: not a finite number"),
-    ("sample", ["--run", "{root}/none", "--eta", "5"], "--eta 5.0: it must be between 0 and 1"),
-    ("sample", ["--run", "{root}/none", "--clip-x0", "inf"], "--clip-x0 inf: not a finite number"),
-    ("evaluate", ["--real", "synthetic", "--fake", "{root}", "--seed", "-3"], "--seed -3: it must not be negative"),
-    ("data", ["prepare", "--src", "{root}", "--dst", "{root}/../out", "--size", "0"], "--size 0: it must be positive"),
-]
-
-
-@pytest.mark.parametrize("script, argv, message", SECOND_SWEEP)
-def test_second_sweep_arguments(script, argv, message, files, capsys):
-    code, line = fails(script, [a.format(**files) for a in argv], capsys)
-    assert code == 2 and message.format(**files) in line, line
-
-
 def avi(path, frames=60, damage=False):
     """A small MPEG-4 AVI written with PyAV; with damage, bytes in its middle overwritten (as a bad copy would)."""
     av = pytest.importorskip("av")
@@ -467,22 +471,6 @@ def test_mp4_is_the_same_bytes_every_time(tmp_path):
     for p in paths:
         assert data.save_mp4(video, p)
     assert open(paths[0], "rb").read() == open(paths[1], "rb").read()
-
-
-THIRD_SWEEP = [  # refused before any work, status 2
-    ("train", ["--cache-dir", "{notes}"], "--cache-dir {notes}: it is a file; give a folder"),
-    ("evaluate", ["--real", "synthetic", "--fake", "synthetic", "--cache", "{notes}"], "--cache {notes}: it is a file"),
-    ("evaluate", ["--real", "synthetic", "--fake", "synthetic", "--out", "{root}/empty"],
-     "--out '{root}/empty': give the path of a file to write, not a folder"),
-    ("data", ["prepare", "--src", "{root}/few", "--dst", "{notes}"], "--dst {notes}: it is a file"),
-    ("data", ["stats", "--samples", "0"], "--samples 0: it must be positive"),
-]
-
-
-@pytest.mark.parametrize("script, argv, message", THIRD_SWEEP)
-def test_third_sweep_arguments(script, argv, message, files, capsys):
-    code, line = fails(script, [a.format(**files) for a in argv], capsys)
-    assert code == 2 and message.format(**files) in line, line
 
 
 def test_benchmarks_check_their_arguments(files, capsys):
