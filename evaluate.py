@@ -339,7 +339,7 @@ class Reconstruct:
         pad = -(f - 1) % self.model.cfg.temporal_compression_ratio
         x = torch.cat([x, x[:, :, -1:].expand(-1, -1, pad, -1, -1)], dim=2)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            video = self.model.decode(self.model.encode_moments(x)[0], scaled=False)  # the mean is unscaled
+            video = self.model.reconstruct(x)
         video = video[:, :, :f].float().clamp(-1, 1)
         return ((video + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu()
 
@@ -461,7 +461,7 @@ def print_table(rows):
 def measure_speed(model, device, amp, batch_size, num_frames, size, repeats=5):
     """Encode + decode throughput (clips/s) and peak memory on random clips of num_frames + 1 frames."""
     x = torch.rand(batch_size, 3, num_frames + 1, size, size, device=device) * 2 - 1
-    run = lambda: model.decode(model.encode_moments(x)[0], scaled=False)  # noqa: E731
+    run = lambda: model.reconstruct(x)  # noqa: E731
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         run()  # warm-up
         if device.type == "cuda":

@@ -321,6 +321,11 @@ class VideoVAE(nn.Module):
         mean, logvar = self.encode_moments(x)
         return self.decode(sample_posterior(mean, logvar, generator), scaled=False), mean, logvar
 
+    def reconstruct(self, x):
+        """x (B, 3, F, H, W) -> the decoding of its posterior mean: what the VAE keeps of a clip (the mean is at
+        unit scale, not scaled for the diffusion model)."""
+        return self.decode(self.encode_moments(x)[0], scaled=False)
+
     def decode(self, z, scaled=True):
         """Latents (B, latent, f, h, w) -> pixels (B, 3, 1 + 4 (f - 1), 8h, 8w), chunk by chunk in time."""
         if z.shape[2] % 2 == 0:
@@ -415,7 +420,7 @@ def reconstruction_quality(model, loader, device, amp, max_clips, first=None):
     for batch in loader:
         x = batch["video"].to(device).transpose(1, 2)  # (B, 3, F, H, W)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            recon = model.decode(model.encode_moments(x)[0], scaled=False).float().clamp(-1, 1)
+            recon = model.reconstruct(x).float().clamp(-1, 1)
         psnrs.append(psnr(frames(recon), frames(x)))
         ssims.append(ssim(frames(recon), frames(x)))
         bands.append(band_errors(frames(recon), frames(x)))

@@ -134,8 +134,7 @@ def write_reconstructions(vae_path, out, n, size, num_frames, device, batch_size
     for batch in tqdm(loader, desc="reconstructions"):
         x = batch["video"].to(device).transpose(1, 2)  # (B, 3, F, H, W)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            mean, _ = vae.encode_moments(x)
-            video = vae.decode(mean, scaled=False)  # the posterior mean is not scaled to unit std
+            video = vae.reconstruct(x)
         for v in video.float().clamp(-1, 1).cpu():
             data.save_frames(v, os.path.join(out, "frames", f"{i:06d}"))
             i += 1
