@@ -46,7 +46,7 @@ import data
 import distributed
 import dit
 import vae as vae_lib
-from experiments.runs import evaluate, evaluated, finish, measured, run, start, videos_in
+from experiments.runs import evaluate, evaluated, finish, measured, recon_scores, run, start, videos_in
 
 
 RECIPES = {  # train.py flags of each recipe
@@ -140,11 +140,6 @@ def write_reconstructions(vae_path, out, n, size, num_frames, device, batch_size
             i += 1
     with open(os.path.join(out, "complete"), "w") as f:  # a stopped run (no marker) writes them again
         f.write(str(n))
-
-
-def recon_scores(result, metrics):
-    """FVD / FID against the VAE's reconstructions of the same validation clips, as fvd_recon, fid_recon."""
-    return {f"{m}_recon": v for m, v in measured(evaluated(result, [], part="vs_recon") or {}, metrics).items()}
 
 
 def sample_and_evaluate(ckpt, gen, result, args, extra=()):

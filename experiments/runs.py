@@ -56,6 +56,11 @@ def measured(got, metrics):
     return {m: got[m] for m in metrics if isinstance(got.get(m), float)}
 
 
+def recon_scores(path, metrics):
+    """The metrics of an evaluate.py --recon result against the VAE's reconstructions, as fvd_recon, fid_recon, ..."""
+    return {f"{m}_recon": v for m, v in measured(evaluated(path, [], part="vs_recon") or {}, metrics).items()}
+
+
 def videos_in(folder):
     """How many finished videos a sample.py folder holds (its done/ records, written after each video's frames)."""
     return len(glob.glob(os.path.join(folder, "done", "*.npz")))

@@ -67,10 +67,8 @@ def row_of(args, frames, setting):
         with open(os.path.join(gen, "speed.json")) as f:
             speed = json.load(f)
     got = runs.evaluated(gen + ".json", []) or {}
-    vs_recon = runs.evaluated(gen + ".json", [], part="vs_recon") or {}
     row = {"setting": setting, "frames": frames + 1, "videos": runs.videos_in(gen), "timed_videos": speed["videos"],
-           **runs.measured(got, args.metrics.split(",")),
-           **{f"{m}_recon": v for m, v in runs.measured(vs_recon, args.metrics.split(",")).items()}}
+           **runs.measured(got, args.metrics.split(",")), **runs.recon_scores(gen + ".json", args.metrics.split(","))}
     if speed["videos"]:
         row["s_per_video"] = speed["seconds"] / speed["videos"]
     if "frame_steps_ratio" in speed:  # reuse: how much of plain DDIM's work it did, and where it switched
