@@ -207,10 +207,7 @@ def load_or_make_split(root, names, val_fraction, seed, index_dir=None):
             return split
     split = split_videos(names, val_fraction, seed)
     try:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(split, f, indent=1)
-        os.replace(tmp, path)
+        distributed.write_json(path, split)
     except OSError as e:  # a read-only data set still loads; the split is reproducible from the seed anyway
         print(f"note: could not write the split index {path} ({e})", file=sys.stderr)
     return split

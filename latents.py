@@ -101,10 +101,7 @@ def build_cache(vae, dataset, folder, key, rank, world, device, amp, batch_size,
     distributed.barrier(world)
     meta = {"key": key, "shards": [f"shard{r}of{world}.pt" for r in range(world)], "clips": len(dataset)}
     if rank == 0:
-        tmp = meta_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp, meta_path)
+        distributed.write_json(meta_path, meta)
         log(f"cached the latents of {len(dataset)} clips (both flips) in {folder} in {time.perf_counter() - t0:.0f} s")
     distributed.barrier(world)
     return load_cache(folder, meta)

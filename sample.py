@@ -195,10 +195,8 @@ def summarise(out, args, ckpt, ckpt_path, mine, mp4, speed):
     for line in pipeline.report(stats) + speed["lines"] + [pipeline.verdict(stats)]:
         print(line)
     path = os.path.join(out, "stats.json")  # written last and whole: curve.py takes it as "finished"
-    with open(path + ".tmp", "w") as f:
-        json.dump({"ckpt": ckpt_path, "step": ckpt["step"], "steps": args.steps, "clip_x0": args.clip_x0,
-                   **stats}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    distributed.write_json(path, {"ckpt": ckpt_path, "step": ckpt["step"], "steps": args.steps,
+                                  "clip_x0": args.clip_x0, **stats})
     if speed["videos"]:  # this invocation's time, apart: stats.json depends on the videos alone
         with open(os.path.join(out, "speed.json"), "w") as f:
             json.dump({k: v for k, v in speed.items() if k != "lines"}, f, indent=1)
@@ -249,9 +247,7 @@ def check_settings(out, settings, rank, world):
                              f"give another --out, or delete it")
     elif rank == 0:
         os.makedirs(out, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(settings, f, indent=1)
-        os.replace(path + ".tmp", path)
+        distributed.write_json(path, settings)
     distributed.barrier(world)
 
 

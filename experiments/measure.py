@@ -4,11 +4,11 @@ the GPU between rows, and writing a run's rows to JSON with its device and softw
 """
 
 import gc
-import json
-import os
 import time
 
 import torch
+
+import distributed
 
 
 def time_call(fn, repeat, device, warmup=3, host=False):
@@ -67,6 +67,4 @@ def matmul_peak(device, n=8192, repeat=20):
 
 def write_json(path, device, args, rows):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    with open(path + ".tmp", "w") as f:
-        json.dump({"device": name, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    distributed.write_json(path, {"device": name, "torch": torch.__version__, "args": vars(args), "rows": rows})

@@ -242,9 +242,8 @@ def main(argv=None):
     rows = compare([row_of(args, f, s) for f, s in baselines + done])
     rows = [r for r in rows if (r["frames"] - 1, r["setting"]) in done]
     print_table(rows)
-    with open(os.path.join(args.out, "tradeoff.json.tmp"), "w") as f:
-        json.dump({"ckpt": args.ckpt, "steps": args.steps, "clips": args.clips, "rows": rows}, f, indent=1)
-    os.replace(os.path.join(args.out, "tradeoff.json.tmp"), os.path.join(args.out, "tradeoff.json"))
+    distributed.write_json(os.path.join(args.out, "tradeoff.json"),
+                           {"ckpt": args.ckpt, "steps": args.steps, "clips": args.clips, "rows": rows})
     plot(rows, os.path.join(args.out, "tradeoff.png"))
     print(f"\n{os.path.join(args.out, 'tradeoff.json')} and tradeoff.png written")
     return rows
