@@ -26,13 +26,18 @@ import vae
 from experiments.measure import free, matmul_peak, time_call, write_json
 
 
+def loss_of(recon, x, mean, logvar):
+    """train_vae.py's loss from scratch at its default weights (--ffl-weight 0.1, --kl-weight 1e-6)."""
+    losses = vae.reconstruction_losses(recon, x, mean, logvar)
+    return losses["l1"] + 0.1 * losses["ffl"] + 1e-6 * losses["kl"]
+
+
 def step_fn(model, opt, x, amp):
     """One training step of train_vae.py from scratch (no LPIPS, no discriminator), as a closure."""
     def step():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             recon, mean, logvar = model(x)
-        losses = vae.reconstruction_losses(recon.float(), x, mean.float(), logvar.float())
-        loss = losses["l1"] + 0.1 * losses["ffl"] + 1e-6 * losses["kl"]
+        loss = loss_of(recon.float(), x, mean.float(), logvar.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -43,8 +48,7 @@ def count_flops(cfg, x, device):
     model = vae.VideoVAE(cfg).to(device)
     with FlopCounterMode(display=False) as counter:
         recon, mean, logvar = model(x)
-        losses = vae.reconstruction_losses(recon, x, mean, logvar)
-        (losses["l1"] + 0.1 * losses["ffl"] + 1e-6 * losses["kl"]).backward()
+        loss_of(recon, x, mean, logvar).backward()
     return counter.get_total_flops()
 
 
