@@ -21,13 +21,13 @@ import argparse
 import glob
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import threading
 import time
 from collections import Counter
-from multiprocessing import Pool
 
 import numpy as np
 import torch
@@ -172,7 +172,9 @@ def prepare(src, dst, size=128, min_frames=clip_span(), workers=4):
     lock = distributed.RunLock(dst, 0, "--dst")  # a second prepare into the same --dst stops at once
     jobs = [(kind, path, dst, name, size, min_frames) for kind, path, name in sources]
     results = {"prepared": [], "cut": [], "done before": [], "failed": []}
-    with Pool(max(1, workers), initializer=exit_with_parent) as pool:
+    # spawned, not forked: a worker inherits no threads from the caller, so no lock a thread held at the fork
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(max(1, workers), initializer=exit_with_parent) as pool:
         for status, name, message in tqdm(pool.imap_unordered(prepare_one, jobs), total=len(jobs), desc="prepare"):
             results[status].append((name, message))
             if status in ("failed", "cut"):

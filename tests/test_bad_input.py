@@ -543,10 +543,12 @@ import data
 def slow(job):  # a long video: the worker is busy when its parent dies
     open(os.path.join({str(pids)!r}, str(os.getpid())), "w").close()
     time.sleep(120)
-data.prepare_one = slow
-data.prepare({str(src)!r}, {str(tmp_path / "dst")!r}, workers=2)
+if __name__ == "__main__":  # the spawned workers import this file again
+    data.prepare_one = slow
+    data.prepare({str(src)!r}, {str(tmp_path / "dst")!r}, workers=2)
 """
-    parent = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    (tmp_path / "slow_prepare.py").write_text(script)
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "slow_prepare.py")], stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
             if len(os.listdir(pids)) == 2:

