@@ -309,8 +309,9 @@ def validate(model, val_set, args, step, device, amp, log):
         v = vae.reconstruction_quality(model, loader, device, amp, args.val_clips, first=picture)
     log.write({"step": step, **{f"val_{k}": x for k, x in v.items()}})
     tqdm.write(f"step {step}: validation PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}, focal-frequency error {v['ffl']:.5f}; "
-               f"PSNR of the error by band, low / mid / high: {v['psnr_low']:.1f} / {v['psnr_mid']:.1f} / "
-               f"{v['psnr_high']:.1f} dB")
+               f"by band, low / mid / high: PSNR of the error {v['psnr_low']:.1f} / {v['psnr_mid']:.1f} / "
+               f"{v['psnr_high']:.1f} dB, detail captured {v['captured_low']:.2f} / {v['captured_mid']:.2f} / "
+               f"{v['captured_high']:.2f}")
 
 
 if __name__ == "__main__":

@@ -397,26 +397,36 @@ def ssim(fake, real, window=11, sigma=1.5):
 BANDS = (0.125, 0.25)  # edges in cycles per pixel: low < 1/8 <= mid < 1/4 <= high (up to the diagonal Nyquist)
 
 
-def band_errors(fake, real, edges=BANDS):
-    """The squared error of images in [-1, 1] (N, C, H, W) split by radial spatial frequency: per sample, the mean
-    squared error (at PSNR's scale, of (fake - real) / 2) that lies in each band. By Parseval the bands sum to the
-    whole MSE, so they say where a blurry reconstruction loses: vessels and fold edges are the high bands."""
-    err = torch.fft.fft2((fake.float() - real.float()) / 2, norm="ortho")      # (N, C, H, W), energy-preserving
-    fy, fx = torch.fft.fftfreq(err.shape[-2], device=err.device), torch.fft.fftfreq(err.shape[-1], device=err.device)
+def band_energy(images, edges=BANDS):
+    """Images (N, C, H, W) in [-1, 1] -> per sample, their mean energy (at PSNR's scale, of images / 2) in each
+    radial spatial frequency band: low < 1/8 <= mid < 1/4 cycle per pixel <= high (up to the diagonal Nyquist)."""
+    spectrum = torch.fft.fft2(images.float() / 2, norm="ortho")                  # energy-preserving
+    fy, fx = (torch.fft.fftfreq(n, device=images.device) for n in images.shape[-2:])
     radius = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt()                         # (H, W) cycles per pixel
-    band = torch.bucketize(radius, torch.tensor(edges, device=err.device), right=True)
-    energy = err.abs().pow(2).mean(1).flatten(1)                                  # (N, H * W), channels averaged
-    total = err.shape[-2] * err.shape[-1]
-    return torch.stack([(energy * (band.flatten() == b)).sum(1) / total for b in range(len(edges) + 1)], 1)
+    band = torch.bucketize(radius, torch.tensor(edges, device=images.device), right=True).flatten()
+    energy = spectrum.abs().pow(2).mean(1).flatten(1)                             # (N, H * W), channels averaged
+    return torch.stack([(energy * (band == b)).sum(1) for b in range(len(edges) + 1)], 1) / band.numel()
+
+
+def band_errors(fake, real, edges=BANDS):
+    """The squared error split by band (band_energy of fake - real): by Parseval the bands sum to the whole MSE,
+    so they say where a reconstruction loses (vessels and fold edges are the high bands)."""
+    return band_energy(fake - real, edges)
+
+
+def band_detail(images, edges=BANDS):
+    """band_energy of the images' variation (each image's mean colour removed): their detail at each scale."""
+    return band_energy(images - images.mean((-2, -1), keepdim=True), edges)
 
 
 @torch.no_grad()
 def reconstruction_quality(model, loader, device, amp, max_clips, first=None):
     """Mean PSNR, SSIM and focal-frequency error of reconstructions (posterior mean) over about max_clips
-    clips of `loader`, and the PSNR of the error in each frequency band (band_errors, averaged over all frames
-    before the log: psnr_low, psnr_mid, psnr_high); first(x, recon) receives the first clip and its
-    reconstruction (for a picture)."""
-    psnrs, ssims, ffls, bands = [], [], [], []
+    clips of `loader`; per frequency band, the PSNR of the error (band_errors, averaged over all frames before the
+    log: psnr_low, psnr_mid, psnr_high) and the share of the clips' detail there that the reconstructions capture
+    (1 - error / band_detail: captured_low, ..., 1 all of it, 0 no better than a flat image of the right colour,
+    a blur's high bands); first(x, recon) receives the first clip and its reconstruction (for a picture)."""
+    psnrs, ssims, ffls, bands, details = [], [], [], [], []
     for batch in loader:
         x = batch["video"].to(device).transpose(1, 2)  # (B, 3, F, H, W)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -424,15 +434,20 @@ def reconstruction_quality(model, loader, device, amp, max_clips, first=None):
         psnrs.append(psnr(frames(recon), frames(x)))
         ssims.append(ssim(frames(recon), frames(x)))
         bands.append(band_errors(frames(recon), frames(x)))
+        details.append(band_detail(frames(x)))
         ffls += [focal_frequency_loss(frames(r[None]), frames(c[None])).item() for r, c in zip(recon, x)]
         if first is not None and len(psnrs) == 1:
             first(x[0], recon[0])
         if len(ffls) >= max_clips:
             break
-    by_band = (10 * torch.log10(1 / torch.cat(bands).mean(0).clamp(min=1e-10))).tolist()
+    error, detail = torch.cat(bands).mean(0), torch.cat(details).mean(0)          # (3,) each
+    by_band = (10 * torch.log10(1 / error.clamp(min=1e-10))).tolist()
+    captured = (1 - error / detail.clamp(min=1e-12)).tolist()
+    names = ("low", "mid", "high")
     return {"psnr": torch.cat(psnrs).mean().item(), "ssim": torch.cat(ssims).mean().item(),
             "ffl": sum(ffls) / len(ffls), "clips": len(ffls),
-            **{f"psnr_{name}": v for name, v in zip(("low", "mid", "high"), by_band)}}
+            **{f"psnr_{name}": v for name, v in zip(names, by_band)},
+            **{f"captured_{name}": v for name, v in zip(names, captured)}}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -117,3 +117,34 @@ def test_band_errors_split_the_mse_by_frequency():
         wave = 0.2 * torch.sin(2 * torch.pi * cycles * x / 32)[None, None, None, :].expand(1, 3, 32, 32)
         got = vae.band_errors(real[:1] + wave, real[:1])[0]
         assert float(got[band]) == pytest.approx(0.1 ** 2 / 2, rel=1e-4) and float(got.sum()) == pytest.approx(float(got[band]), rel=1e-4)
+
+
+def test_band_detail_sees_blur_and_ignores_the_mean_colour():
+    torch.manual_seed(0)
+    real = torch.rand(4, 3, 32, 32) * 2 - 1
+    blurred = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(real, 4), scale_factor=4,
+                                              mode="bilinear", align_corners=False)
+    kept = vae.band_detail(blurred).sum(0) / vae.band_detail(real).sum(0)
+    assert kept[2] < 0.05 < kept[0] and kept[0] > kept[1] > kept[2]  # a blur keeps the low band, loses the high
+    assert torch.allclose(vae.band_detail(real + 0.3), vae.band_detail(real), atol=1e-6)
+    assert torch.allclose(vae.band_energy(real).sum(1), (real / 2).pow(2).flatten(1).mean(1), rtol=1e-5)
+
+
+def test_reconstruction_quality_says_how_much_detail_each_band_captures():
+    torch.manual_seed(0)
+    clips = [{"video": torch.rand(2, 5, 3, 32, 32) * 2 - 1} for _ in range(2)]   # (B, F, 3, H, W)
+
+    class Blur:  # a reconstruction that keeps only what a 4 x 4 average keeps, per frame
+        def reconstruct(self, x):
+            f = x.transpose(1, 2).flatten(0, 1)
+            f = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(f, 4), scale_factor=4)
+            return f.unflatten(0, x.transpose(1, 2).shape[:2]).transpose(1, 2)
+
+    class Same:
+        def reconstruct(self, x):
+            return x
+
+    same = vae.reconstruction_quality(Same(), clips, torch.device("cpu"), False, 4)
+    blur = vae.reconstruction_quality(Blur(), clips, torch.device("cpu"), False, 4)
+    assert [same[f"captured_{b}"] for b in ("low", "mid", "high")] == [1, 1, 1]
+    assert blur["captured_high"] < 0.1 < blur["captured_low"] and blur["clips"] == 4
