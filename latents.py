@@ -121,14 +121,15 @@ def load_cache(folder, meta):
 
 def data_statistics(vae, clips, device, amp, scale, n=16):
     """What samples are compared with (sample.py's report): per-channel statistics of the video latents of
-    the first n training clips (posterior samples at unit scale), their fraction of saturated pixels, and their
-    motion (pipeline.motion)."""
+    the first n training clips (posterior samples at unit scale), their fraction of saturated pixels, their
+    motion and their detail by band (pipeline.motion, pipeline.detail)."""
     batch = next(iter(DataLoader(torch.utils.data.Subset(clips, range(min(n, len(clips)))), batch_size=n)))
     moments = encode_batch(vae, batch, device, amp)
     gen = torch.Generator(device).manual_seed(0)  # does not move the global RNG
     z = vae_lib.sample_posterior(moments["video_mean"], moments["video_logvar"], gen) * scale
     videos = batch["video"].transpose(1, 2)
-    return pipeline.latent_stats(z.cpu()), pipeline.saturated_fraction(videos), pipeline.motion(videos)
+    return (pipeline.latent_stats(z.cpu()), pipeline.saturated_fraction(videos), pipeline.motion(videos),
+            pipeline.detail(videos))
 
 
 def cache_key(args, vae_path, targets=None):
@@ -161,9 +162,9 @@ def training_set(args, vae, align, ckpt, rank, world, device, amp, log):
         train_set = CachedLatents(tensors, args.seed)
     else:
         train_set = first(data.make_dataset(args.data, "train", args.data_root, **{**clip_kwargs, "flip": True}))
-    stats = {"latent_stats": None, "data_saturated": None, "data_motion": None}  # what sample.py compares with
+    stats = {"latent_stats": None, "data_saturated": None, "data_motion": None, "data_detail": None}  # sample.py's
     if ckpt is not None and "latent_stats" in ckpt:
-        stats = {k: ckpt.get(k) for k in stats}  # data_motion: None in a checkpoint of an earlier version
+        stats = {k: ckpt.get(k) for k in stats}  # data_motion, data_detail: None in a checkpoint of an earlier version
     elif rank == 0:
         stats = dict(zip(stats, data_statistics(vae, clips, device, amp, vae.cfg.scaling_factor)))
     return train_set, mode, stats

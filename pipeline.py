@@ -89,18 +89,24 @@ def motion(videos):
     return float((videos[:, :, 1:] - videos[:, :, :-1]).abs().mean() * 127.5)
 
 
+def detail(videos):
+    """The videos' detail by spatial frequency band, low / mid / high (vae.band_detail, over all frames of
+    (N, 3, F, H, W) in [-1, 1]). Beside the data's: less is blur, more is block edges or noise."""
+    return vae_lib.band_detail(videos.transpose(1, 2).flatten(0, 1)).mean(0).tolist()
+
+
 def sample_stats(gen_z, gen_saturated, data_stats=None, data_saturated=None, gen_bright=None, gen_motion=None,
-                 data_motion=None):
+                 data_motion=None, gen_detail=None, data_detail=None):
     """Samples beside the data, as numbers: latent statistics, the fraction of latent values beyond the data's
-    largest |value| (None without data statistics), saturated pixels (and of them those at 255), motion."""
+    largest |value| (None without data statistics), saturated pixels (and of them those at 255), motion, detail."""
     outliers = None if data_stats is None else float((gen_z.abs() > data_stats["absmax"]).float().mean())
     return {"latents": latent_stats(gen_z), "outliers": outliers, "saturated": gen_saturated,
             "bright": gen_bright, "data_latents": data_stats, "data_saturated": data_saturated,
-            "motion": gen_motion, "data_motion": data_motion}
+            "motion": gen_motion, "data_motion": data_motion, "detail": gen_detail, "data_detail": data_detail}
 
 
 def report(stats):
-    """Lines of sample_stats: per-channel latent mean and std, outliers, saturated pixels, motion."""
+    """Lines of sample_stats: per-channel latent mean and std, outliers, saturated pixels, motion, detail."""
     g, d = stats["latents"], stats["data_latents"]
     lines = []
     if d is not None:
@@ -127,6 +133,10 @@ def report(stats):
         lines.append(f"motion (mean change between consecutive frames): {stats['motion']:.2f} grey levels"
                      + (f" (training clips: {data_motion:.2f}; ratio {stats['motion'] / data_motion:.2f})"
                         if data_motion else ""))
+    if stats.get("detail") is not None and stats.get("data_detail") is not None:
+        ratio = [g / d for g, d in zip(stats["detail"], stats["data_detail"])]
+        lines.append(f"detail by band, samples / training clips: low {ratio[0]:.2f}, mid {ratio[1]:.2f}, high "
+                     f"{ratio[2]:.2f} (below 1 blurrier, above 1 block edges or noise)")
     return lines
 
 

@@ -187,11 +187,12 @@ def summarise(out, args, ckpt, ckpt_path, mine, mp4, speed):
     print(f"wrote {args.num_videos} videos to {out}: frames/, gif/, " + ("mp4/, " if mp4 else "") + "grid.png"
           + ("" if mp4 else " (no MP4: PyAV is not installed)"))
     # the numbers that tell samples in range from noise; under torchrun, of rank 0's share
-    z, saturated, bright, moved = zip(*(load_done(out, j) for j in mine))
-    moved = [m for m in moved if m is not None]  # records of an earlier version have none
+    z, saturated, bright, moved, detail = zip(*(load_done(out, j) for j in mine))
+    moved, detail = [m for m in moved if m is not None], [d for d in detail if d is not None]  # earlier records
     stats = pipeline.sample_stats(torch.stack(z), sum(saturated) / len(mine), ckpt.get("latent_stats"),
                                   ckpt.get("data_saturated"), sum(bright) / len(mine),
-                                  sum(moved) / len(moved) if moved else None, ckpt.get("data_motion"))
+                                  sum(moved) / len(moved) if moved else None, ckpt.get("data_motion"),
+                                  torch.tensor(detail).mean(0).tolist() if detail else None, ckpt.get("data_detail"))
     for line in pipeline.report(stats) + speed["lines"] + [pipeline.verdict(stats)]:
         print(line)
     path = os.path.join(out, "stats.json")  # written last and whole: curve.py takes it as "finished"
@@ -262,16 +263,19 @@ def save_video(out, j, video, z, fps):
     data.save_gif(video, os.path.join(out, "gif", f"{j:06d}.gif"), fps)
     mp4 = data.save_mp4(video, os.path.join(out, "mp4", f"{j:06d}.mp4"), fps)
     save_done(out, j, z, pipeline.saturated_fraction(video[None]),
-              pipeline.saturated_fraction(video[None], levels=(255,)), pipeline.motion(video[None]))
+              pipeline.saturated_fraction(video[None], levels=(255,)), pipeline.motion(video[None]),
+              pipeline.detail(video[None]))
     return mp4
 
 
-def save_done(out, j, z, saturated, bright, moved):
-    """Mark video j finished (after its frames): its latents (f, C, h, w), saturated and bright fractions, motion."""
+def save_done(out, j, z, saturated, bright, moved, detail):
+    """Mark video j finished (after its frames): its latents (f, C, h, w), saturated and bright fractions, motion
+    and detail by band."""
     path = done_file(out, j)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "wb") as f:
-        np.savez(f, z=z.numpy(), saturated=np.float64(saturated), bright=np.float64(bright), motion=np.float64(moved))
+        np.savez(f, z=z.numpy(), saturated=np.float64(saturated), bright=np.float64(bright), motion=np.float64(moved),
+                 detail=np.float64(detail))
         f.flush()
         os.fsync(f.fileno())  # on disk before it is named: a crash leaves no empty record
     os.replace(path + ".tmp", path)
@@ -289,7 +293,8 @@ def is_done(out, j):
 def load_done(out, j):
     with np.load(done_file(out, j), allow_pickle=False) as d:
         moved = float(d["motion"]) if "motion" in d else None  # not in records of an earlier version
-        return torch.from_numpy(d["z"]), float(d["saturated"]), float(d["bright"]), moved
+        detail = d["detail"].tolist() if "detail" in d else None
+        return torch.from_numpy(d["z"]), float(d["saturated"]), float(d["bright"]), moved, detail
 
 
 if __name__ == "__main__":

@@ -193,6 +193,11 @@ def test_sample_deterministic_and_layout(vae_ckpt, tmp_path):
                                  for k in range(9)]).astype(float) for i in range(3)])
     assert stats["motion"] == pytest.approx(np.abs(np.diff(frames, axis=1)).mean(), abs=0.5)
     assert stats["data_motion"] == torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)["data_motion"] > 0
+    # detail by band beside the data's: the saved frames' (to their 8-bit rounding), the training clips' from the ckpt
+    saved = torch.from_numpy(frames).float().permute(0, 4, 1, 2, 3) / 127.5 - 1      # (3, 3, 9, H, W)
+    assert stats["detail"] == pytest.approx(sample.pipeline.detail(saved), rel=0.05)
+    assert stats["data_detail"] == torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)["data_detail"]
+    assert len(stats["data_detail"]) == 3 and min(stats["data_detail"]) > 0
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         sample.main(["--run", str(tmp_path / "empty")])
 
@@ -230,6 +235,19 @@ def test_motion_is_the_mean_change_between_frames_in_grey_levels():
     stats = sample.pipeline.sample_stats(torch.zeros(2, 1, 16, 2, 2), 0.0, gen_motion=2.8, data_motion=6.3)
     assert sample.pipeline.report(stats)[-1] == ("motion (mean change between consecutive frames): 2.80 grey levels "
                                                  "(training clips: 6.30; ratio 0.44)")
+
+
+def test_detail_is_the_energy_by_band_and_said_beside_the_data():
+    x = torch.arange(32.0)
+    blocks = ((x // 4) % 2 * 0.4)[None, None, None, :].expand(1, 3, 2, 32, 32)    # 8-pixel period: 1/8 cycle/px
+    fine = (0.4 * torch.sin(torch.pi * 0.75 * x))[None, None, None, :].expand(1, 3, 2, 32, 32)  # 0.375 cycle/px
+    low, mid, high = sample.pipeline.detail(blocks + fine)
+    assert mid == pytest.approx(sample.pipeline.detail(blocks)[1]) and high > 100 * low
+    assert sample.pipeline.detail(blocks + 0.5) == pytest.approx(sample.pipeline.detail(blocks), abs=1e-7)
+    stats = sample.pipeline.sample_stats(torch.zeros(2, 1, 16, 2, 2), 0.0, gen_detail=[1.0, 0.5, 3.0],
+                                         data_detail=[2.0, 1.0, 1.0])
+    assert sample.pipeline.report(stats)[-1] == ("detail by band, samples / training clips: low 0.50, mid 0.50, "
+                                                 "high 3.00 (below 1 blurrier, above 1 block edges or noise)")
 
 
 def test_sample_continues_a_stopped_run(vae_ckpt, tmp_path, monkeypatch):
