@@ -134,9 +134,9 @@ def report(stats):
                      + (f" (training clips: {data_motion:.2f}; ratio {stats['motion'] / data_motion:.2f})"
                         if data_motion else ""))
     if stats.get("detail") is not None and stats.get("data_detail") is not None:
-        ratio = [g / d for g, d in zip(stats["detail"], stats["data_detail"])]
-        lines.append(f"detail by band, samples / training clips: low {ratio[0]:.2f}, mid {ratio[1]:.2f}, high "
-                     f"{ratio[2]:.2f} (below 1 blurrier, above 1 block edges or noise)")
+        ratio = [f"{g / d:.2f}" if d > 0 else "n/a" for g, d in zip(stats["detail"], stats["data_detail"])]
+        lines.append(f"detail by band, samples / training clips: low {ratio[0]}, mid {ratio[1]}, high {ratio[2]} "
+                     f"(below 1 blurrier, above 1 block edges or noise)")
     return lines
 
 

@@ -248,6 +248,8 @@ def test_detail_is_the_energy_by_band_and_said_beside_the_data():
                                          data_detail=[2.0, 1.0, 1.0])
     assert sample.pipeline.report(stats)[-1] == ("detail by band, samples / training clips: low 0.50, mid 0.50, "
                                                  "high 3.00 (below 1 blurrier, above 1 block edges or noise)")
+    stats["data_detail"] = [2.0, 1.0, 0.0]  # flat training frames have no fine detail to compare with
+    assert "high n/a (below" in sample.pipeline.report(stats)[-1]
 
 
 def test_sample_continues_a_stopped_run(vae_ckpt, tmp_path, monkeypatch):
