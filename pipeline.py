@@ -92,7 +92,7 @@ def motion(videos):
 def detail(videos):
     """The videos' detail by spatial frequency band, low / mid / high (vae.band_detail, over all frames of
     (N, 3, F, H, W) in [-1, 1]). Beside the data's: less is blur, more is block edges or noise."""
-    return vae_lib.band_detail(videos.transpose(1, 2).flatten(0, 1)).mean(0).tolist()
+    return vae_lib.band_detail(vae_lib.frames(videos)).mean(0).tolist()
 
 
 def sample_stats(gen_z, gen_saturated, data_stats=None, data_saturated=None, gen_bright=None, gen_motion=None,

@@ -431,10 +431,11 @@ def reconstruction_quality(model, loader, device, amp, max_clips, first=None):
         x = batch["video"].to(device).transpose(1, 2)  # (B, 3, F, H, W)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             recon = model.reconstruct(x).float().clamp(-1, 1)
-        psnrs.append(psnr(frames(recon), frames(x)))
-        ssims.append(ssim(frames(recon), frames(x)))
-        bands.append(band_errors(frames(recon), frames(x)))
-        details.append(band_detail(frames(x)))
+        fake, real = frames(recon), frames(x)                                   # (B * F, 3, H, W)
+        psnrs.append(psnr(fake, real))
+        ssims.append(ssim(fake, real))
+        bands.append(band_errors(fake, real))
+        details.append(band_detail(real))
         ffls += [focal_frequency_loss(frames(r[None]), frames(c[None])).item() for r, c in zip(recon, x)]
         if first is not None and len(psnrs) == 1:
             first(x[0], recon[0])
