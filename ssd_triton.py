@@ -12,9 +12,10 @@ heads, so it fuses, per sequence and direction:
     the SSD scan as one masked product (C B^T * decay)(dt x) + D x   (Eq. 4 on a single chunk),
     the gate y * silu(z), RMSNorm over the E channels and its weight,   the sum of both directions.
 
-`in_proj` and `out_proj` run as cuBLAS products around it, inside one autograd op that keeps only the layer's
-input for the backward pass: the backward kernel recomputes everything else from the projection, which is
-redone there (one product), so a layer stores D values per token instead of the ~8 D of the readable path.
+`in_proj` and `out_proj` run as cuBLAS products around it, inside one autograd op. For the backward pass it keeps
+the layer's input, each direction's gated output g = y silu(z) in the input's dtype, the norm's 1 / RMS per
+token and the C.B scores; the backward kernel recomputes the rest (the convolution, the scan) from the
+projection, which is redone there (one product). Keeping g means the norm's backward needs no second scan.
 
 Equal to: ssm.Mamba2.forward_planes(..., scan="chunked") within bf16 / tf32 rounding (tests/test_ssd_triton.py
 runs both, forward and gradients, on the CPU under Triton's interpreter, TRITON_INTERPRET=1; tests/test_gpu.py
@@ -24,6 +25,8 @@ takes the readable path otherwise.
 Dimension names: T tokens (all samples), P = 2E + 2N + nh projected channels, E inner width, nh heads,
 hd head dim, N state size, K convolution width, S sequences of a table, L their length, BLOCK steps a program.
 """
+
+import os
 
 import torch
 import triton
@@ -198,10 +201,10 @@ def _bc_backward(P, prow, stride_p, TABLE, seq, step, ok, S, T_s, rows, CONV_W, 
     dXC, dwC, dbC = _conv_backward(P, stride_p, TABLE, seq, step, ok, S, T_s, XC, E + cn + N, dCp, SCR, CONV_W,
                                    cn + N, L, K, SIGN)
     kk = tl.arange(0, K)[:, None]
-    _add_param(prow + 3 * NH + E + cn, dbB)
-    _add_param(prow + 3 * NH + E + cn + N, dbC)
-    _add_param(prow + 3 * NH + E + C + cn[None, :] * K + kk, dwB)
-    _add_param(prow + 3 * NH + E + C + (cn + N)[None, :] * K + kk, dwC)
+    _add_param(prow + 3 * NH + cn, dbB)
+    _add_param(prow + 3 * NH + cn + N, dbC)
+    _add_param(prow + 3 * NH + C + cn[None, :] * K + kk, dwB)
+    _add_param(prow + 3 * NH + C + (cn + N)[None, :] * K + kk, dwC)
     return dXB, dXC
 
 
@@ -226,13 +229,12 @@ def _cb_kernel(P, CB, TABLE, CONV_W, CONV_B, n_seq, S, T_s, stride_p, L, E: tl.c
         tl.store(_cb_ptrs(CB, BLOCK, 1), CBb)
 
 
-@triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L"])
-def _scan_kernel(P, CB, OUT, GB, SS, DOUT, NORM_W, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, n_seq, S, T_s,
-                stride_p, stride_o, L, E: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr, N: tl.constexpr,
-                K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr, HC: tl.constexpr, GRAD: tl.constexpr):
-    """One head of a block of sequences: g = y silu(z) of each direction, and its share of the RMSNorm's statistics
-    (sums of squares of g; with GRAD, of dout * w * g instead of storing g) in SS (programs, NH, 4, BLOCK).
-    OUT and GB hold the forward and backward scans' g until the statistics over all heads are known."""
+@triton.jit(do_not_specialize=["n_seq", "S", "T_s", "n_tok", "L"])
+def _scan_kernel(P, CB, G, SS, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, n_seq, S, T_s, n_tok, stride_p,
+                 stride_o, L, E: tl.constexpr, NH: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+                 BLOCK: tl.constexpr, BIDIR: tl.constexpr, HC: tl.constexpr):
+    """One head of a block of sequences: g = y silu(z) of each direction into G (directions, n_tok, E), and the
+    head's share of the RMSNorm's statistics (sums of squares of g) in SS (programs, NH, 2, BLOCK)."""
     seq, step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
     h = tl.program_id(1)
     dtype = P.dtype.element_ty
@@ -241,89 +243,71 @@ def _scan_kernel(P, CB, OUT, GB, SS, DOUT, NORM_W, TABLE, CONV_W, CONV_B, DT_BIA
     Sb = Sf
     if BIDIR:
         Sb = (tl.load(_cb_ptrs(CB, BLOCK, 1)) * _decay(a, cs, anti, -1)).to(dtype)
-    stats = tl.zeros([4, BLOCK], dtype=tl.float32)  # ss forward, ss backward, dd forward, dd backward
-    k4 = tl.arange(0, 4)[:, None]
+    stats = tl.zeros([2, BLOCK], dtype=tl.float32)  # sums of squares, forward and backward scan
+    k2 = tl.arange(0, 2)[:, None]
     for c0 in range(0, HD, HC):
         ch = h * HD + c0 + tl.arange(0, HC)
         X = _tile(P, rows, ok, stride_p, E + ch)
         gate = _silu(_tile(P, rows, ok, stride_p, ch).to(tl.float32))
-        if GRAD:
-            dn = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32) * tl.load(NORM_W + ch)[None, :]
         xc, y = _scan(P, stride_p, TABLE, seq, step, ok, S, T_s, X, dt, Dh, Sf, CONV_W, CONV_B, ch, E, L, K, 1)
-        stats += tl.where(k4 == 0, tl.sum(y * gate * y * gate, 1)[None, :], 0.0)
-        if GRAD:
-            stats += tl.where(k4 == 2, tl.sum(dn * y * gate, 1)[None, :], 0.0)
-        else:
-            _store_grad(OUT, rows, ok, stride_o, ch, y * gate, 0)
+        stats += tl.where(k2 == 0, tl.sum(y * gate * y * gate, 1)[None, :], 0.0)
+        _store_grad(G, rows, ok, stride_o, ch, y * gate, 0)
         if BIDIR:
             xc, y = _scan(P, stride_p, TABLE, seq, step, ok, S, T_s, X, dt, Dh, Sb, CONV_W, CONV_B, ch, E, L, K, -1)
-            stats += tl.where(k4 == 1, tl.sum(y * gate * y * gate, 1)[None, :], 0.0)
-            if GRAD:
-                stats += tl.where(k4 == 3, tl.sum(dn * y * gate, 1)[None, :], 0.0)
-            else:
-                _store_grad(GB, rows, ok, stride_o, ch, y * gate, 0)
+            stats += tl.where(k2 == 1, tl.sum(y * gate * y * gate, 1)[None, :], 0.0)
+            _store_grad(G + n_tok.to(tl.int64) * stride_o, rows, ok, stride_o, ch, y * gate, 0)
     i = tl.arange(0, BLOCK)[None, :]
-    tl.store(SS + ((tl.program_id(0).to(tl.int64) * NH + h) * 4 + k4) * BLOCK + i, stats)
+    tl.store(SS + ((tl.program_id(0).to(tl.int64) * NH + h) * 2 + k2) * BLOCK + i, stats)
 
 
-@triton.jit
-def _norm_stats(SS, NH: tl.constexpr, BLOCK: tl.constexpr):
-    """The four statistics of _scan_kernel summed over the heads: (4, BLOCK)."""
-    k4 = tl.arange(0, 4)[:, None]
-    i = tl.arange(0, BLOCK)[None, :]
-    base = SS + tl.program_id(0).to(tl.int64) * NH * 4 * BLOCK
-    stats = tl.zeros([4, BLOCK], dtype=tl.float32)
-    for h in range(NH):
-        stats += tl.load(base + (h * 4 + k4) * BLOCK + i)
-    return stats
-
-
-@triton.jit
-def _row(stats, k: tl.constexpr):
-    return tl.sum(tl.where(tl.arange(0, 4)[:, None] == k, stats, 0.0), 0)
-
-
-@triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L"])
-def _norm_kernel(OUT, GB, SS, NORM_W, TABLE, n_seq, S, T_s, stride_o, eps, L, E: tl.constexpr, NH: tl.constexpr,
-                 HD: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr, HC: tl.constexpr):
-    """One head's channels of a block of sequences: RMSNorm of each direction over all E channels, the norm's
-    weight, the two directions summed, into OUT."""
+@triton.jit(do_not_specialize=["n_seq", "S", "T_s", "n_tok", "L"])
+def _norm_kernel(OUT, G, SS, RSTD, NORM_W, TABLE, n_seq, S, T_s, n_tok, stride_o, eps, L, E: tl.constexpr,
+                 NH: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr, HC: tl.constexpr):
+    """One head's channels of a block of sequences: RMSNorm of each direction's g over all E channels, the norm's
+    weight, the two directions summed, into OUT; each token's 1 / RMS of each direction into RSTD (2, n_tok)."""
     seq, step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
-    stats = _norm_stats(SS, NH, BLOCK)
-    rf = tl.rsqrt(_row(stats, 0) / E + eps)
-    rb = tl.rsqrt(_row(stats, 1) / E + eps)
+    k2 = tl.arange(0, 2)[:, None]
+    i = tl.arange(0, BLOCK)[None, :]
+    base = SS + tl.program_id(0).to(tl.int64) * NH * 2 * BLOCK
+    stats = tl.zeros([2, BLOCK], dtype=tl.float32)
+    for h in range(NH):
+        stats += tl.load(base + (h * 2 + k2) * BLOCK + i)
+    rf = tl.rsqrt(tl.sum(tl.where(k2 == 0, stats, 0.0), 0) / E + eps)
+    rb = tl.rsqrt(tl.sum(tl.where(k2 == 1, stats, 0.0), 0) / E + eps)
+    if tl.program_id(1) == 0:
+        tl.store(RSTD + rows, rf, mask=ok)
+        tl.store(RSTD + n_tok + rows, rb, mask=ok)
     for c0 in range(0, HD, HC):
         ch = tl.program_id(1) * HD + c0 + tl.arange(0, HC)
-        out = _tile(OUT, rows, ok, stride_o, ch).to(tl.float32) * rf[:, None]
+        out = _tile(G, rows, ok, stride_o, ch).to(tl.float32) * rf[:, None]
         if BIDIR:
-            out += _tile(GB, rows, ok, stride_o, ch).to(tl.float32) * rb[:, None]
+            out += _tile(G + n_tok.to(tl.int64) * stride_o, rows, ok, stride_o, ch).to(tl.float32) * rb[:, None]
         _store_grad(OUT, rows, ok, stride_o, ch, out * tl.load(NORM_W + ch)[None, :], 0)
 
 
-@triton.jit(do_not_specialize=["n_seq", "S", "T_s", "L", "ACCUMULATE"])
-def _bwd_kernel(P, CB, DOUT, DP, Y, SS, DCB, DPARAM, SCR, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W, n_seq,
-                S, T_s, stride_p, stride_o, stride_param, eps, L, ACCUMULATE, E: tl.constexpr, NH: tl.constexpr,
-                HD: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, BIDIR: tl.constexpr,
-                HC: tl.constexpr):
-    """Gradients of one head of a block of sequences, given the norm's statistics (SS, from _scan_kernel with GRAD).
-    Writes the head's channels of d(projection) to DP (added to what is there if ACCUMULATE) and of the recomputed
-    output to Y (for out_proj's weight gradient); the gradient of the scores C_i . B_j to DCB (programs, NH, 2,
-    BLOCK, BLOCK); and adds the head's parameter gradients to this block's row of DPARAM (zeroed): A_log, D,
-    dt_bias (nh each), norm weight (E), conv bias (C), conv weight (C*K)."""
+@triton.jit(do_not_specialize=["n_seq", "S", "T_s", "n_tok", "L", "ACCUMULATE"])
+def _bwd_kernel(P, CB, DOUT, DP, RSTD, DD, DCB, DPARAM, SCR, TABLE, CONV_W, CONV_B, DT_BIAS, A_LOG, DSKIP, NORM_W,
+                n_seq, S, T_s, n_tok, stride_p, stride_o, stride_param, L, ACCUMULATE, E: tl.constexpr,
+                NH: tl.constexpr, HD: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
+                BIDIR: tl.constexpr, HC: tl.constexpr):
+    """Gradients of one head of a block of sequences, given each token's 1 / RMS of g (RSTD) and sum over the E
+    channels of dout * w * g (DD), both (2, n_tok). Writes the head's channels of d(projection) to DP (added to what
+    is there if ACCUMULATE); the gradient of the scores C_i . B_j to DCB (programs, NH, 2, BLOCK, BLOCK); and adds
+    the head's parameter gradients to this block's row of DPARAM (zeroed): A_log, D, dt_bias (nh each), conv bias
+    (C), conv weight (C*K)."""
     C: tl.constexpr = E + 2 * N
     dtype = P.dtype.element_ty
     seq, step, ok, rows, causal, anti = _setup(TABLE, n_seq, S, T_s, L, BLOCK)
     h = tl.program_id(1)
     prow = DPARAM + tl.program_id(0).to(tl.int64) * stride_param
     kk = tl.arange(0, K)[:, None]
-    stats = _norm_stats(SS, NH, BLOCK)
     scr = SCR + (tl.program_id(0).to(tl.int64) * NH + h) * BLOCK * HC  # this program's scratch
     dt_raw, dt, a, cs, A, Dh = _head(P, stride_p, rows, ok, DT_BIAS, A_LOG, DSKIP, h, E, N)
     # One direction after the other, the second adding to what the first wrote.
     for d in range(2 if BIDIR else 1):
         SIGN = 1 - 2 * d
-        r = tl.rsqrt(tl.where(d == 0, _row(stats, 0), _row(stats, 1)) / E + eps)
-        c = r * r * r * tl.where(d == 0, _row(stats, 2), _row(stats, 3)) / E  # dg = r dn - r^3 g (dn . g) / E
+        r = tl.load(RSTD + d * n_tok + rows, mask=ok, other=0.0)
+        c = r * r * r * tl.load(DD + d * n_tok + rows, mask=ok, other=0.0) / E  # dg = r dn - r^3 g (dn . g) / E
         add = ACCUMULATE | d  # the second direction adds to the first
         Sc = (tl.load(_cb_ptrs(CB, BLOCK, d)) * _decay(a, cs, tl.where(d == 0, causal, anti), SIGN)).to(dtype)
         dS = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)  # of the scores, summed over the head's channels
@@ -337,11 +321,8 @@ def _bwd_kernel(P, CB, DOUT, DP, Y, SS, DCB, DPARAM, SCR, TABLE, CONV_W, CONV_B,
             dout = _tile(DOUT, rows, ok, stride_o, ch).to(tl.float32)
             w = tl.load(NORM_W + ch)[None, :]
             xc, y = _scan(P, stride_p, TABLE, seq, step, ok, S, T_s, X, dt, Dh, Sc, CONV_W, CONV_B, ch, E, L, K, SIGN)
-            normed = y * gate * r[:, None]
             dg = r[:, None] * dout * w - c[:, None] * y * gate
-            _store_grad(Y, rows, ok, stride_o, ch, normed * w, d)
             _store_grad(DP, rows, ok, stride_p, ch, dg * y * _dsilu(z), add)  # z
-            _add_param(prow + 3 * NH + ch, tl.sum(dout * normed, 0))  # norm weight
             dy = dg * gate
             s = _silu(xc)
             u = (s * dt[:, None]).to(dtype)
@@ -353,8 +334,8 @@ def _bwd_kernel(P, CB, DOUT, DP, Y, SS, DCB, DPARAM, SCR, TABLE, CONV_W, CONV_B,
             dX, dw, db = _conv_backward(P, stride_p, TABLE, seq, step, ok, S, T_s, X, E + ch, dp, scr, CONV_W, ch,
                                         L, K, SIGN)
             _store_grad(DP, rows, ok, stride_p, E + ch, dX, add)  # x
-            _add_param(prow + 3 * NH + E + ch, db)
-            _add_param(prow + 3 * NH + E + C + ch[None, :] * K + kk, dw)
+            _add_param(prow + 3 * NH + ch, db)
+            _add_param(prow + 3 * NH + C + ch[None, :] * K + kk, dw)
         mask = tl.where(d == 0, causal, anti)
         decay = _decay(a, cs, mask, SIGN)  # again, and the scores below: fewer values kept through the loop
         CBd = tl.load(_cb_ptrs(CB, BLOCK, d))
@@ -399,6 +380,37 @@ def _bc_kernel(P, DCB, DP, DPARAM, SCR, TABLE, CONV_W, CONV_B, n_seq, S, T_s, st
             _store_grad(DP, rows, ok, stride_p, E + cn, dXB, add)
             _store_grad(DP, rows, ok, stride_p, E + cn + N, dXC, add)
 
+@triton.jit(do_not_specialize=["n_tok"])
+def _norm_bwd_kernel(G, RSTD, DOUT, NORM_W, Y, DD, DW, n_tok, E: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+                     DIRS: tl.constexpr):
+    """The RMSNorm's part of the backward pass for a block of BT tokens, from the kept g and 1 / RMS of each direction:
+    the mixer's output again into Y (for out_proj's weight gradient), each token's sum over the channels of
+    dout * w * g into DD (2, n_tok), and this block's share of the norm weight's gradient into its row of DW."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    ok = t < n_tok
+    t64 = t.to(tl.int64)
+    r0 = tl.load(RSTD + t, mask=ok, other=0.0)
+    r1 = tl.load(RSTD + n_tok + t, mask=ok, other=0.0)
+    dd0 = tl.zeros([BT], dtype=tl.float32)
+    dd1 = tl.zeros([BT], dtype=tl.float32)
+    for e0 in range(0, E, BE):
+        c = e0 + tl.arange(0, BE)
+        at = t64[:, None] * E + c[None, :]
+        w = tl.load(NORM_W + c)[None, :]
+        dout = tl.load(DOUT + at, mask=ok[:, None], other=0.0).to(tl.float32)
+        g = tl.load(G + at, mask=ok[:, None], other=0.0).to(tl.float32)
+        dd0 += tl.sum(dout * w * g, 1)
+        normed = g * r0[:, None]
+        if DIRS == 2:
+            g = tl.load(G + n_tok.to(tl.int64) * E + at, mask=ok[:, None], other=0.0).to(tl.float32)
+            dd1 += tl.sum(dout * w * g, 1)
+            normed += g * r1[:, None]
+        tl.store(Y + at, (normed * w).to(Y.dtype.element_ty), mask=ok[:, None])
+        tl.store(DW + tl.program_id(0).to(tl.int64) * E + c, tl.sum(dout * normed, 0))
+    tl.store(DD + t, dd0, mask=ok)
+    tl.store(DD + n_tok + t, dd1, mask=ok)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Launching, and the autograd op around in_proj -> mixer -> out_proj
 # ---------------------------------------------------------------------------------------------------------
@@ -406,6 +418,26 @@ def _bc_kernel(P, DCB, DP, DPARAM, SCR, TABLE, CONV_W, CONV_B, n_seq, S, T_s, st
 MIN_BLOCK = 16  # steps a program holds at least: short sequences are packed BLOCK // L to a program
 WARPS = {16: 4, 32: 4, 64: 8, 128: 8}  # by BLOCK: kernels over blocks of sequences
 HEAD_WARPS = {16: 4, 32: 4, 64: 8, 128: 8}  # and over (block, head)
+NORM_TOKENS = 16  # tokens a program of _norm_bwd_kernel holds
+MAXNREG = None  # registers a thread of the per-head kernels may use (None: the compiler's choice)
+
+
+def configure(spec):
+    """Launch settings "W" or "W:R": the per-head kernels of blocks of 64 and 128 steps with W warps, and at most R
+    registers a thread (none: the compiler's choice). experiments/mixer_tune.py measures them; the environment
+    variable MEDSORA_SSD_TUNING sets one for any command."""
+    warps, _, regs = spec.partition(":")
+    if not warps.isdigit() or int(warps) not in (1, 2, 4, 8, 16) or (regs and not regs.isdigit()):
+        raise ValueError(f"ssd_triton launch settings {spec!r}: expected W or W:R, W warps (1, 2, 4, 8 or 16), "
+                         f"R registers")
+    global MAXNREG
+    for block in (64, 128):
+        HEAD_WARPS[block] = int(warps)
+    MAXNREG = int(regs) if regs else None
+
+
+if os.environ.get("MEDSORA_SSD_TUNING"):
+    configure(os.environ["MEDSORA_SSD_TUNING"])
 
 
 def block_size(L):
@@ -436,72 +468,82 @@ def _launches(tables, tokens, T):
 
 
 def _forward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps, bidirectional):
+    """The op's output (n_planes, T, D), and what the backward pass keeps: for each plane, g of each direction
+    (directions, T, E) and 1 / RMS (2, T); then each table's C.B scores."""
     meta = _meta(conv_w, dt_bias, norm_w)
     p = u @ in_w.t()  # (T, P): z, xBC, dt of every token
-    outs = []
+    T, E, nh = p.shape[0], meta["E"], meta["NH"]
+    outs, kept, scores = [], [], []
     for k in range(max(planes) + 1):
-        y = torch.empty(p.shape[0], meta["E"], dtype=p.dtype, device=p.device)
-        gb = torch.empty_like(y) if bidirectional else y  # the backward scan's output before the norm
-        for table, n_seq, L, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens,
-                                                          p.shape[0]):
-            cb, ss = _scores_and_stats(p, y, gb, None, table, n_seq, L, block, programs, tokens, conv_w, conv_b,
-                                       dt_bias, A_log, D, norm_w, bidirectional, meta)
-            _norm_kernel[(programs, meta["NH"])](y, gb, ss, norm_w, table, n_seq, table.shape[0], tokens, y.stride(0),
-                                                 eps, L, E=meta["E"], NH=meta["NH"], HD=meta["HD"], BLOCK=block,
-                                                 BIDIR=bidirectional, HC=meta["HC"], num_warps=WARPS[block])
+        y = torch.empty(T, E, dtype=p.dtype, device=p.device)
+        g = torch.empty(2 if bidirectional else 1, T, E, dtype=p.dtype, device=p.device)
+        rstd = torch.empty(2, T, dtype=torch.float32, device=p.device)
+        for table, n_seq, L, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens, T):
+            S = table.shape[0]
+            cb = torch.empty(programs, 2, block, block, dtype=torch.float32, device=p.device)
+            _cb_kernel[(programs,)](p, cb, table, conv_w, conv_b, n_seq, S, tokens, p.stride(0), L, BLOCK=block,
+                                    BIDIR=bidirectional, num_warps=WARPS[block], E=E, N=meta["N"], K=meta["K"],
+                                    NC=meta["NC"])
+            ss = torch.empty(programs, nh, 2, block, dtype=torch.float32, device=p.device)
+            m = {k: meta[k] for k in ("E", "NH", "HD", "N", "K", "HC")}
+            _scan_kernel[(programs, nh)](p, cb, g, ss, table, conv_w, conv_b, dt_bias, A_log, D, n_seq, S, tokens, T,
+                                         p.stride(0), E, L, BLOCK=block, BIDIR=bidirectional, **_head_launch(block),
+                                         **m)
+            _norm_kernel[(programs, nh)](y, g, ss, rstd, norm_w, table, n_seq, S, tokens, T, E, eps, L, E=E, NH=nh,
+                                         HD=meta["HD"], BLOCK=block, BIDIR=bidirectional, HC=meta["HC"],
+                                         num_warps=WARPS[block])
+            scores.append(cb)
         outs.append(y @ out_w.t())
-    return torch.stack(outs)
+        kept += [g, rstd]
+    return [torch.stack(outs), *kept, *scores]
 
 
-def _scores_and_stats(p, y, gb, dy, table, n_seq, L, block, programs, tokens, conv_w, conv_b, dt_bias, A_log, D,
-                      norm_w, bidirectional, meta):
-    """The C . B scores of a table's blocks (programs, 2, BLOCK, BLOCK), and the norm's statistics per head (programs,
-    nh, 4, BLOCK); with dy (the backward pass), those of the gradient instead of the gated outputs y, gb."""
-    m = {k: meta[k] for k in ("E", "N", "K", "NC")}
-    cb = torch.empty(programs, 2, block, block, dtype=torch.float32, device=p.device)
-    _cb_kernel[(programs,)](p, cb, table, conv_w, conv_b, n_seq, table.shape[0], tokens, p.stride(0), L, BLOCK=block,
-                            BIDIR=bidirectional, num_warps=WARPS[block], **m)
-    ss = torch.empty(programs, meta["NH"], 4, block, dtype=torch.float32, device=p.device)
-    m = {k: meta[k] for k in ("E", "NH", "HD", "N", "K", "HC")}
-    _scan_kernel[(programs, meta["NH"])](p, cb, y, gb, ss, p if dy is None else dy, norm_w, table, conv_w, conv_b,
-                                        dt_bias, A_log, D, n_seq, table.shape[0], tokens, p.stride(0), y.stride(0),
-                                        L, BLOCK=block, BIDIR=bidirectional, GRAD=dy is not None,
-                                        num_warps=HEAD_WARPS[block], **m)
-    return cb, ss
+def _head_launch(block):
+    """Launch settings of the kernels over (block of sequences, head)."""
+    return dict(num_warps=HEAD_WARPS[block], **({"maxnreg": MAXNREG} if MAXNREG else {}))
 
 
 def _backward(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps,
-              bidirectional):
+              bidirectional, kept):
     meta = _meta(conv_w, dt_bias, norm_w)
     E, nh, C, K = meta["E"], meta["NH"], conv_w.shape[0], meta["K"]
-    p = u @ in_w.t()  # recomputed: the forward pass kept only u
+    p = u @ in_w.t()  # recomputed: the forward pass did not keep it
+    T = p.shape[0]
     dp = torch.empty_like(p)
     d_out_w = torch.zeros_like(out_w, dtype=torch.float32)
-    dparam = torch.zeros(3 * nh + E + C + C * K, dtype=torch.float32, device=u.device)
-    for k in range(max(planes) + 1):
+    d_norm_w = torch.zeros(E, dtype=torch.float32, device=u.device)
+    dparam = torch.zeros(3 * nh + C + C * K, dtype=torch.float32, device=u.device)
+    n_planes = max(planes) + 1
+    scores = iter(kept[2 * n_planes:])
+    for k in range(n_planes):
+        g, rstd = kept[2 * k], kept[2 * k + 1]
         dy = grad[k] @ out_w  # (T, E): the gradient of the mixer's output
-        y = torch.empty_like(dy)
-        for table, n_seq, L, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens,
-                                                          p.shape[0]):
-            cb, ss = _scores_and_stats(p, y, y, dy, table, n_seq, L, block, programs, tokens, conv_w, conv_b,
-                                       dt_bias, A_log, D, norm_w, bidirectional, meta)
+        y = torch.empty_like(dy)  # the mixer's output, for out_proj's weight gradient
+        dd = torch.empty(2, T, dtype=torch.float32, device=u.device)
+        programs = triton.cdiv(T, NORM_TOKENS)
+        dw = torch.empty(programs, E, dtype=torch.float32, device=u.device)
+        _norm_bwd_kernel[(programs,)](g, rstd, dy, norm_w, y, dd, dw, T, E=E, BT=NORM_TOKENS, BE=min(E, 128),
+                                      DIRS=g.shape[0], num_warps=4)
+        d_norm_w += dw.sum(0)
+        d_out_w += (grad[k].t() @ y).float()
+        for table, n_seq, L, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens, T):
+            S = table.shape[0]
             part = torch.zeros(programs, dparam.numel(), dtype=torch.float32, device=u.device)
             dcb = torch.empty(programs, nh, 2, block, block, dtype=torch.float32, device=u.device)
             scr = torch.empty(programs, nh, block, max(meta["HC"], meta["NC"]), dtype=torch.float32, device=u.device)
             m = {k: meta[k] for k in ("E", "NH", "HD", "N", "K", "HC")}
-            _bwd_kernel[(programs, nh)](p, cb, dy, dp, y, ss, dcb, part, scr, table, conv_w, conv_b, dt_bias, A_log, D,
-                                        norm_w, n_seq, table.shape[0], tokens, p.stride(0), dy.stride(0),
-                                        part.stride(0), eps, L, int(k > 0), BLOCK=block, BIDIR=bidirectional,
-                                        num_warps=HEAD_WARPS[block], **m)
+            _bwd_kernel[(programs, nh)](p, next(scores), dy, dp, rstd, dd, dcb, part, scr, table, conv_w, conv_b,
+                                        dt_bias, A_log, D, norm_w, n_seq, S, tokens, T, p.stride(0), dy.stride(0),
+                                        part.stride(0), L, int(k > 0), BLOCK=block, BIDIR=bidirectional,
+                                        **_head_launch(block), **m)
             m = {k: meta[k] for k in ("E", "NH", "N", "K", "NC")}
-            _bc_kernel[(programs,)](p, dcb, dp, part, scr, table, conv_w, conv_b, n_seq, table.shape[0], tokens,
-                                    p.stride(0), part.stride(0), L, int(k > 0), BLOCK=block, BIDIR=bidirectional,
+            _bc_kernel[(programs,)](p, dcb, dp, part, scr, table, conv_w, conv_b, n_seq, S, tokens, p.stride(0),
+                                    part.stride(0), L, int(k > 0), BLOCK=block, BIDIR=bidirectional,
                                     num_warps=WARPS[block], **m)
             dparam += part.sum(0)
-        d_out_w += (grad[k].t() @ y).float()
-    dA_log, dD, ddt_bias, dnorm_w, dconv_b, dconv_w = dparam.split([nh, nh, nh, E, C, C * K])
+    dA_log, dD, ddt_bias, dconv_b, dconv_w = dparam.split([nh, nh, nh, C, C * K])
     small = [g.view_as(w).to(w.dtype, copy=True) for g, w in ((dconv_w, conv_w), (dconv_b, conv_b),
-             (ddt_bias, dt_bias), (dA_log, A_log), (dD, D), (dnorm_w, norm_w))]  # own memory, not views of dparam
+             (ddt_bias, dt_bias), (dA_log, A_log), (dD, D), (d_norm_w, norm_w))]  # own memory, not views of dparam
     return (dp @ in_w, dp.t() @ u, *small, d_out_w.to(out_w.dtype))
 
 
@@ -509,10 +551,11 @@ def _backward(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, t
 def mamba_planes(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
                  dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor,
                  out_w: torch.Tensor, tables: list[torch.Tensor], planes: list[int], tokens: int, eps: float,
-                 bidirectional: bool) -> torch.Tensor:
-    """u (T, D) -> (n_planes, T, D): out_proj(mixer(in_proj(u))) for each plane, a plane being the tables whose
-    `planes` entry is its index. `tokens`: tokens per sample; tables (S, L) int32 hold positions within a sample,
-    and the tables of one plane hold every token of a sample exactly once."""
+                 bidirectional: bool) -> list[torch.Tensor]:
+    """u (T, D) -> [(n_planes, T, D), *kept]: out_proj(mixer(in_proj(u))) for each plane, a plane being the tables
+    whose `planes` entry is its index, then what the backward pass keeps (_forward). `tokens`: tokens per sample;
+    tables (S, L) int32 hold positions within a sample, and the tables of one plane hold every token of a sample
+    exactly once."""
     with torch.autocast(u.device.type, enabled=False):
         return _forward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps,
                         bidirectional)
@@ -520,35 +563,43 @@ def mamba_planes(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor, conv
 
 @mamba_planes.register_fake
 def _(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps, bidirectional):
-    return u.new_empty(max(planes) + 1, u.shape[0], out_w.shape[0])
+    T, E = u.shape[0], norm_w.numel()
+    kept = [u.new_empty(2 if bidirectional else 1, T, E), u.new_empty(2, T, dtype=torch.float32)]
+    scores = [u.new_empty(programs, 2, block, block, dtype=torch.float32)
+              for k in range(max(planes) + 1)
+              for _, _, _, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens, T)]
+    return [u.new_empty(max(planes) + 1, T, out_w.shape[0]), *kept * (max(planes) + 1), *scores]
 
 
 @torch.library.custom_op("medsora::mamba_planes_backward", mutates_args=())
 def mamba_planes_backward(grad: torch.Tensor, u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor,
                           conv_b: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor,
                           norm_w: torch.Tensor, out_w: torch.Tensor, tables: list[torch.Tensor], planes: list[int],
-                          tokens: int, eps: float, bidirectional: bool) -> list[torch.Tensor]:
+                          tokens: int, eps: float, bidirectional: bool, kept: list[torch.Tensor]) -> list[torch.Tensor]:
     with torch.autocast(u.device.type, enabled=False):
         return list(_backward(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes,
-                              tokens, eps, bidirectional))
+                              tokens, eps, bidirectional, kept))
 
 
 @mamba_planes_backward.register_fake
-def _(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps, bidirectional):
+def _(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps, bidirectional,
+      kept):
     return [torch.empty_like(t) for t in (u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w)]
 
 
 def _setup_context(ctx, inputs, output):
     u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps, bidirectional = inputs
-    ctx.save_for_backward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, *tables)
-    ctx.args = (planes, tokens, eps, bidirectional)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, *tables, *output[1:])
+    ctx.args = (planes, tokens, eps, bidirectional, len(tables))
 
 
-def _autograd_backward(ctx, grad):
-    u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, *tables = ctx.saved_tensors
-    grads = mamba_planes_backward(grad.contiguous(), u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w,
-                                  tables, *ctx.args)
-    return (*grads, [None] * len(tables), None, None, None, None)
+def _autograd_backward(ctx, grads):
+    planes, tokens, eps, bidirectional, n_tables = ctx.args
+    u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, *rest = ctx.saved_tensors
+    grads = mamba_planes_backward(grads[0].contiguous(), u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w,
+                                  rest[:n_tables], planes, tokens, eps, bidirectional, rest[n_tables:])
+    return (*grads, [None] * n_tables, None, None, None, None)
 
 
 mamba_planes.register_autograd(_autograd_backward, setup_context=_setup_context)
