@@ -10,6 +10,7 @@ Dimension names: B batch, f latent frames, C latent channels, h, w latent size, 
 
 import glob
 import os
+import time
 
 import torch
 
@@ -39,12 +40,14 @@ def autocast_model(model, device, amp):
 
 @torch.no_grad()
 def generate(model, vae, indices, f, steps=250, seed=0, eta=0.0, device="cpu", amp=False, size=128,
-             progress=False, clip_x0=None, return_latents=False, sampler=None):
+             progress=False, clip_x0=None, return_latents=False, sampler=None, times=None):
     """The videos numbered `indices`: (B, 3, F, H, W) in [-1, 1] on the CPU (and the sampled latents
     (B, f, C, h, w) with return_latents). Video i starts from noise seeded by (seed, i) only; with eta > 0
     the later noise depends on the batch's first index too. sampler(eps, noise, steps, device, clip_x0) -> z
     replaces plain DDIM (reuse.py's denoising reuse, deterministic: eta and progress are then unused);
-    eps(x, t, **kw) is the model under autocast."""
+    eps(x, t, **kw) is the model under autocast. times: a dict whose "denoise" and "decode" get the seconds of each
+    part added (the GPU's work finished)."""
+    started = time.perf_counter()
     noise = video_noise(indices, f, model.cfg.in_channels, size // vae.spatial_compression, seed)  # the VAE's 8x
     gen = torch.Generator(device).manual_seed(mix_seed(seed, indices[0], 1))
     eps = autocast_model(model, device, amp)
@@ -53,11 +56,22 @@ def generate(model, vae, indices, f, steps=250, seed=0, eta=0.0, device="cpu", a
     else:
         z = Diffusion().ddim_sample(eps, noise.shape, steps=steps, eta=eta, generator=gen, device=device,
                                     progress=progress, noise=noise, clip_x0=clip_x0, num_frames=f)
+    if times is not None:
+        sync(device)
+        times["denoise"] = times.get("denoise", 0.0) + time.perf_counter() - started
+        started = time.perf_counter()
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         # the decoder's activations are large: 16 videos at a time
         video = torch.cat([vae.decode(part.transpose(1, 2), scaled=True).float().clamp(-1, 1).cpu()
                            for part in z.split(16)])  # (B, 3, F, H, W)
+    if times is not None:  # .cpu() waited for the GPU
+        times["decode"] = times.get("decode", 0.0) + time.perf_counter() - started
     return (video, z.float().cpu()) if return_latents else video
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import json
 import os
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -127,7 +126,7 @@ def main(argv=None):
         f = args.num_frames // vae.cfg.temporal_compression_ratio + 1
     sampler = reuse_sampler(args, model, vae, ckpt, size, rank, device) if args.reuse else None
     cache_counts = {"run": 0, "reused": 0}  # --cache-threshold: block calls, over all batches
-    seconds = 0.0  # in pipeline.generate (denoising and decoding), over this invocation's batches
+    times = []  # per batch of this invocation: seconds denoising and decoding (pipeline.generate), videos
     if rank == 0:
         print(f"sampling {args.num_videos} videos from {ckpt_path} (step {ckpt['step']}, "
               f"{'raw' if args.no_ema else 'EMA'} weights), DDIM {args.steps} steps, {world} process(es) -> {out}")
@@ -150,12 +149,12 @@ def main(argv=None):
     saver, writing = ThreadPoolExecutor(args.save_threads) if args.save_threads else None, []
     for idx in tqdm(todo, disable=rank != 0, desc="sample"):
         cache = block_cache.BlockCache(model, args.cache_threshold) if args.cache_threshold is not None else None
-        started = time.perf_counter()
+        times.append({"videos": len(idx)})
         with cache or contextlib.nullcontext():
             videos, z = pipeline.generate(model, vae, idx, f, args.steps, args.seed, args.eta, device, amp, size,
-                                          clip_x0=args.clip_x0, return_latents=True, sampler=sampler)
-        last = (idx, time.perf_counter() - started)
-        seconds += last[1]  # generate returns CPU tensors: the GPU work is done
+                                          clip_x0=args.clip_x0, return_latents=True, sampler=sampler,
+                                          times=times[-1])
+        last = idx
         if cache is not None:
             cache_counts = {k: v + cache.counts[k] for k, v in cache_counts.items()}
         if saver is None:
@@ -168,12 +167,11 @@ def main(argv=None):
         writing = [job.result() for job in writing]  # every one: an error is never left unseen
         saver.shutdown()
     faster = sampler is not None or args.cache_threshold is not None
-    plain = time_plain(model, vae, last[0], f, args, device, amp, size) if faster and todo and not \
+    plain = time_plain(model, vae, last, f, args, device, amp, size) if faster and todo and not \
         args.no_plain_timing else None
     distributed.barrier(world)
     if rank == 0:
-        speed = speed_report(sampler, cache_counts, args, seconds, sum(len(idx) for idx in todo),
-                             plain and (len(last[0]), last[1], plain))
+        speed = speed_report(sampler, cache_counts, args, times, plain and (len(last), times[-1]["denoise"], plain))
         summarise(out, args, ckpt, ckpt_path, mine, all(writing), speed)
     lock.release()
     distributed.teardown(world)
@@ -204,18 +202,22 @@ def summarise(out, args, ckpt, ckpt_path, mine, mp4, speed):
 
 
 def time_plain(model, vae, idx, f, args, device, amp, size):
-    """Seconds plain DDIM takes on the videos idx (the same seeds and settings, nothing written): the baseline of a
-    faster sampler's speed-up."""
-    started = time.perf_counter()
-    pipeline.generate(model, vae, idx, f, args.steps, args.seed, args.eta, device, amp, size, clip_x0=args.clip_x0)
-    return time.perf_counter() - started
+    """Seconds plain DDIM takes to denoise the videos idx (the same seeds and settings, nothing written): the
+    baseline of a faster sampler's speed-up."""
+    times = {}
+    pipeline.generate(model, vae, idx, f, args.steps, args.seed, args.eta, device, amp, size, clip_x0=args.clip_x0,
+                      times=times)
+    return times["denoise"]
 
 
-def speed_report(sampler, cache_counts, args, seconds, videos, plain=None):
-    """This invocation's sampling time (under torchrun, rank 0's batches), what the faster samplers saved, and
-    with plain = (videos, the faster sampler's seconds, plain DDIM's seconds) on one batch, the speed-up."""
-    speed = {"videos": videos, "seconds": seconds,
-             "lines": [f"sampled {videos} videos in {seconds:.1f} s (denoising and decoding)"] if videos else []}
+def speed_report(sampler, cache_counts, args, times, plain=None):
+    """This invocation's sampling time (under torchrun, rank 0's batches), per batch and in all, what the faster
+    samplers saved, and with plain = (videos, the faster sampler's seconds, plain DDIM's seconds) denoising one
+    batch, the speed-up."""
+    videos, denoise, decode = (sum(t[k] for t in times) for k in ("videos", "denoise", "decode"))
+    speed = {"videos": videos, "seconds": denoise + decode, "denoise_seconds": denoise, "batches": times,
+             "lines": [f"sampled {videos} videos in {denoise + decode:.1f} s: denoising {denoise:.1f} s, decoding "
+                       f"{decode:.1f} s"] if videos else []}
     if sampler is not None and sampler.stats:
         s = sampler.stats
         ratio = sum(v["frame_steps"] for v in s) / sum(v["plain_frame_steps"] for v in s)
@@ -231,8 +233,8 @@ def speed_report(sampler, cache_counts, args, seconds, videos, plain=None):
     if plain:
         n, fast, slow = plain
         speed.update(plain_batch_videos=n, plain_batch_seconds=slow, batch_seconds=fast, speedup=slow / fast)
-        speed["lines"].append(f"on the last batch's {n} videos: plain DDIM {slow / n:.3f} s per video, this sampler "
-                              f"{fast / n:.3f}: {slow / fast:.2f}x as fast")
+        speed["lines"].append(f"on the last batch's {n} videos, denoising: plain DDIM {slow / n:.3f} s per video, this "
+                              f"sampler {fast / n:.3f}: {slow / fast:.2f}x as fast")
     return speed
 
 

@@ -66,9 +66,10 @@ def videos_in(folder):
     return len(glob.glob(os.path.join(folder, "done", "*.npz")))
 
 
-def evaluate(fake, out, args, fake_stride=1, fake_split="all", recon=None):
+def evaluate(fake, out, args, fake_stride=1, fake_split="all", recon=None, clips=None):
+    """evaluate.py on a folder of generated videos against the validation clips, --clips of each (or `clips`)."""
     cmd = ["evaluate.py", "--real", "synthetic", "--real-split", "val", "--fake", fake, "--fake-split", fake_split,
-           "--fake-stride", str(fake_stride), "--num-clips", str(args.clips), "--metrics", args.metrics,
+           "--fake-stride", str(fake_stride), "--num-clips", str(clips or args.clips), "--metrics", args.metrics,
            "--cache", os.path.join(args.out, "eval_cache"), "--out", out, "--batch-size", "32",
            "--workers", str(args.workers)]
     for flag in ("i3d", "inception"):

@@ -8,6 +8,7 @@ OUT/tradeoff.png (FVD against the reconstructions, against the speed-up over pla
 
     python -m experiments.tradeoff --ckpt runs/curve/short-b2/ckpts/min8.5.pt --out runs/tradeoff \\
         --settings plain reuse reuse-t799 reuse-t599 reuse-t399 cache0.05 cache0.2 --num-frames 16 64
+    python -m experiments.tradeoff --ckpt CKPT --out runs/tradeoff --num-frames 64 --clips 64 --settings plain reuse
 
 Settings: `plain`; `reuse` (t* per video from the step selector); `reuse-tN` (t* = N, rounded to the DDIM grid);
 `cacheX` (block cache at threshold X). --num-frames takes sample.py's lengths (16: 17-frame videos, the training
@@ -21,12 +22,16 @@ the last one stopped:
        share the GPU; then 3 of the videos as OUT/F<frames>/<setting>.png;
     3. the evaluations, --eval-jobs at once, after all sampling;
     4. the table, tradeoff.json and tradeoff.png.
-Times are sample.py's, denoising and VAE decoding of whole batches, per video (the videos are written after each
-batch, untimed: --save-threads 0); a setting whose sampling was stopped and resumed is timed on the videos of its
-last call. Each setting's first batch also pays the process's start on the GPU, alike for all.
+Times are sample.py's, per batch (speed.json): the speed-up is of denoising, what the samplers change, per video
+over the batches after the first (which also pays the process's start on the GPU); "total" adds the VAE's
+decoding, over all batches. The videos are written after each batch, untimed (--save-threads 0). A setting whose
+sampling was stopped and resumed is timed on the batches of its last call. --clips takes one number per length
+(e.g. 256 17-frame and 64 65-frame videos), and the table holds every setting measured in OUT, so that a length
+or setting added by a later call joins the same table and plot.
 """
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -40,6 +45,7 @@ import distributed
 from experiments import runs
 
 SETTING = re.compile(r"^(plain|reuse|reuse-t(\d+)|cache(\d*\.?\d+))$")
+SETTINGS_ORDER = ["plain", "reuse", "reuse-t", "cache"]
 COLOURS = [(30, 80, 200), (200, 40, 40), (0, 130, 130), (120, 40, 160)]
 
 
@@ -70,7 +76,11 @@ def row_of(args, frames, setting):
     row = {"setting": setting, "frames": frames + 1, "videos": runs.videos_in(gen), "timed_videos": speed["videos"],
            **runs.measured(got, args.metrics.split(",")), **runs.recon_scores(gen + ".json", args.metrics.split(","))}
     if speed["videos"]:
-        row["s_per_video"] = speed["seconds"] / speed["videos"]
+        row["s_per_video_total"] = speed["seconds"] / speed["videos"]  # denoising and decoding, every batch
+        batches = speed.get("batches") or [{"videos": speed["videos"], "denoise": speed["seconds"]}]
+        timed = batches[1:] if len(batches) > 1 else batches  # the first batch also warms the GPU up
+        row["timed_videos"] = sum(b["videos"] for b in timed)
+        row["s_per_video"] = sum(b["denoise"] for b in timed) / row["timed_videos"]  # denoising: what samplers change
     if "frame_steps_ratio" in speed:  # reuse: how much of plain DDIM's work it did, and where it switched
         row.update(frame_steps_ratio=speed["frame_steps_ratio"],
                    t_star_mean=sum(speed["t_star"]) / len(speed["t_star"]))
@@ -79,14 +89,26 @@ def row_of(args, frames, setting):
     return row
 
 
-def scored(path, args):
-    """Whether evaluate.py's result at `path` has every metric asked for, over --clips clips."""
+def measured_in(args, done):
+    """(frames, setting) of this call's settings, then of every other setting sampled, timed and scored in OUT."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(args.out, "F*", "*", "speed.json"))):
+        setting, length = path.split(os.sep)[-2], path.split(os.sep)[-3]
+        if re.fullmatch(r"F\d+", length) and SETTING.match(setting) and os.path.exists(os.path.dirname(path) + ".json"):
+            found.append((int(length[1:]) - 1, setting))
+    order = {s: i for i, s in enumerate(SETTINGS_ORDER)}
+    rest = sorted(set(found) - set(done), key=lambda fs: (fs[0], order.get(fs[1].rstrip("0123456789."), 9), fs[1]))
+    return sorted(done, key=lambda fs: fs[0]) + rest
+
+
+def scored(path, args, clips):
+    """Whether evaluate.py's result at `path` has every metric asked for, over `clips` clips."""
     if runs.evaluated(path, args.metrics.split(",")) is None:
         return False
     if args.recon and runs.evaluated(path, [m for m in ("fvd", "fid") if m in args.metrics], part="vs_recon") is None:
         return False
     with open(path) as f:
-        return json.load(f)["args"]["num_clips"] == args.clips
+        return json.load(f)["args"]["num_clips"] == clips
 
 
 def compare(rows):
@@ -103,11 +125,12 @@ def compare(rows):
 
 
 def print_table(rows):
-    print(f"\n{'frames':>6s} {'setting':14s} {'s/video':>8s} {'speed-up':>8s} {'frame-steps':>11s} {'t* mean':>7s} "
+    print("\ns/video: seconds of denoising per video (the batches after the first); total: with decoding, all batches")
+    print(f"{'frames':>6s} {'setting':14s} {'s/video':>8s} {'total':>7s} {'speed-up':>8s} {'frame-steps':>11s} {'t* mean':>7s} "
           f"{'reused':>6s} {'FVD':>8s} {'vs plain':>8s} {'FID':>7s} {'FVD rec':>8s} {'vs plain':>8s}")
     for r in rows:
         cell = lambda key, fmt: format(r[key], fmt) if key in r else "-".rjust(int(fmt.split(".")[0]))  # noqa: E731
-        print(f"{r['frames']:6d} {r['setting']:14s} {cell('s_per_video', '8.3f')} {cell('speedup', '8.2f')} "
+        print(f"{r['frames']:6d} {r['setting']:14s} {cell('s_per_video', '8.3f')} {cell('s_per_video_total', '7.3f')} {cell('speedup', '8.2f')} "
               f"{cell('frame_steps_ratio', '11.2f')} {cell('t_star_mean', '7.0f')} {cell('cache_reused', '6.2f')} "
               f"{cell('fvd', '8.1f')} {format(100 * r['fvd_change'], '+7.1f') + '%' if 'fvd_change' in r else '-':>8s} "
               f"{cell('fid', '7.1f')} {cell('fvd_recon', '8.1f')} "
@@ -159,7 +182,8 @@ def parse_args(argv):
     p.add_argument("--settings", nargs="+", default=["plain", "reuse", "reuse-t799", "reuse-t599", "reuse-t399",
                                                      "cache0.05", "cache0.2"])
     p.add_argument("--num-frames", type=int, nargs="+", default=[16], help="sample.py's video lengths")
-    p.add_argument("--clips", type=int, default=512, help="videos per setting, and real clips of every FVD")
+    p.add_argument("--clips", type=int, nargs="+", default=[512], help="videos per setting, and real clips of every "
+                   "FVD: one number, or one per --num-frames")
     p.add_argument("--steps", type=int, default=250, help="DDIM steps")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -179,10 +203,16 @@ def parse_args(argv):
         p.error(f"--ckpt {args.ckpt}: no such file")
     if any(f <= 0 or f % 8 for f in args.num_frames):
         p.error("--num-frames: each must be a positive multiple of 8 (16: 17-frame videos)")
-    distributed.check_args(p, args, folder="out", positive=("clips", "steps", "batch_size", "eval_jobs"),
+    distributed.check_args(p, args, folder="out", positive=("steps", "batch_size", "eval_jobs"),
                            non_negative=("workers", "seed"))
-    if args.clips < 2:
-        p.error(f"--clips {args.clips}: FVD compares two distributions, which takes at least 2 videos (512 default)")
+    if len(args.clips) not in (1, len(args.num_frames)):
+        p.error(f"--clips: give one number, or one per --num-frames ({len(args.num_frames)})")
+    for n in args.clips:
+        if n < 1:
+            p.error(f"--clips {n}: it must be positive")
+        if n < 2:
+            p.error(f"--clips {n}: FVD compares two distributions, which takes at least 2 videos (512 default)")
+    args.clips = dict(zip(args.num_frames, args.clips * len(args.num_frames) if len(args.clips) == 1 else args.clips))
     if args.reuse is not None and not os.path.isfile(args.reuse):
         p.error(f"--reuse {args.reuse}: no such file")
     try:  # a checkpoint that cannot be used is named here, not by a sampler's log after minutes of work
@@ -201,12 +231,13 @@ def sample_all(args, reuse_file):
     for frames in args.num_frames:
         for setting in args.settings:
             gen = folder(args, frames, setting)
-            if runs.videos_in(gen) < args.clips:
-                print(f"sampling {args.clips} videos of {frames + 1} frames: {setting}", flush=True)
+            clips = args.clips[frames]
+            if runs.videos_in(gen) < clips:
+                print(f"sampling {clips} videos of {frames + 1} frames: {setting}", flush=True)
                 if os.path.exists(gen + ".json"):  # the score of fewer videos
                     os.remove(gen + ".json")
                 # --save-threads 0: the videos are written after each batch, outside the time sample.py measures
-                runs.run(["sample.py", "--ckpt", args.ckpt, "--num-videos", str(args.clips), "--steps",
+                runs.run(["sample.py", "--ckpt", args.ckpt, "--num-videos", str(clips), "--steps",
                            str(args.steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
                            "--num-frames", str(frames), "--save-threads", "0", "--out", gen,
                            *sampler_flags(setting, reuse_file), *(["--no-plain-timing"] if setting != "plain" else [])],
@@ -214,7 +245,7 @@ def sample_all(args, reuse_file):
             if not os.path.exists(os.path.join(gen, "speed.json")):
                 print(f"note: {gen} has no time (the call that sampled its last videos stopped before writing "
                       f"speed.json); delete the folder to sample and time it again", flush=True)
-            data.save_grid([os.path.join(gen, "frames", f"{j:06d}") for j in range(min(3, args.clips))], gen + ".png")
+            data.save_grid([os.path.join(gen, "frames", f"{j:06d}") for j in range(min(3, clips))], gen + ".png")
             done.append((frames, setting))
     return done
 
@@ -230,20 +261,20 @@ def main(argv=None):
 
     done = sample_all(args, reuse_file)
 
-    todo = [gen for gen in (folder(args, f, s) for f, s in done) if not scored(gen + ".json", args)]
+    todo = [(f, folder(args, f, s)) for f, s in done if not scored(folder(args, f, s) + ".json", args, args.clips[f])]
+    evaluate = lambda job: runs.evaluate(job[1], job[1] + ".json", args, recon=args.recon,  # noqa: E731
+                                         clips=args.clips[job[0]])
     if todo:  # the first alone: it caches the real clips' features, which the others then share
-        runs.evaluate(todo[0], todo[0] + ".json", args, recon=args.recon)
+        evaluate(todo[0])
     with ThreadPoolExecutor(args.eval_jobs) as pool:  # an evaluation that fails raises here, naming its log
-        list(pool.map(lambda gen: runs.evaluate(gen, gen + ".json", args, recon=args.recon), todo[1:]))
+        list(pool.map(evaluate, todo[1:]))
 
-    # plain DDIM is the baseline of each length, also when it was measured by an earlier call and not listed now
-    baselines = [(f, "plain") for f in args.num_frames if "plain" not in args.settings
-                 and os.path.exists(os.path.join(folder(args, f, "plain"), "speed.json"))]
-    rows = compare([row_of(args, f, s) for f, s in baselines + done])
-    rows = [r for r in rows if (r["frames"] - 1, r["setting"]) in done]
+    # The table holds every setting measured in OUT, by this call or an earlier one (other lengths, other settings):
+    # plain DDIM is then the baseline of each length, also when this call did not list it.
+    rows = compare([row_of(args, f, s) for f, s in measured_in(args, done)])
     print_table(rows)
     distributed.write_json(os.path.join(args.out, "tradeoff.json"),
-                           {"ckpt": args.ckpt, "steps": args.steps, "clips": args.clips, "rows": rows})
+                           {"ckpt": args.ckpt, "steps": args.steps, "rows": rows})
     plot(rows, os.path.join(args.out, "tradeoff.png"))
     print(f"\n{os.path.join(args.out, 'tradeoff.json')} and tradeoff.png written")
     return rows

@@ -1,6 +1,7 @@
 """tradeoff.py: each sampler setting sampled and timed by sample.py, scored, compared with plain DDIM, and drawn;
 a second call finds everything done; bad settings are refused before any work."""
 
+import argparse
 import json
 import os
 
@@ -22,13 +23,13 @@ def test_settings_are_sampled_timed_scored_and_compared(ckpt, tiny_run, tmp_path
     fvd_recon = {"plain": 40.0, "reuse-t500": 46.0, "cache0.2": 60.0}  # against the VAE's reconstructions
     evaluated, recons = [], set()
 
-    def fake_evaluate(fake, out, args, recon=None):  # evaluate.py's result file, without the I3D
+    def fake_evaluate(fake, out, args, recon=None, clips=None):  # evaluate.py's result file, without the I3D
         evaluated.append(os.path.basename(fake))
         recons.add(recon)
         with open(out, "w") as f:
             json.dump({"metrics": {"FVD": fvd[os.path.basename(fake)], "FID": 50.0},
                        "vs_recon": {"FVD": fvd_recon[os.path.basename(fake)], "FID": 20.0},
-                       "args": {"num_clips": args.clips}}, f)
+                       "args": {"num_clips": clips}}, f)
     monkeypatch.setattr(runs, "evaluate", fake_evaluate)
     out = str(tmp_path / "t")
     argv = ["--ckpt", ckpt, "--out", out, "--settings", "plain", "reuse-t500", "cache0.2", "plain", "--clips", "2",
@@ -61,13 +62,32 @@ def test_settings_are_sampled_timed_scored_and_compared(ckpt, tiny_run, tmp_path
     again = tradeoff.main(argv)
     assert started == [] and len(evaluated) == 3
     assert [r["fvd"] for r in again] == [r["fvd"] for r in saved["rows"]]
-    # one setting alone: plain, measured before, is still its baseline
+    # one setting alone: the table still holds every setting measured in OUT, and plain is still the baseline
     alone = tradeoff.main(argv[:5] + ["cache0.2"] + argv[9:])
-    assert [r["setting"] for r in alone] == ["cache0.2"] and alone[0]["speedup"] == rows["cache0.2"]["speedup"]
+    assert [r["setting"] for r in alone] == ["cache0.2", "plain", "reuse-t500"]
+    assert alone[0]["speedup"] == rows["cache0.2"]["speedup"]
     # more videos: each setting samples the one more, and its score of two videos is not kept
     more = tradeoff.main(argv[:10] + ["3"] + argv[11:])
     assert [c[0] for c in started] == ["sample.py"] * 3 and len(evaluated) == 6
-    assert all(r["videos"] == 3 and r["timed_videos"] == 1 for r in more)
+    assert all(r["videos"] == 3 and r["timed_videos"] == 1 for r in more)  # the one batch of this call
+    # another length with its own number of videos, plain alone: the table gains its row beside the 17-frame ones
+    longer = tradeoff.main(argv[:5] + ["plain", "--num-frames", "8", "--clips", "2"] + argv[11:])
+    assert [(r["frames"], r["setting"]) for r in longer] == [(9, "plain"), (17, "plain"), (17, "reuse-t500"),
+                                                           (17, "cache0.2")]
+    assert longer[0]["speedup"] == 1.0 and longer[0]["videos"] == 2
+
+
+def test_timing_leaves_out_the_first_batch(tmp_path):
+    """Seconds per video are of denoising, over the batches after the first (which also warms the GPU up)."""
+    gen = tmp_path / "F17" / "plain"
+    gen.mkdir(parents=True)
+    speed = {"videos": 6, "seconds": 9.0, "batches": [{"videos": 2, "denoise": 5.0, "decode": 1.0},
+                                                      {"videos": 2, "denoise": 1.0, "decode": 0.5},
+                                                      {"videos": 2, "denoise": 1.2, "decode": 0.3}]}
+    (gen / "speed.json").write_text(json.dumps(speed))
+    row = tradeoff.row_of(argparse.Namespace(out=str(tmp_path), metrics="fvd"), 16, "plain")
+    assert row["timed_videos"] == 4 and abs(row["s_per_video"] - 2.2 / 4) < 1e-12
+    assert row["s_per_video_total"] == 1.5
 
 
 @pytest.mark.parametrize("extra, message", [
