@@ -563,12 +563,14 @@ def mamba_planes(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor, conv
 
 @mamba_planes.register_fake
 def _(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps, bidirectional):
-    T, E = u.shape[0], norm_w.numel()
-    kept = [u.new_empty(2 if bidirectional else 1, T, E), u.new_empty(2, T, dtype=torch.float32)]
+    T, E, n_planes = u.shape[0], norm_w.numel(), max(planes) + 1
+    # a new tensor for each: outputs that were one object would be taken for aliases, and one plane given another's
+    kept = [t for _ in range(n_planes)
+            for t in (u.new_empty(2 if bidirectional else 1, T, E), u.new_empty(2, T, dtype=torch.float32))]
     scores = [u.new_empty(programs, 2, block, block, dtype=torch.float32)
-              for k in range(max(planes) + 1)
+              for k in range(n_planes)
               for _, _, _, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens, T)]
-    return [u.new_empty(max(planes) + 1, T, out_w.shape[0]), *kept * (max(planes) + 1), *scores]
+    return [u.new_empty(n_planes, T, out_w.shape[0]), *kept, *scores]
 
 
 @torch.library.custom_op("medsora::mamba_planes_backward", mutates_args=())

@@ -9,7 +9,8 @@ A configuration "W" or "W:R" runs the per-head kernels (_scan_kernel, _bwd_kerne
 with W warps and at most R registers a thread (none: the compiler's choice); shorter sequences keep 4 warps. For
 each it times one layer's forward + backward (bf16, median of --repeat, CUDA events) on the spatial planes of
 Eq. 8 and on the temporal scan of Eq. 10 at the training shape, and the sum over the model's blocks: the mixer's
-share of a training step. Then, for the fastest, each kernel's time in one profiled call and its registers and
+share of a training step, as wall time and as the GPU's busy time (what counts inside train.py's CUDA graphs; the
+fastest is chosen by it). Then, for the fastest, each kernel's time in one profiled call and its registers and
 spilled bytes. MEDSORA_SSD_TUNING=W:R sets a configuration for any other command (train.py, benchmark.py).
 """
 
@@ -42,6 +43,19 @@ def layer_calls(args, device):
             sum(o.float().square().mean() for o in outs).backward()
         return run
     return cfg, {"spatial": call(spatial), "temporal": call(temporal)}
+
+
+def gpu_ms(run, calls=5):
+    """The GPU's busy time in one call, from the kernels' own times (the mean over `calls`, after a warm-up): what
+    the call costs inside train.py's CUDA graphs, where the host's time to launch the kernels does not count."""
+    for _ in range(3):
+        run()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) \
+        / 1000 / calls
 
 
 def kernel_report(run):
@@ -91,16 +105,22 @@ def main(argv=None):
     per_step = {"spatial": cfg.depth, "temporal": cfg.depth}  # one layer of each kind per block
     print(f"MedSora-{args.model}'s fused mixer, one layer forward + backward (bf16), batch {args.batch}, "
           f"{args.frames} + {args.images} latent frames of {args.size} x {args.size}: ms")
-    print(f"{'config':>8s} {'spatial':>9s} {'temporal':>9s} {'x ' + str(cfg.depth) + ' blocks':>12s}")
+    print("wall: CUDA events around each call (eager, so partly the host's launching); GPU: the kernels' summed time")
+    print(f"{'config':>8s} {'spatial':>9s} {'temporal':>9s} {'GPU spatial':>11s} {'GPU temporal':>12s} "
+          f"{'GPU x ' + str(cfg.depth) + ' blocks':>16s}")
     rows = []
     for spec in args.configs:
         ssd_triton.configure(spec)
         ms = {name: time_call(run, args.repeat, device) for name, run in calls.items()}
-        total = sum(ms[k] * per_step[k] for k in ms)
-        print(f"{spec:>8s} {ms['spatial']:9.3f} {ms['temporal']:9.3f} {total:12.1f}", flush=True)
-        rows.append(dict(config=spec, **{f"ms_{k}": v for k, v in ms.items()}, ms_step_mixer=total))
-    best = min(rows, key=lambda r: r["ms_step_mixer"])
-    print(f"\nfastest: {best['config']} ({best['ms_step_mixer']:.1f} ms of mixer a step); its kernels, one call each:")
+        gpu = {name: gpu_ms(run) for name, run in calls.items()}
+        total = sum(gpu[k] * per_step[k] for k in gpu)
+        print(f"{spec:>8s} {ms['spatial']:9.3f} {ms['temporal']:9.3f} {gpu['spatial']:11.3f} {gpu['temporal']:12.3f} "
+              f"{total:16.1f}", flush=True)
+        rows.append(dict(config=spec, **{f"ms_{k}": v for k, v in ms.items()},
+                         **{f"gpu_ms_{k}": v for k, v in gpu.items()}, gpu_ms_step=total))
+    best = min(rows, key=lambda r: r["gpu_ms_step"])
+    print(f"\nfastest: {best['config']} ({best['gpu_ms_step']:.1f} ms of GPU time a step in these layers); its "
+          f"kernels, one call each:")
     ssd_triton.configure(best["config"])
     for name, run in calls.items():
         print(f"{name}:")

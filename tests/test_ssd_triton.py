@@ -105,9 +105,10 @@ def test_fused_op_traces_under_torch_compile():
     gives the eager layer's output and gradients."""
     torch._dynamo.reset()
     _, fused = pair()
-    planes = [[torch.arange(12, device=DEVICE).view(3, 4)]]
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    planes = [[torch.arange(12, device=DEVICE).view(3, 4)], [order.view(2, 6)]]  # each plane keeps its own g
     u = torch.randn(2, 12, 32, device=DEVICE)
-    run = lambda f: f(u, planes)[0]  # noqa: E731
+    run = lambda f: sum(o * (k + 1) for k, o in enumerate(f(u, planes)))  # noqa: E731
     eager = run(fused.forward_planes)
     eager.square().sum().backward()
     ref = {n: p.grad.clone() for n, p in fused.named_parameters()}
