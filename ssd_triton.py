@@ -468,19 +468,22 @@ def _launches(tables, tokens, T):
 
 
 def _forward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps, bidirectional):
-    """The op's output (n_planes, T, D), and what the backward pass keeps: for each plane, g of each direction
-    (directions, T, E) and 1 / RMS (2, T); then each table's C.B scores."""
+    """The op's output (n_planes, T, D), and what the backward pass keeps: g of each plane and direction
+    (n_planes, directions, T, E), 1 / RMS (n_planes, 2, T), and every table's C.B scores in one flat tensor."""
     meta = _meta(conv_w, dt_bias, norm_w)
     p = u @ in_w.t()  # (T, P): z, xBC, dt of every token
     T, E, nh = p.shape[0], meta["E"], meta["NH"]
-    outs, kept, scores = [], [], []
-    for k in range(max(planes) + 1):
-        y = torch.empty(T, E, dtype=p.dtype, device=p.device)
-        g = torch.empty(2 if bidirectional else 1, T, E, dtype=p.dtype, device=p.device)
-        rstd = torch.empty(2, T, dtype=torch.float32, device=p.device)
+    n_planes = max(planes) + 1
+    g_all = torch.empty(n_planes, 2 if bidirectional else 1, T, E, dtype=p.dtype, device=p.device)
+    rstd_all = torch.empty(n_planes, 2, T, dtype=torch.float32, device=p.device)
+    scores = torch.empty(_scores_size(tables, planes, tokens, T), dtype=torch.float32, device=p.device)
+    outs, at = [], 0
+    for k in range(n_planes):
+        y, g, rstd = torch.empty(T, E, dtype=p.dtype, device=p.device), g_all[k], rstd_all[k]
         for table, n_seq, L, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens, T):
             S = table.shape[0]
-            cb = torch.empty(programs, 2, block, block, dtype=torch.float32, device=p.device)
+            cb = scores[at:at + programs * 2 * block * block].view(programs, 2, block, block)
+            at += cb.numel()
             _cb_kernel[(programs,)](p, cb, table, conv_w, conv_b, n_seq, S, tokens, p.stride(0), L, BLOCK=block,
                                     BIDIR=bidirectional, num_warps=WARPS[block], E=E, N=meta["N"], K=meta["K"],
                                     NC=meta["NC"])
@@ -492,10 +495,14 @@ def _forward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, 
             _norm_kernel[(programs, nh)](y, g, ss, rstd, norm_w, table, n_seq, S, tokens, T, E, eps, L, E=E, NH=nh,
                                          HD=meta["HD"], BLOCK=block, BIDIR=bidirectional, HC=meta["HC"],
                                          num_warps=WARPS[block])
-            scores.append(cb)
         outs.append(y @ out_w.t())
-        kept += [g, rstd]
-    return [torch.stack(outs), *kept, *scores]
+    return torch.stack(outs), g_all, rstd_all, scores
+
+
+def _scores_size(tables, planes, tokens, T):
+    """Floats of every table's C.B scores, (programs, 2, BLOCK, BLOCK) each, plane after plane."""
+    return sum(programs * 2 * block * block for k in range(max(planes) + 1)
+               for _, _, _, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens, T))
 
 
 def _head_launch(block):
@@ -504,7 +511,7 @@ def _head_launch(block):
 
 
 def _backward(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps,
-              bidirectional, kept):
+              bidirectional, g_all, rstd_all, scores):
     meta = _meta(conv_w, dt_bias, norm_w)
     E, nh, C, K = meta["E"], meta["NH"], conv_w.shape[0], meta["K"]
     p = u @ in_w.t()  # recomputed: the forward pass did not keep it
@@ -513,10 +520,9 @@ def _backward(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, t
     d_out_w = torch.zeros_like(out_w, dtype=torch.float32)
     d_norm_w = torch.zeros(E, dtype=torch.float32, device=u.device)
     dparam = torch.zeros(3 * nh + C + C * K, dtype=torch.float32, device=u.device)
-    n_planes = max(planes) + 1
-    scores = iter(kept[2 * n_planes:])
-    for k in range(n_planes):
-        g, rstd = kept[2 * k], kept[2 * k + 1]
+    at = 0
+    for k in range(max(planes) + 1):
+        g, rstd = g_all[k], rstd_all[k]
         dy = grad[k] @ out_w  # (T, E): the gradient of the mixer's output
         y = torch.empty_like(dy)  # the mixer's output, for out_proj's weight gradient
         dd = torch.empty(2, T, dtype=torch.float32, device=u.device)
@@ -532,7 +538,9 @@ def _backward(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, t
             dcb = torch.empty(programs, nh, 2, block, block, dtype=torch.float32, device=u.device)
             scr = torch.empty(programs, nh, block, max(meta["HC"], meta["NC"]), dtype=torch.float32, device=u.device)
             m = {k: meta[k] for k in ("E", "NH", "HD", "N", "K", "HC")}
-            _bwd_kernel[(programs, nh)](p, next(scores), dy, dp, rstd, dd, dcb, part, scr, table, conv_w, conv_b,
+            cb = scores[at:at + programs * 2 * block * block].view(programs, 2, block, block)
+            at += cb.numel()
+            _bwd_kernel[(programs, nh)](p, cb, dy, dp, rstd, dd, dcb, part, scr, table, conv_w, conv_b,
                                         dt_bias, A_log, D, norm_w, n_seq, S, tokens, T, p.stride(0), dy.stride(0),
                                         part.stride(0), L, int(k > 0), BLOCK=block, BIDIR=bidirectional,
                                         **_head_launch(block), **m)
@@ -551,11 +559,11 @@ def _backward(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, t
 def mamba_planes(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor,
                  dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor, norm_w: torch.Tensor,
                  out_w: torch.Tensor, tables: list[torch.Tensor], planes: list[int], tokens: int, eps: float,
-                 bidirectional: bool) -> list[torch.Tensor]:
-    """u (T, D) -> [(n_planes, T, D), *kept]: out_proj(mixer(in_proj(u))) for each plane, a plane being the tables
-    whose `planes` entry is its index, then what the backward pass keeps (_forward). `tokens`: tokens per sample;
-    tables (S, L) int32 hold positions within a sample, and the tables of one plane hold every token of a sample
-    exactly once."""
+                 bidirectional: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """u (T, D) -> (n_planes, T, D): out_proj(mixer(in_proj(u))) for each plane, a plane being the tables whose
+    `planes` entry is its index; then the three tensors the backward pass keeps (_forward). `tokens`: tokens per
+    sample; tables (S, L) int32 hold positions within a sample, and the tables of one plane hold every token of a
+    sample exactly once."""
     with torch.autocast(u.device.type, enabled=False):
         return _forward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps,
                         bidirectional)
@@ -564,44 +572,40 @@ def mamba_planes(u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor, conv
 @mamba_planes.register_fake
 def _(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps, bidirectional):
     T, E, n_planes = u.shape[0], norm_w.numel(), max(planes) + 1
-    # a new tensor for each: outputs that were one object would be taken for aliases, and one plane given another's
-    kept = [t for _ in range(n_planes)
-            for t in (u.new_empty(2 if bidirectional else 1, T, E), u.new_empty(2, T, dtype=torch.float32))]
-    scores = [u.new_empty(programs, 2, block, block, dtype=torch.float32)
-              for k in range(n_planes)
-              for _, _, _, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens, T)]
-    return [u.new_empty(n_planes, T, out_w.shape[0]), *kept, *scores]
+    return (u.new_empty(n_planes, T, out_w.shape[0]), u.new_empty(n_planes, 2 if bidirectional else 1, T, E),
+            u.new_empty(n_planes, 2, T, dtype=torch.float32),
+            u.new_empty(_scores_size(tables, planes, tokens, T), dtype=torch.float32))
 
 
 @torch.library.custom_op("medsora::mamba_planes_backward", mutates_args=())
 def mamba_planes_backward(grad: torch.Tensor, u: torch.Tensor, in_w: torch.Tensor, conv_w: torch.Tensor,
                           conv_b: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor,
                           norm_w: torch.Tensor, out_w: torch.Tensor, tables: list[torch.Tensor], planes: list[int],
-                          tokens: int, eps: float, bidirectional: bool, kept: list[torch.Tensor]) -> list[torch.Tensor]:
+                          tokens: int, eps: float, bidirectional: bool, g_all: torch.Tensor, rstd_all: torch.Tensor,
+                          scores: torch.Tensor) -> list[torch.Tensor]:
     with torch.autocast(u.device.type, enabled=False):
         return list(_backward(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes,
-                              tokens, eps, bidirectional, kept))
+                              tokens, eps, bidirectional, g_all, rstd_all, scores))
 
 
 @mamba_planes_backward.register_fake
 def _(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps, bidirectional,
-      kept):
+      g_all, rstd_all, scores):
     return [torch.empty_like(t) for t in (u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w)]
 
 
 def _setup_context(ctx, inputs, output):
     u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps, bidirectional = inputs
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, *tables, *output[1:])
-    ctx.args = (planes, tokens, eps, bidirectional, len(tables))
+    ctx.save_for_backward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, *output[1:], *tables)
+    ctx.args = (planes, tokens, eps, bidirectional)
 
 
-def _autograd_backward(ctx, grads):
-    planes, tokens, eps, bidirectional, n_tables = ctx.args
-    u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, *rest = ctx.saved_tensors
-    grads = mamba_planes_backward(grads[0].contiguous(), u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w,
-                                  rest[:n_tables], planes, tokens, eps, bidirectional, rest[n_tables:])
-    return (*grads, [None] * n_tables, None, None, None, None)
+def _autograd_backward(ctx, grad, *unused):
+    u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, g_all, rstd_all, scores, *tables = ctx.saved_tensors
+    grads = mamba_planes_backward(grad.contiguous(), u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w,
+                                  tables, *ctx.args, g_all, rstd_all, scores)
+    return (*grads, [None] * len(tables), None, None, None, None)
 
 
 mamba_planes.register_autograd(_autograd_backward, setup_context=_setup_context)

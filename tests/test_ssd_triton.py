@@ -100,9 +100,11 @@ def test_medsora_fused_matches_chunked():
     assert all(e < TOL for e in errs.values()), errs
 
 
-def test_fused_op_traces_under_torch_compile():
-    """The op's shape function and autograd registration: a compiled layer (AOT autograd, no code generation)
-    gives the eager layer's output and gradients."""
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_fused_op_traces_under_torch_compile(backend):
+    """The op's shape function and autograd registration: a compiled layer of two planes (AOT autograd alone, and
+    with Inductor's code around the op, as train.py compiles it) gives the eager layer's output and gradients. Each
+    plane's kept tensors must stay its own: a list of like tensors as the op's output gave plane 1's to plane 0."""
     torch._dynamo.reset()
     _, fused = pair()
     order = torch.randperm(12, generator=torch.Generator().manual_seed(0)).to(DEVICE)
@@ -113,7 +115,7 @@ def test_fused_op_traces_under_torch_compile():
     eager.square().sum().backward()
     ref = {n: p.grad.clone() for n, p in fused.named_parameters()}
     fused.zero_grad()
-    compiled = run(torch.compile(fused.forward_planes, backend="aot_eager", fullgraph=True))
+    compiled = run(torch.compile(fused.forward_planes, backend=backend, fullgraph=True))
     compiled.square().sum().backward()
     assert torch.allclose(compiled, eager, atol=1e-6)
     for n, p in fused.named_parameters():
