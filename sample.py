@@ -12,8 +12,8 @@ the number of GPUs, up to float rounding (with eta = 0, DDIM is deterministic af
     mp4/<i:06d>.mp4              when PyAV is installed
     grid.png                     the first 16 videos, one per row, every other frame
     stats.json                   the samples' latent statistics and saturated pixels beside the data's
-    speed.json                   this invocation's sampling time, what --reuse / --cache-threshold saved, and
-                                 their measured speed-up over plain DDIM
+    speed.json                   this invocation's sampling time (denoising and decoding, per batch), what
+                                 --reuse / --cache-threshold saved, and their measured speed-up over plain DDIM
     done/<i:06d>.npz             each finished video's latents and saturated pixels (written last)
     sample.json                  the settings the videos were sampled with
 
@@ -22,7 +22,8 @@ moves them to the other frames there (Dr. Mo's denoising reuse; t* from its step
 --cache-threshold reuses a block's output across steps while its input changes little (the training-free
 comparator). What they saved is printed at the end and kept in speed.json, with the time this invocation
 spent sampling. With either, plain DDIM then samples the last batch's videos again, untimed by the rest and not
-written, so that the speed-up is measured on the same videos, with the model warm (--no-plain-timing skips it):
+written, so that the speed-up (of denoising, what they change) is measured on the same videos, with the model
+warm (--no-plain-timing skips it):
 
     python reuse.py train --run runs/medsora                  # the reuse networks, beside the checkpoint
     python sample.py --reuse runs/medsora/reuse/reuse.pt      # prints the speed-up over plain DDIM
