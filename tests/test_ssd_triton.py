@@ -130,3 +130,30 @@ def test_fused_refuses_what_it_cannot_run():
         layer.forward_planes(torch.randn(1, ssm.MAX_FUSED_LEN + 1, 32, device=DEVICE), long)
     auto = ssm.Mamba2(32, d_state=16, headdim=16, scan="auto").to(DEVICE)  # auto falls back to the readable path
     assert auto.forward_planes(torch.randn(1, ssm.MAX_FUSED_LEN + 1, 32, device=DEVICE), long)[0].isfinite().all()
+
+
+def test_launch_settings_change_how_not_what():
+    """ssd_triton.configure("W:R") (MEDSORA_SSD_TUNING, experiments/mixer_tune.py) sets the per-head kernels' warps
+    and register cap; the outputs stay the same, and a malformed setting is refused in words."""
+    saved = dict(ssd_triton.HEAD_WARPS), ssd_triton.MAXNREG
+    ref, fused = pair(d_model=64, headdim=64)
+    table = torch.randperm(80, generator=torch.Generator().manual_seed(1)).view(2, 40).to(DEVICE)  # BLOCK 64
+    u = torch.randn(1, 80, 64, device=DEVICE)
+    try:
+        before = fused.forward_planes(u, [[table]])[0]
+        ssd_triton.configure("4:128")
+        assert ssd_triton.HEAD_WARPS[64] == 4 and ssd_triton.HEAD_WARPS[16] == saved[0][16] and ssd_triton.MAXNREG == 128
+        assert torch.equal(fused.forward_planes(u, [[table]])[0], before)
+        for bad in ("3", "8:x", "", "w:128"):
+            with pytest.raises(ValueError, match="expected W or W:R"):
+                ssd_triton.configure(bad)
+    finally:
+        ssd_triton.HEAD_WARPS.update(saved[0])
+        ssd_triton.MAXNREG = saved[1]
+
+
+def test_mixer_tune_checks_its_settings_first(capsys):
+    from experiments import mixer_tune
+    with pytest.raises(SystemExit) as e:
+        mixer_tune.main(["--configs", "8", "3:96"])
+    assert e.value.code == 2 and "'3:96'" in capsys.readouterr().err
