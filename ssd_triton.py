@@ -380,6 +380,7 @@ def _bc_kernel(P, DCB, DP, DPARAM, SCR, TABLE, CONV_W, CONV_B, n_seq, S, T_s, st
             _store_grad(DP, rows, ok, stride_p, E + cn, dXB, add)
             _store_grad(DP, rows, ok, stride_p, E + cn + N, dXC, add)
 
+
 @triton.jit(do_not_specialize=["n_tok"])
 def _norm_bwd_kernel(G, RSTD, DOUT, NORM_W, Y, DD, DW, n_tok, E: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
                      DIRS: tl.constexpr):
