@@ -157,3 +157,18 @@ def test_mixer_tune_checks_its_settings_first(capsys):
     with pytest.raises(SystemExit) as e:
         mixer_tune.main(["--configs", "8", "3:96"])
     assert e.value.code == 2 and "'3:96'" in capsys.readouterr().err
+
+
+def test_the_op_passes_torch_library_opcheck():
+    """torch.library.opcheck: the schema, the autograd registration, the shape function against the real outputs
+    (the first form of the op returned one object twice there, which compiled graphs took for aliases) and AOT
+    dispatch, on two planes of two directions."""
+    _, m = pair()
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    tables = [torch.arange(12, device=DEVICE).view(3, 4).int(), order.view(2, 6).int()]
+    u = torch.randn(24, 32, device=DEVICE, requires_grad=True)
+    args = (u, m.in_proj.weight, m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight,
+            m.out_proj.weight, tables, [0, 1], 12, 1e-5, True)
+    result = torch.library.opcheck(ssd_triton.mamba_planes, args)
+    print(result)
+    assert set(result.values()) == {"SUCCESS"}, result
