@@ -170,5 +170,9 @@ def test_the_op_passes_torch_library_opcheck():
     args = (u, m.in_proj.weight, m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight,
             m.out_proj.weight, tables, [0, 1], 12, 1e-5, True)
     result = torch.library.opcheck(ssd_triton.mamba_planes, args)
-    print(result)
-    assert set(result.values()) == {"SUCCESS"}, result
+    out, *kept = ssd_triton.mamba_planes(*[a.detach() if torch.is_tensor(a) else a for a in args])
+    backward = torch.library.opcheck(ssd_triton.mamba_planes_backward,
+                                     (torch.randn_like(out), *[a.detach() if torch.is_tensor(a) else a for a in args],
+                                      *kept), test_utils=("test_schema", "test_faketensor"))
+    print(result, backward)
+    assert set(result.values()) == set(backward.values()) == {"SUCCESS"}, (result, backward)
