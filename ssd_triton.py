@@ -423,18 +423,23 @@ NORM_TOKENS = 16  # tokens a program of _norm_bwd_kernel holds
 MAXNREG = None  # registers a thread of the per-head kernels may use (None: the compiler's choice)
 
 
-def configure(spec):
-    """Launch settings "W" or "W:R": the per-head kernels of blocks of 64 and 128 steps with W warps, and at most R
-    registers a thread (none: the compiler's choice). experiments/mixer_tune.py measures them; the environment
-    variable MEDSORA_SSD_TUNING sets one for any command."""
+def launch_settings(spec):
+    """Launch settings "W" or "W:R" -> (W, R or None): the per-head kernels of blocks of 64 and 128 steps with W warps,
+    and at most R registers a thread (None: the compiler's choice)."""
     warps, _, regs = spec.partition(":")
     if not warps.isdigit() or int(warps) not in (1, 2, 4, 8, 16) or (regs and not regs.isdigit()):
         raise ValueError(f"ssd_triton launch settings {spec!r}: expected W or W:R, W warps (1, 2, 4, 8 or 16), "
                          f"R registers")
+    return int(warps), int(regs) if regs else None
+
+
+def configure(spec):
+    """Use launch settings "W" or "W:R" (launch_settings). experiments/mixer_tune.py measures them; the environment
+    variable MEDSORA_SSD_TUNING sets one for any command."""
     global MAXNREG
+    warps, MAXNREG = launch_settings(spec)
     for block in (64, 128):
-        HEAD_WARPS[block] = int(warps)
-    MAXNREG = int(regs) if regs else None
+        HEAD_WARPS[block] = warps
 
 
 if os.environ.get("MEDSORA_SSD_TUNING"):
@@ -459,13 +464,26 @@ def _meta(conv_w, dt_bias, norm_w):
     return dict(E=E, NH=nh, HD=E // nh, N=N, K=K, NC=min(N, 32), HC=min(E // nh, 32))
 
 
-def _launches(tables, tokens, T):
-    """(table, n_seq, L, BLOCK, programs) for each table; each sample of T // tokens holds every table's sequences."""
-    for table in tables:
-        S, L = table.shape
-        n_seq = (T // tokens) * S
-        block = block_size(L)
-        yield table, n_seq, L, block, triton.cdiv(n_seq, block // L)
+def _launches(tables, planes, tokens, T):
+    """Each plane's launches, plane after plane: lists of (table, n_seq, L, BLOCK, programs, at), each sample of
+    T // tokens holding every table's sequences, and `at` where the table's C.B scores (programs, 2, BLOCK, BLOCK)
+    start in one flat tensor of all of them; and that tensor's size."""
+    at, out = 0, []
+    for k in range(max(planes) + 1):
+        out.append([])
+        for table in (t for t, q in zip(tables, planes) if q == k):
+            S, L = table.shape
+            n_seq = (T // tokens) * S
+            block = block_size(L)
+            programs = triton.cdiv(n_seq, block // L)
+            out[-1].append((table, n_seq, L, block, programs, at))
+            at += programs * 2 * block * block
+    return out, at
+
+
+def _scores_of(scores, at, programs, block):
+    """One table's C.B scores in the flat tensor of _launches."""
+    return scores[at:at + programs * 2 * block * block].view(programs, 2, block, block)
 
 
 def _forward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes, tokens, eps, bidirectional):
@@ -474,17 +492,15 @@ def _forward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, 
     meta = _meta(conv_w, dt_bias, norm_w)
     p = u @ in_w.t()  # (T, P): z, xBC, dt of every token
     T, E, nh = p.shape[0], meta["E"], meta["NH"]
-    n_planes = max(planes) + 1
-    g_all = torch.empty(n_planes, 2 if bidirectional else 1, T, E, dtype=p.dtype, device=p.device)
-    rstd_all = torch.empty(n_planes, 2, T, dtype=torch.float32, device=p.device)
-    scores = torch.empty(_scores_size(tables, planes, tokens, T), dtype=torch.float32, device=p.device)
-    outs, at = [], 0
-    for k in range(n_planes):
+    launches, size = _launches(tables, planes, tokens, T)
+    g_all = torch.empty(len(launches), 2 if bidirectional else 1, T, E, dtype=p.dtype, device=p.device)
+    rstd_all = torch.empty(len(launches), 2, T, dtype=torch.float32, device=p.device)
+    scores = torch.empty(size, dtype=torch.float32, device=p.device)
+    outs = []
+    for k, plane in enumerate(launches):
         y, g, rstd = torch.empty(T, E, dtype=p.dtype, device=p.device), g_all[k], rstd_all[k]
-        for table, n_seq, L, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens, T):
-            S = table.shape[0]
-            cb = scores[at:at + programs * 2 * block * block].view(programs, 2, block, block)
-            at += cb.numel()
+        for table, n_seq, L, block, programs, at in plane:
+            S, cb = table.shape[0], _scores_of(scores, at, programs, block)
             _cb_kernel[(programs,)](p, cb, table, conv_w, conv_b, n_seq, S, tokens, p.stride(0), L, BLOCK=block,
                                     BIDIR=bidirectional, num_warps=WARPS[block], E=E, N=meta["N"], K=meta["K"],
                                     NC=meta["NC"])
@@ -498,12 +514,6 @@ def _forward(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, 
                                          num_warps=WARPS[block])
         outs.append(y @ out_w.t())
     return torch.stack(outs), g_all, rstd_all, scores
-
-
-def _scores_size(tables, planes, tokens, T):
-    """Floats of every table's C.B scores, (programs, 2, BLOCK, BLOCK) each, plane after plane."""
-    return sum(programs * 2 * block * block for k in range(max(planes) + 1)
-               for _, _, _, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens, T))
 
 
 def _head_launch(block):
@@ -521,26 +531,24 @@ def _backward(grad, u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, t
     d_out_w = torch.zeros_like(out_w, dtype=torch.float32)
     d_norm_w = torch.zeros(E, dtype=torch.float32, device=u.device)
     dparam = torch.zeros(3 * nh + C + C * K, dtype=torch.float32, device=u.device)
-    at = 0
-    for k in range(max(planes) + 1):
+    for k, plane in enumerate(_launches(tables, planes, tokens, T)[0]):
         g, rstd = g_all[k], rstd_all[k]
         dy = grad[k] @ out_w  # (T, E): the gradient of the mixer's output
         y = torch.empty_like(dy)  # the mixer's output, for out_proj's weight gradient
         dd = torch.empty(2, T, dtype=torch.float32, device=u.device)
-        programs = triton.cdiv(T, NORM_TOKENS)
-        dw = torch.empty(programs, E, dtype=torch.float32, device=u.device)
-        _norm_bwd_kernel[(programs,)](g, rstd, dy, norm_w, y, dd, dw, T, E=E, BT=NORM_TOKENS, BE=min(E, 128),
-                                      DIRS=g.shape[0], num_warps=4)
+        token_blocks = triton.cdiv(T, NORM_TOKENS)
+        dw = torch.empty(token_blocks, E, dtype=torch.float32, device=u.device)
+        _norm_bwd_kernel[(token_blocks,)](g, rstd, dy, norm_w, y, dd, dw, T, E=E, BT=NORM_TOKENS, BE=min(E, 128),
+                                          DIRS=g.shape[0], num_warps=4)
         d_norm_w += dw.sum(0)
         d_out_w += (grad[k].t() @ y).float()
-        for table, n_seq, L, block, programs in _launches([t for t, q in zip(tables, planes) if q == k], tokens, T):
+        for table, n_seq, L, block, programs, at in plane:
             S = table.shape[0]
             part = torch.zeros(programs, dparam.numel(), dtype=torch.float32, device=u.device)
             dcb = torch.empty(programs, nh, 2, block, block, dtype=torch.float32, device=u.device)
             scr = torch.empty(programs, nh, block, max(meta["HC"], meta["NC"]), dtype=torch.float32, device=u.device)
             m = {k: meta[k] for k in ("E", "NH", "HD", "N", "K", "HC")}
-            cb = scores[at:at + programs * 2 * block * block].view(programs, 2, block, block)
-            at += cb.numel()
+            cb = _scores_of(scores, at, programs, block)
             _bwd_kernel[(programs, nh)](p, cb, dy, dp, rstd, dd, dcb, part, scr, table, conv_w, conv_b,
                                         dt_bias, A_log, D, norm_w, n_seq, S, tokens, T, p.stride(0), dy.stride(0),
                                         part.stride(0), L, int(k > 0), BLOCK=block, BIDIR=bidirectional,
@@ -575,7 +583,7 @@ def _(u, in_w, conv_w, conv_b, dt_bias, A_log, D, norm_w, out_w, tables, planes,
     T, E, n_planes = u.shape[0], norm_w.numel(), max(planes) + 1
     return (u.new_empty(n_planes, T, out_w.shape[0]), u.new_empty(n_planes, 2 if bidirectional else 1, T, E),
             u.new_empty(n_planes, 2, T, dtype=torch.float32),
-            u.new_empty(_scores_size(tables, planes, tokens, T), dtype=torch.float32))
+            u.new_empty(_launches(tables, planes, tokens, T)[1], dtype=torch.float32))
 
 
 @torch.library.custom_op("medsora::mamba_planes_backward", mutates_args=())

@@ -88,14 +88,11 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    saved = dict(ssd_triton.HEAD_WARPS), ssd_triton.MAXNREG
     for spec in args.configs:
         try:
-            ssd_triton.configure(spec)
+            ssd_triton.launch_settings(spec)
         except ValueError as e:
             p.error(f"--configs: {e}")
-    ssd_triton.HEAD_WARPS.update(saved[0])
-    ssd_triton.MAXNREG = saved[1]
     if args.batch < 1 or args.frames < 1 or args.images < 0 or args.repeat < 1:
         p.error("--batch, --frames and --repeat must be >= 1, --images >= 0")
     if not torch.cuda.is_available():
