@@ -126,13 +126,14 @@ def compare(rows):
 
 def print_table(rows):
     print("\ns/video: seconds of denoising per video (the batches after the first); total: with decoding, all batches")
-    print(f"{'frames':>6s} {'setting':14s} {'s/video':>8s} {'total':>7s} {'speed-up':>8s} {'frame-steps':>11s} {'t* mean':>7s} "
-          f"{'reused':>6s} {'FVD':>8s} {'vs plain':>8s} {'FID':>7s} {'FVD rec':>8s} {'vs plain':>8s}")
+    print(f"{'frames':>6s} {'setting':14s} {'s/video':>8s} {'total':>7s} {'speed-up':>8s} {'frame-steps':>11s} "
+          f"{'t* mean':>7s} {'reused':>6s} {'FVD':>8s} {'vs plain':>8s} {'FID':>7s} {'FVD rec':>8s} {'vs plain':>8s}")
     for r in rows:
         cell = lambda key, fmt: format(r[key], fmt) if key in r else "-".rjust(int(fmt.split(".")[0]))  # noqa: E731
-        print(f"{r['frames']:6d} {r['setting']:14s} {cell('s_per_video', '8.3f')} {cell('s_per_video_total', '7.3f')} {cell('speedup', '8.2f')} "
-              f"{cell('frame_steps_ratio', '11.2f')} {cell('t_star_mean', '7.0f')} {cell('cache_reused', '6.2f')} "
-              f"{cell('fvd', '8.1f')} {format(100 * r['fvd_change'], '+7.1f') + '%' if 'fvd_change' in r else '-':>8s} "
+        print(f"{r['frames']:6d} {r['setting']:14s} {cell('s_per_video', '8.3f')} {cell('s_per_video_total', '7.3f')} "
+              f"{cell('speedup', '8.2f')} {cell('frame_steps_ratio', '11.2f')} {cell('t_star_mean', '7.0f')} "
+              f"{cell('cache_reused', '6.2f')} {cell('fvd', '8.1f')} "
+              f"{format(100 * r['fvd_change'], '+7.1f') + '%' if 'fvd_change' in r else '-':>8s} "
               f"{cell('fid', '7.1f')} {cell('fvd_recon', '8.1f')} "
               f"{format(100 * r['fvd_recon_change'], '+7.1f') + '%' if 'fvd_recon_change' in r else '-':>8s}")
 
